@@ -1,0 +1,42 @@
+"""Run one registered initializer and check its invariants."""
+
+from __future__ import annotations
+
+import time
+
+from adapters.context import InitContext
+from adapters.errors import InitError
+from adapters.invariants import check_outputs_preserved, model_outputs
+from adapters.registry import get_initializer
+from adapters.report import InitReport
+from adapters.settings import LoraSettings
+
+
+def initialize(model, settings: LoraSettings, method: str, context: InitContext):
+    """Wrap `model` with a LoRA adapter initialized by `method`; returns (peft_model, report)."""
+    initializer = get_initializer(method)
+    if initializer.needs_data and context.calibration is None:
+        raise InitError(f"init method {method!r} needs calibration data and got none; it will not fall back to plain LoRA.")
+    before = model_outputs(model, context.probe) if initializer.preserves_outputs else None
+    start = time.perf_counter()
+    try:
+        peft_model, report = initializer.apply(model, settings, context)
+    except ValueError as err:
+        raise InitError(_explain_peft_error(method, settings, err)) from None
+    report.seconds = time.perf_counter() - start
+    if before is not None:
+        report.checks["max_output_change"] = check_outputs_preserved(method, before, model_outputs(peft_model, context.probe))
+    return peft_model, report
+
+
+def _explain_peft_error(method: str, settings: LoraSettings, err: ValueError) -> str:
+    text = str(err)
+    if "not found in the base model" in text or "Target modules" in text:
+        return (
+            f"adapter.target_modules {list(settings.target_modules)} match no module of the model. "
+            "Use names of linear layers in the model (e.g. query/value for BERT, q_proj/v_proj for Llama)."
+        )
+    return f"init method {method!r} failed: {text}"
+
+
+__all__ = ["initialize", "InitReport"]

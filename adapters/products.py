@@ -1,0 +1,97 @@
+"""Init products on disk: the initial adapter, written by the init stage, applied by training.
+
+A method that rewrites the base (W <- W - s·BA) is stored as its initial A and B only; applying
+it re-derives the residual from the untouched base, so no copy of the base weights is stored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from adapters.layers import delta_factors, lora_layers
+
+META_FILE = "adapterflow_init.json"
+WEIGHTS = "adapter_model.safetensors"
+
+
+def export_init(peft_model, folder: Path, method: str, mutates_base: bool) -> Path:
+    config = peft_model.peft_config["default"]
+    original = config.init_lora_weights
+    # Saved as a plain LoRA config: peft would otherwise re-run the method when loading it.
+    config.init_lora_weights = True
+    try:
+        peft_model.save_pretrained(folder)
+    finally:
+        config.init_lora_weights = original
+    (Path(folder) / META_FILE).write_text(json.dumps({"method": method, "mutates_base": mutates_base}))
+    return Path(folder)
+
+
+def read_init_meta(folder: Path) -> dict:
+    return json.loads((Path(folder) / META_FILE).read_text())
+
+
+def apply_init(base_model, folder: Path):
+    """The initialized, trainable peft model: base + initial adapter (+ residual where needed)."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(base_model, str(folder), is_trainable=True)
+    if read_init_meta(folder)["mutates_base"]:
+        _subtract_initial_delta(peft_model)
+    return peft_model
+
+
+@torch.no_grad()
+def _subtract_initial_delta(peft_model) -> None:
+    for _, module in lora_layers(peft_model):
+        b, a, scaling = delta_factors(module)
+        weight = module.base_layer.weight
+        weight.data = (weight.data.float() - scaling * (b @ a)).to(weight.dtype)
+
+
+def save_trained_adapter(peft_model, folder: Path, init_folder: Path) -> Path:
+    """Save as a plain LoRA adapter that loads on the untouched base model."""
+    peft_model.save_pretrained(folder)
+    if read_init_meta(init_folder)["mutates_base"]:
+        convert_to_plain_lora(Path(folder), Path(init_folder))
+    return Path(folder)
+
+
+def convert_to_plain_lora(folder: Path, init_folder: Path) -> None:
+    """Rewrite a tuned adapter of a base-mutating method as the rank-2r delta (BA - B0A0).
+
+    Our own instead of peft's `path_initial_model_for_weight_conversion`: in peft 0.21.2 that
+    path drops every non-LoRA tensor (the classifier head in modules_to_save), so the converted
+    adapter fails to load.
+    """
+    from safetensors.torch import load_file, save_file
+
+    tuned = load_file(folder / WEIGHTS)
+    initial = load_file(init_folder / WEIGHTS)
+    converted = {key: _concat_initial(key, value, initial) for key, value in tuned.items()}
+    save_file(converted, folder / WEIGHTS, metadata={"format": "pt"})
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(_doubled_rank(config), indent=2))
+
+
+def _concat_initial(key: str, value: torch.Tensor, initial: dict) -> torch.Tensor:
+    if ".lora_A." in key:
+        return torch.cat([value, initial[key].to(value.dtype)], dim=0).contiguous()
+    if ".lora_B." in key:
+        return torch.cat([value, -initial[key].to(value.dtype)], dim=1).contiguous()
+    return value
+
+
+def _doubled_rank(config: dict) -> dict:
+    # Doubling r and alpha keeps alpha/r; rsLoRA scales by alpha/sqrt(r), so alpha grows by sqrt(2).
+    factor = 2**0.5 if config.get("use_rslora") else 2
+    config["r"] *= 2
+    config["lora_alpha"] *= factor
+    config["rank_pattern"] = {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()}
+    config["alpha_pattern"] = {k: factor * v for k, v in (config.get("alpha_pattern") or {}).items()}
+    config["init_lora_weights"] = True
+    return config

@@ -1,0 +1,29 @@
+"""The LoRA shape every initializer works on, independent of any config library."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+    task_type: str  # peft TaskType name: "SEQ_CLS" or "CAUSAL_LM"
+    modules_to_save: tuple[str, ...] | None = None
+    knobs: dict = field(default_factory=dict)  # the init method's own options
+
+    def lora_config(self, init_lora_weights):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            modules_to_save=list(self.modules_to_save) if self.modules_to_save else None,
+            task_type=self.task_type,
+            init_lora_weights=init_lora_weights,
+        )

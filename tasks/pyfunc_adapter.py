@@ -1,0 +1,50 @@
+"""The registered model: an MLflow pyfunc whose artifact is the adapter in standard PEFT format.
+
+Not mlflow.transformers: with a local base it re-initialised q/v/classifier weights on reload
+(STACK.md). Here the adapter folder is stored untouched, so `PeftModel.from_pretrained(base,
+<artifacts>/adapter)` works on the untouched base, and `mlflow.pyfunc.load_model` predicts.
+"""
+
+from __future__ import annotations
+
+import mlflow.pyfunc
+
+
+class LoraAdapterModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from peft import PeftModel
+
+        from tasks.model_io import BaseModelRef, load_model, load_tokenizer
+
+        cfg = context.model_config
+        ref = BaseModelRef(_base_location(cfg), cfg.get("revision"), cfg["identity"], cfg["source"])
+        self.task, self.labels = cfg["task"], cfg.get("labels")
+        self.tokenizer = load_tokenizer(ref)
+        base = load_model(ref, self.task, self.labels)
+        self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).eval()
+        self.max_length = cfg["max_length"]
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        texts = [str(t) for t in model_input.iloc[:, 0]]
+        with torch.no_grad():
+            if self.task == "sequence_classification":
+                batch = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+                return [self.labels[i] for i in self.model(**batch).logits.argmax(-1).tolist()]
+            return [self._generate(text) for text in texts]
+
+    def _generate(self, prompt: str) -> str:
+        import torch
+
+        ids = torch.tensor([self.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _base_location(cfg: dict) -> str:
+    if cfg["source"] == "bundled":
+        from tasks.model_io import _bundled_folder
+
+        return str(_bundled_folder(cfg["bundled"]))
+    return cfg["name_or_path"]

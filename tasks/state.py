@@ -1,0 +1,86 @@
+"""Where run state lives (one git-ignored folder) and the environment every process needs.
+
+`ADAPTERFLOW_HOME` overrides the folder; by default it is `.adapterflow/` under the current
+directory, so nothing lands in `$HOME`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+QUIET_ENV = {
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    # A cold ephemeral Prefect start took 13-17 s on 2 cores; the default 20 s is too tight.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+
+@dataclass(frozen=True)
+class StateDirs:
+    root: Path
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.root / "prefect"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow" / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlflow" / "artifacts"
+
+    @property
+    def dvc_repo(self) -> Path:
+        return self.root / "dvc" / "repo"
+
+    @property
+    def dvc_remote(self) -> Path:
+        return self.root / "dvc" / "remote"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def init_cache(self) -> Path:
+        return self.root / "cache" / "init"
+
+    def default_mlflow_uri(self) -> str:
+        return f"sqlite:///{self.mlflow_db}"
+
+
+def state_dirs() -> StateDirs:
+    root = Path(os.environ.get("ADAPTERFLOW_HOME", Path.cwd() / ".adapterflow")).resolve()
+    return StateDirs(root)
+
+
+def prepare_environment(offline: bool | None = None) -> StateDirs:
+    """Point every library's home into the state folder; call before importing prefect/mlflow/HF."""
+    dirs = state_dirs()
+    dirs.root.mkdir(parents=True, exist_ok=True)
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    homes = {
+        "PREFECT_HOME": dirs.prefect_home,
+        "HF_HOME": dirs.root / "hf",
+        "MPLCONFIGDIR": dirs.root / "matplotlib",
+        "TORCHINDUCTOR_CACHE_DIR": dirs.root / "torchinductor",
+        "TRITON_CACHE_DIR": dirs.root / "triton",
+    }
+    for key, path in homes.items():
+        os.environ.setdefault(key, str(path))
+    if offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return dirs

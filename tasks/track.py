@@ -1,0 +1,145 @@
+"""MLflow: one run per retrain (params, metrics, artifacts, dataset digest) and the registered version."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from tasks.config import flatten
+from tasks.errors import RegistryError
+
+MAX_PARAMS_PER_BATCH = 100
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def open_run(config, uri: str, artifacts_root: Path, data_version, validation_files: dict, base_ref) -> str:
+    """Create the run with params, the resolved config, the validation report and the dataset input."""
+    mlflow_client = client(uri)
+    experiment_id = _experiment_id(mlflow_client, config.experiment_name(), artifacts_root)
+    tags = {"adapterflow.config_hash": config.digest(), "adapterflow.data_md5": data_version.digest, "mlflow.source.git.commit": git_commit()}
+    run = mlflow_client.create_run(experiment_id, run_name=f"{config.name}-{config.adapter.init.method}", tags=tags)
+    run_id = run.info.run_id
+    _log_params(mlflow_client, run_id, flatten(config))
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = Path(tmp) / "config.resolved.yaml"
+        resolved.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        mlflow_client.log_artifact(run_id, str(resolved))
+    for path in validation_files.values():
+        mlflow_client.log_artifact(run_id, str(path), "validation")
+    mlflow_client.log_artifact(run_id, data_version.dvc_file, "data")
+    _log_dataset(mlflow_client, run_id, config, data_version)
+    return run_id
+
+
+def _experiment_id(mlflow_client, name: str, artifacts_root: Path) -> str:
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (artifacts_root / name).as_uri() if artifacts_root else None
+    return mlflow_client.create_experiment(name, artifact_location=location)
+
+
+def _log_params(mlflow_client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        mlflow_client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
+
+
+def _log_dataset(mlflow_client, run_id: str, config, data_version) -> None:
+    """The train split as an MLflow dataset input whose digest is its DVC md5."""
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    from tasks.data_io import read_split
+
+    frame = read_split(data_version.paths["train"], "train")
+    dataset = mlflow.data.from_pandas(
+        frame, source=data_version.paths["train"], name=f"{config.name}-train", digest=data_version.files["train"]
+    )
+    tags = [InputTag("mlflow.data.context", "training"), InputTag("dvc.md5.snapshot", data_version.digest)]
+    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], prefix: str = "") -> None:
+    from mlflow.entities import Metric
+    import time
+
+    stamp = int(time.time() * 1000)
+    client(uri).log_batch(run_id, metrics=[Metric(prefix + k, float(v), stamp, 0) for k, v in metrics.items()])
+
+
+def log_file(uri: str, run_id: str, path: Path, folder: str | None = None) -> None:
+    client(uri).log_artifact(run_id, str(path), folder)
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    client(uri).set_terminated(run_id, status)
+
+
+def register_adapter(config, uri: str, run_id: str, adapter_dir: Path, base_ref, tags: dict[str, str]) -> str:
+    """Log the adapter as a pyfunc model of this run, register it, tag it, and point `staging` at it."""
+    import mlflow
+
+    from tasks.pyfunc_adapter import LoraAdapterModel
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="adapter", python_model=LoraAdapterModel(), artifacts={"adapter": str(adapter_dir)},
+            model_config=_pyfunc_config(config, base_ref), pip_requirements=_requirements(),
+            registered_model_name=config.registry.model_name, await_registration_for=60,
+        )
+    version = str(info.registered_model_version)
+    mlflow_client = client(uri)
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(config.registry.model_name, version, key, value)
+    mlflow_client.set_registered_model_alias(config.registry.model_name, config.registry.staging_alias, version)
+    return version
+
+
+def _pyfunc_config(config, base_ref) -> dict:
+    return {
+        "task": config.task, "labels": config.data.labels, "max_length": config.data.max_length,
+        "source": base_ref.source, "bundled": config.model.bundled, "name_or_path": base_ref.name_or_path,
+        "revision": base_ref.revision, "identity": base_ref.identity,
+    }
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "transformers", "peft", "mlflow")]
+
+
+def git_commit() -> str:
+    """The commit of the project the run was started from, '+dirty' when it has local changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def check_reachable(uri: str) -> None:
+    try:
+        client(uri).search_experiments(max_results=1)
+    except Exception as err:  # any transport or database error means: cannot track
+        raise RegistryError(f"MLflow at {uri} cannot be reached: {str(err).splitlines()[0]}. Start it or fix tracking.mlflow_uri.") from None
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    return path

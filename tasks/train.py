@@ -1,0 +1,152 @@
+"""Training: apply the init products to the base model, fine-tune with the HF Trainer, save a plain adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from tasks.errors import ConfigError, TrainingError
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: str
+    steps: int
+    train_loss: float
+    seconds: float
+    samples_per_second: float
+    device: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def train_adapter(config, base_ref, init_dir: Path, run_dir: Path, tracking: dict | None = None) -> TrainResult:
+    """Fine-tune from `init_dir`; `tracking` ({"uri", "run_id"}) streams step metrics to MLflow."""
+    import torch
+    from transformers import Trainer, set_seed
+
+    from adapters import apply_init, save_trained_adapter
+    from tasks.encode import collator, encode_split
+    from tasks.model_io import load_model, load_tokenizer
+
+    device = pick_device(config.train.device)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    set_seed(config.train.seed)
+    tokenizer = load_tokenizer(base_ref)
+    model = apply_init(load_model(base_ref, config.task, config.data.labels, config.model.dtype), init_dir)
+    train_set, eval_set = encode_split(config, tokenizer, "train"), encode_split(config, tokenizer, "validation")
+    callbacks = [NonFiniteLossGuard()] + ([StepMetricsLogger(**tracking)] if tracking else [])
+    trainer = Trainer(
+        model=model, args=_training_args(config, run_dir, device), train_dataset=train_set, eval_dataset=eval_set,
+        data_collator=collator(config, tokenizer), callbacks=callbacks,
+    )
+    start = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - start
+    adapter_dir = save_trained_adapter(model, run_dir / "adapter", init_dir)
+    (run_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return TrainResult(
+        str(adapter_dir), trainer.state.global_step, float(output.training_loss), seconds,
+        float(output.metrics.get("train_samples_per_second", 0.0)), device,
+    )
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    available = torch.cuda.is_available()
+    if requested == "cuda" and not available:
+        raise ConfigError("train.device is 'cuda' but no CUDA device is visible. Use train.device: auto (or cpu).")
+    return "cuda" if requested != "cpu" and available else "cpu"
+
+
+def _training_args(config, run_dir: Path, device: str):
+    from transformers import TrainingArguments
+
+    train = config.train
+    length = {"max_steps": train.max_steps} if train.max_steps else {"num_train_epochs": train.epochs}
+    evaluate_periodically = {"eval_strategy": "steps", "eval_steps": train.eval_every} if train.eval_every else {"eval_strategy": "no"}
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        **length,
+        **evaluate_periodically,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=config.evaluate.batch_size,
+        gradient_accumulation_steps=train.grad_accumulation,
+        seed=train.seed,
+        save_strategy="steps",
+        save_steps=train.checkpoint_every,
+        save_total_limit=2,
+        logging_steps=train.log_every,
+        logging_nan_inf_filter=False,  # the default hides NaN losses from the logs
+        report_to=[],
+        use_cpu=device == "cpu",
+        bf16=device == "cuda" and _bf16_supported(),
+        label_names=["labels"],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def _bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Stop at the first logged NaN/inf loss: a diverged run must never be registered."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                raise TrainingError(
+                    f"training diverged: {key} became {value} at step {state.global_step}. Nothing was registered. "
+                    f"Lower train.learning_rate (now {args.learning_rate}) or check the data."
+                )
+
+
+class StepMetricsLogger(TrainerCallback):
+    """Per-step metrics into an existing MLflow run.
+
+    Not transformers' MLflowCallback: that one starts and ends runs itself and logs every
+    TrainingArguments field as a param, which clashes with the run the flow owns.
+    """
+
+    def __init__(self, uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(uri), run_id
+        self.last_time, self.last_step = time.perf_counter(), 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        from mlflow.entities import Metric
+
+        now, step = time.perf_counter(), state.global_step
+        values = {_metric_name(k): v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if step > self.last_step and "train/loss" in values:
+            samples = (step - self.last_step) * args.per_device_train_batch_size * args.gradient_accumulation_steps
+            values["train/samples_per_second"] = samples / max(now - self.last_time, 1e-9)
+            self.last_time, self.last_step = now, step
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), stamp, step) for key, value in values.items()]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+
+def _metric_name(key: str) -> str:
+    if key.startswith("eval_"):
+        return "eval/" + key.removeprefix("eval_")
+    return "train/" + key.removeprefix("train_")
