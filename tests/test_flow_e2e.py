@@ -1,0 +1,126 @@
+"""The whole flow on embedded defaults (ephemeral-style Prefect harness, SQLite MLflow, local DVC remote)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cls_config, write_config, write_jsonl
+from flows.cli import main
+
+pytestmark = pytest.mark.e2e
+MODEL_NAME = "tiny-cls-adapter"
+
+
+@pytest.fixture
+def state(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "state"
+    monkeypatch.setenv("ADAPTERFLOW_HOME", str(home))
+    return home
+
+
+def _client(state: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{state / 'mlflow' / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+def _outputs(model, probe):
+    with torch.no_grad():
+        return model.eval()(**probe).logits
+
+
+def test_flow_registers_an_adapter_that_reproduces_the_trained_model(prefect_server, state, tmp_path, tiny_bert, cls_data, capsys):
+    import mlflow
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from adapters import apply_init
+    from tasks.config import ModelSpec
+    from tasks.model_io import load_model, resolve_base
+
+    config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "pissa"}}))
+    assert main(["run", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "registered       tiny-cls-adapter version 1  alias @staging" in out and "mlflow ui --backend-store-uri" in out
+
+    client, uri = _client(state)
+    version = client.get_model_version_by_alias(MODEL_NAME, "staging")
+    tags = version.tags
+    assert tags["init_method"] == "pissa" and tags["base_model"].startswith("local:")
+    assert {"data_md5", "git_commit", "config_hash", "metric.accuracy", "metric.macro_f1", "metric.eval_loss"} <= set(tags)
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["adapter.r"] == "4" and run.data.params["adapter.init.method"] == "pissa"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4
+    assert {"test/accuracy", "test/macro_f1", "test/eval_loss", "init/seconds"} <= set(run.data.metrics)
+    train_md5 = hashlib.md5(cls_data["train"].read_bytes()).hexdigest()
+    assert run.inputs.dataset_inputs[0].dataset.digest == train_md5
+
+    downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/{version.version}", dst_path=str(tmp_path / "dl"), tracking_uri=uri))
+    ref = resolve_base(ModelSpec(path=str(tiny_bert)))
+    probe = {"input_ids": torch.randint(5, 2000, (3, 12), generator=torch.Generator().manual_seed(0))}
+    registered = PeftModel.from_pretrained(load_model(ref, "sequence_classification", ["games", "science", "sound"]), str(downloaded / "artifacts" / "adapter"))
+
+    run_dir = next((state / "runs").iterdir())
+    trained = apply_init(load_model(ref, "sequence_classification", ["games", "science", "sound"]), run_dir / "init")
+    set_peft_model_state_dict(trained, load_file(run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors"))
+    assert not torch.allclose(_outputs(trained, probe), _outputs(load_model(ref, "sequence_classification", ["games", "science", "sound"]), probe), atol=1e-4)
+    assert torch.allclose(_outputs(registered, probe), _outputs(trained, probe), atol=1e-5)
+
+
+def test_failed_data_validation_trains_nothing_and_leaves_the_registry(prefect_server, state, tmp_path, tiny_bert, cls_data, capsys):
+    import pandas as pd
+
+    frame = pd.read_csv(cls_data["validation"])
+    frame.loc[0, "label"] = "cooking"
+    frame.to_csv(cls_data["validation"], index=False)
+    config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data))
+    assert main(["run", str(config)]) == 3
+    err = capsys.readouterr().err
+    assert "data validation failed" in err and "validation: column_values_to_be_in_set on 'label'" in err
+    assert "Traceback" not in err
+    assert not (state / "mlflow").exists() or not _client(state)[0].search_registered_models()
+    assert not list((state / "runs").glob("*/init"))
+
+
+def test_diverged_training_registers_nothing(prefect_server, state, tmp_path, tiny_bert, cls_data, monkeypatch, capsys):
+    import tasks.train
+
+    real_guard = tasks.train.NonFiniteLossGuard.on_log
+
+    def poisoned(self, args, state_, control, logs=None, **kwargs):
+        return real_guard(self, args, state_, control, logs=dict(logs or {}, loss=float("nan")), **kwargs)
+
+    monkeypatch.setattr(tasks.train.NonFiniteLossGuard, "on_log", poisoned)
+    config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data))
+    assert main(["run", str(config)]) == 4
+    assert "training diverged: loss became nan" in capsys.readouterr().err
+    client, _ = _client(state)
+    assert not client.search_registered_models()
+    runs = client.search_runs([client.get_experiment_by_name("tiny-cls").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_causal_lm_smoke_run_with_response_only_loss(prefect_server, state, tmp_path, tiny_llama, capsys):
+    pairs = [{"prompt": f"Section of package number {i}?", "response": ["games", "science", "sound"][i % 3]} for i in range(30)]
+    files = {s: write_jsonl(tmp_path / f"{s}.jsonl", pairs) for s in ("train", "validation")}
+    generation = write_jsonl(tmp_path / "gen.jsonl", pairs[:4])
+    config = {
+        "name": "tiny-sft", "task": "causal_lm", "model": {"path": str(tiny_llama)},
+        "data": {"train": str(files["train"]), "validation": str(files["validation"]), "max_length": 32,
+                 "checks": {"min_rows": 5, "max_duplicate_rate": 0.5}},
+        "adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "train": {"max_steps": 3, "batch_size": 8, "checkpoint_every": 3, "log_every": 1},
+        "evaluate": {"split": "validation", "generation": {"file": str(generation), "max_new_tokens": 4}},
+        "registry": {"model_name": "tiny-sft-adapter"},
+    }
+    assert main(["run", str(write_config(tmp_path / "sft.yaml", config))]) == 0
+    client, _ = _client(state)
+    version = client.get_model_version_by_alias("tiny-sft-adapter", "staging")
+    metrics = client.get_run(version.run_id).data.metrics
+    assert metrics["validation/perplexity"] > 1 and 0 <= metrics["validation/exact_match"] <= 1
