@@ -109,7 +109,7 @@ class _DropUserErrors(logging.Filter):
         from adapters.errors import InitError
 
         error = record.exc_info[1] if record.exc_info else None
-        return not isinstance(error, (AdapterflowError, InitError)) and "AdapterflowError" not in record.getMessage() and not _mentions_user_error(record)
+        return not isinstance(error, (AdapterflowError, InitError)) and not _mentions_user_error(record)
 
 
 def _mentions_user_error(record: logging.LogRecord) -> bool:
@@ -118,10 +118,11 @@ def _mentions_user_error(record: logging.LogRecord) -> bool:
 
 
 def _quiet_user_errors_in_prefect_logs() -> None:
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
-            if handler.__class__.__name__ != "APILogHandler":
-                handler.addFilter(_DropUserErrors())
+    # On the loggers, not their handlers: Prefect attaches console handlers lazily. The failed
+    # state (with the message) still reaches the Prefect UI; only the duplicate traceback goes.
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
+        logging.getLogger(name).addFilter(_DropUserErrors())
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 
 def render_summary(summary: dict, dirs, seconds: float) -> str:

@@ -149,4 +149,6 @@ class StepMetricsLogger(TrainerCallback):
 def _metric_name(key: str) -> str:
     if key.startswith("eval_"):
         return "eval/" + key.removeprefix("eval_")
-    return "train/" + key.removeprefix("train_")
+    if key.startswith("train_"):  # the end-of-training summary (mean loss, runtime)
+        return "train/final_" + key.removeprefix("train_")
+    return "train/" + key

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cls_config, write_config, write_jsonl
+from conftest import cls_config, run_cli, write_config, write_jsonl
 from flows.cli import main
 
 pytestmark = pytest.mark.e2e
@@ -73,15 +73,16 @@ def test_flow_registers_an_adapter_that_reproduces_the_trained_model(prefect_ser
     assert torch.allclose(_outputs(registered, probe), _outputs(trained, probe), atol=1e-5)
 
 
-def test_failed_data_validation_trains_nothing_and_leaves_the_registry(prefect_server, state, tmp_path, tiny_bert, cls_data, capsys):
+def test_failed_data_validation_trains_nothing_and_leaves_the_registry(prefect_server, state, tmp_path, tiny_bert, cls_data):
     import pandas as pd
 
     frame = pd.read_csv(cls_data["validation"])
     frame.loc[0, "label"] = "cooking"
     frame.to_csv(cls_data["validation"], index=False)
     config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data))
-    assert main(["run", str(config)]) == 3
-    err = capsys.readouterr().err
+    result = run_cli("run", str(config), home=state)
+    assert result.returncode == 3
+    err = result.stderr
     assert "data validation failed" in err and "validation: column_values_to_be_in_set on 'label'" in err
     assert "Traceback" not in err
     assert not (state / "mlflow").exists() or not _client(state)[0].search_registered_models()
