@@ -24,35 +24,48 @@ def retrain(config_path: str) -> dict:
     dirs = state_dirs()
     run_dir = _new_run_dir(dirs.runs, config.name)
     base_ref = resolve_base(config.model)
-    validation = validate_stage(config, run_dir)
-    data_version = version_stage(config, dirs.dvc_repo, dirs.dvc_remote)
+    timings: dict[str, float] = {}
+    validation = _timed(timings, "validate", validate_stage, config, run_dir)
+    # Versioning (DVC add + push) runs beside initialization and training; registration waits for it.
+    versioning = version_stage.submit(config, dirs.dvc_repo, dirs.dvc_remote)
     uri = config.tracking.mlflow_uri or dirs.default_mlflow_uri()
     track.check_reachable(uri)
-    run_id = open_run_stage(config, uri, dirs.mlflow_artifacts, data_version, validation["files"], base_ref)
+    run_id = _timed(timings, "track", open_run_stage, config, uri, dirs.mlflow_artifacts, validation["files"], base_ref)
     try:
-        summary = _train_and_register(config, base_ref, run_dir, uri, run_id, data_version)
+        summary = _train_and_register(config, base_ref, run_dir, uri, run_id, versioning, timings)
+        track.log_metrics(uri, run_id, timings, prefix="stage_seconds/")
     except BaseException:
+        versioning.wait()
         track.end_run(uri, run_id, "FAILED")
         raise
     track.end_run(uri, run_id, "FINISHED")
-    summary.update(validation=validation, data_md5=data_version.digest, run_dir=str(run_dir), tracking_uri=uri)
+    summary.update(validation=validation, run_dir=str(run_dir), tracking_uri=uri, timings=timings)
     create_markdown_artifact(markdown=_summary_markdown(summary), key="retrain-summary", description=config.name)
     return summary
 
 
-def _train_and_register(config, base_ref, run_dir: Path, uri: str, run_id: str, data_version) -> dict:
-    init = init_stage(config, base_ref, run_dir)
+def _timed(timings: dict, name: str, stage, *args):
+    start = time.perf_counter()
+    result = stage(*args)
+    timings[name] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _train_and_register(config, base_ref, run_dir: Path, uri: str, run_id: str, versioning, timings: dict) -> dict:
+    init = _timed(timings, "initialize", init_stage, config, base_ref, run_dir)
     track.log_metrics(uri, run_id, {"seconds": init.seconds, **init.checks}, prefix="init/")
     track.log_file(uri, run_id, Path(init.report_path), "init")
-    trained = train_stage(config, base_ref, init.init_dir, run_dir, {"uri": uri, "run_id": run_id})
-    metrics = evaluate_stage(config, base_ref, trained.adapter_dir)
+    trained = _timed(timings, "train", train_stage, config, base_ref, init.init_dir, run_dir, {"uri": uri, "run_id": run_id})
+    metrics = _timed(timings, "evaluate", evaluate_stage, config, base_ref, trained.adapter_dir)
+    data_version = versioning.result()
+    track.log_data_version(config, uri, run_id, data_version)
     track.log_metrics(uri, run_id, metrics, prefix=f"{config.evaluate.split}/")
     tags = _version_tags(config, base_ref, data_version, init.method, metrics)
-    version = register_stage(config, uri, run_id, trained.adapter_dir, base_ref, tags)
+    version = _timed(timings, "register", register_stage, config, uri, run_id, trained.adapter_dir, base_ref, tags)
     return {
         "name": config.name, "run_id": run_id, "init": init.to_dict(), "train": trained.to_dict(), "metrics": metrics,
         "model_name": config.registry.model_name, "version": version, "alias": config.registry.staging_alias,
-        "eval_split": config.evaluate.split,
+        "eval_split": config.evaluate.split, "data_md5": data_version.digest,
     }
 
 

@@ -33,10 +33,10 @@ def version_stage(config, repo: Path, default_remote: Path):
 
 
 @task(name="open-tracking-run", retries=2, retry_delay_seconds=2, **STAGE)
-def open_run_stage(config, uri: str, artifacts_root: Path, data_version, validation_files: dict, base_ref) -> str:
+def open_run_stage(config, uri: str, artifacts_root: Path, validation_files: dict, base_ref) -> str:
     from tasks.track import open_run
 
-    return open_run(config, uri, artifacts_root, data_version, validation_files, base_ref)
+    return open_run(config, uri, artifacts_root, validation_files, base_ref)
 
 
 @task(name="initialize-adapter", retries=0, **STAGE)

@@ -21,11 +21,11 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def open_run(config, uri: str, artifacts_root: Path, data_version, validation_files: dict, base_ref) -> str:
-    """Create the run with params, the resolved config, the validation report and the dataset input."""
+def open_run(config, uri: str, artifacts_root: Path, validation_files: dict, base_ref) -> str:
+    """Create the run with params, the resolved config and the validation report."""
     mlflow_client = client(uri)
     experiment_id = _experiment_id(mlflow_client, config.experiment_name(), artifacts_root)
-    tags = {"adapterflow.config_hash": config.digest(), "adapterflow.data_md5": data_version.digest, "mlflow.source.git.commit": git_commit()}
+    tags = {"adapterflow.config_hash": config.digest(), "adapterflow.base_model": base_ref.identity, "mlflow.source.git.commit": git_commit()}
     run = mlflow_client.create_run(experiment_id, run_name=f"{config.name}-{config.adapter.init.method}", tags=tags)
     run_id = run.info.run_id
     _log_params(mlflow_client, run_id, flatten(config))
@@ -35,9 +35,15 @@ def open_run(config, uri: str, artifacts_root: Path, data_version, validation_fi
         mlflow_client.log_artifact(run_id, str(resolved))
     for path in validation_files.values():
         mlflow_client.log_artifact(run_id, str(path), "validation")
+    return run_id
+
+
+def log_data_version(config, uri: str, run_id: str, data_version) -> None:
+    """The DVC md5 as a run tag, the .dvc file that pins the data, and the dataset input."""
+    mlflow_client = client(uri)
+    mlflow_client.set_tag(run_id, "adapterflow.data_md5", data_version.digest)
     mlflow_client.log_artifact(run_id, data_version.dvc_file, "data")
     _log_dataset(mlflow_client, run_id, config, data_version)
-    return run_id
 
 
 def _experiment_id(mlflow_client, name: str, artifacts_root: Path) -> str:
@@ -88,25 +94,34 @@ def end_run(uri: str, run_id: str, status: str) -> None:
 
 
 def register_adapter(config, uri: str, run_id: str, adapter_dir: Path, base_ref, tags: dict[str, str]) -> str:
-    """Log the adapter as a pyfunc model of this run, register it, tag it, and point `staging` at it."""
+    """Log the adapter as a pyfunc model of this run, register it with its tags, point `staging` at it."""
     import mlflow
 
     from tasks.pyfunc_adapter import LoraAdapterModel
 
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="adapter", python_model=LoraAdapterModel(), artifacts={"adapter": str(adapter_dir)},
             model_config=_pyfunc_config(config, base_ref), pip_requirements=_requirements(),
-            registered_model_name=config.registry.model_name, await_registration_for=60,
         )
-    version = str(info.registered_model_version)
     mlflow_client = client(uri)
-    for key, value in tags.items():
-        mlflow_client.set_model_version_tag(config.registry.model_name, version, key, value)
-    mlflow_client.set_registered_model_alias(config.registry.model_name, config.registry.staging_alias, version)
-    return version
+    name = config.registry.model_name
+    _ensure_registered_model(mlflow_client, name, config)
+    # Tags go in with the version itself, so a version never exists without its lineage.
+    version = mlflow_client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
+    mlflow_client.set_registered_model_alias(name, config.registry.staging_alias, version.version)
+    return str(version.version)
+
+
+def _ensure_registered_model(mlflow_client, name: str, config) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.get_registered_model(name)
+    except MlflowException:
+        description = f"LoRA adapters for the {config.task} run config '{config.name}' (adapterflow)."
+        mlflow_client.create_registered_model(name, description=description)
 
 
 def _pyfunc_config(config, base_ref) -> dict:
