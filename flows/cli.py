@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import threading
 import time
 from pathlib import Path
 
 from tasks.errors import AdapterflowError
 from tasks.state import prepare_environment
 
-# In the order the stages need them: validation first.
-HEAVY_MODULES = ("great_expectations", "torch", "transformers", "peft", "mlflow", "datasets", "sklearn.metrics")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,9 +76,11 @@ def preflight(config_path: str):
 def cmd_run(args) -> int:
     config = preflight(args.config)
     dirs = prepare_environment(offline=config.model.hub_id is None)
-    _warm_imports_in_background()
     start = time.perf_counter()
+    from flows import warm
     from flows.retrain import retrain
+
+    warm.start()
 
     _quiet_user_errors_in_prefect_logs()
     _quiet_library_noise()
@@ -118,20 +117,6 @@ def _stop_ephemeral_prefect_server() -> None:
             server.server_process.kill()
             server.server_process.wait()
         server.stop()
-
-
-def _warm_imports_in_background() -> None:
-    """Import the heavy libraries while Prefect's ephemeral server boots (it runs in a subprocess)."""
-    import importlib
-
-    def warm():
-        for name in HEAVY_MODULES:
-            try:
-                importlib.import_module(name)
-            except Exception:  # the stage that needs it will report the problem properly
-                return
-
-    threading.Thread(target=warm, daemon=True, name="warm-imports").start()
 
 
 class _DropUserErrors(logging.Filter):

@@ -15,21 +15,23 @@ from flows.stages import (
 from tasks.config import load_config
 from tasks.model_io import resolve_base
 from tasks.state import state_dirs
+from flows import warm
 from tasks import track
 
 
 @flow(name="adapterflow-retrain", log_prints=False, validate_parameters=False)
 def retrain(config_path: str) -> dict:
+    warm.wait()
     config = load_config(config_path)
     dirs = state_dirs()
     run_dir = _new_run_dir(dirs.runs, config.name)
     base_ref = resolve_base(config.model)
     timings: dict[str, float] = {}
     validation = _timed(timings, "validate", validate_stage, config, run_dir)
-    # Versioning (DVC add + push) runs beside initialization and training; registration waits for it.
-    versioning = version_stage.submit(config, dirs.dvc_repo, dirs.dvc_remote)
     uri = config.tracking.mlflow_uri or dirs.default_mlflow_uri()
     track.check_reachable(uri)
+    # Versioning (DVC add + push) runs beside initialization and training; registration waits for it.
+    versioning = version_stage.submit(config, dirs.dvc_repo, dirs.dvc_remote)
     run_id = _timed(timings, "track", open_run_stage, config, uri, dirs.mlflow_artifacts, validation["files"], base_ref)
     try:
         summary = _train_and_register(config, base_ref, run_dir, uri, run_id, versioning, timings)

@@ -1,0 +1,37 @@
+"""Import the heavy libraries in a thread while Prefect's ephemeral server boots in its subprocess.
+
+The flow joins this thread before its first stage, so no module is ever imported by two threads
+at once (concurrent imports of packages with circular imports fail with "partially initialized").
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+
+# In the order the stages need them: validation first.
+HEAVY_MODULES = ("great_expectations", "torch", "transformers", "peft", "mlflow", "mlflow.tracking", "datasets", "sklearn.metrics")
+_thread: threading.Thread | None = None
+
+
+def start() -> None:
+    global _thread
+    # Prefect's server module is imported here, before the thread, because booting the ephemeral
+    # server imports it (fastapi, sqlalchemy, alembic) and mlflow shares those dependencies.
+    import prefect.server.api.server  # noqa: F401
+
+    _thread = threading.Thread(target=_import_all, daemon=True, name="warm-imports")
+    _thread.start()
+
+
+def wait() -> None:
+    if _thread is not None:
+        _thread.join()
+
+
+def _import_all() -> None:
+    for name in HEAVY_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # the stage that needs it reports the problem properly
+            return
