@@ -173,9 +173,15 @@ def render_summary(summary: dict, dirs, seconds: float) -> str:
         "stage seconds    " + "  ".join(f"{k} {v:.1f}" for k, v in summary["timings"].items()),
         "",
         "Open the dashboards on this data:",
-        f"  mlflow ui --backend-store-uri {summary['tracking_uri']} --port 5000",
-        f"  PREFECT_HOME={dirs.prefect_home} prefect server start",
+        f"  {_script('mlflow')} ui --backend-store-uri {summary['tracking_uri']} --port 5000",
+        f"  PREFECT_HOME={dirs.prefect_home} {_script('prefect')} server start",
     ])
+
+
+def _script(name: str) -> str:
+    """The console script installed beside this interpreter, so the command works without activating the venv."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
 
 
 def cmd_make_tiny_model(args) -> int:

@@ -146,9 +146,13 @@ def _build_expectations(config) -> list:
 
 
 def _run_suite(frame: pd.DataFrame, expectations: list) -> list:
+    import logging
+
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    # GE pins this module's logger to INFO and announces a temp folder on every ephemeral context.
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch_def = context.data_sources.add_pandas("adapterflow").add_dataframe_asset("split").add_batch_definition_whole_dataframe("all")

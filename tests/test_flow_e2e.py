@@ -46,7 +46,7 @@ def test_flow_registers_an_adapter_that_reproduces_the_trained_model(prefect_ser
     config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "pissa"}}))
     assert main(["run", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "registered       tiny-cls-adapter version 1  alias @staging" in out and "mlflow ui --backend-store-uri" in out
+    assert "registered       tiny-cls-adapter version 1  alias @staging" in out and "ui --backend-store-uri" in out
 
     client, uri = _client(state)
     version = client.get_model_version_by_alias(MODEL_NAME, "staging")
