@@ -72,6 +72,12 @@ def test_flow_registers_an_adapter_that_reproduces_the_trained_model(prefect_ser
     assert not torch.allclose(_outputs(trained, probe), _outputs(load_model(ref, "sequence_classification", ["games", "science", "sound"]), probe), atol=1e-4)
     assert torch.allclose(_outputs(registered, probe), _outputs(trained, probe), atol=1e-5)
 
+    import pandas as pd
+
+    mlflow.set_registry_uri(uri)
+    served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@staging")
+    assert set(served.predict(pd.DataFrame({"text": ["audio mixer volume", "puzzle board game"]}))) <= {"games", "science", "sound"}
+
 
 def test_failed_data_validation_trains_nothing_and_leaves_the_registry(prefect_server, state, tmp_path, tiny_bert, cls_data):
     import pandas as pd
