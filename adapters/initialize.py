@@ -15,7 +15,7 @@ from adapters.settings import LoraSettings
 def initialize(model, settings: LoraSettings, method: str, context: InitContext):
     """Wrap `model` with a LoRA adapter initialized by `method`; returns (peft_model, report)."""
     initializer = get_initializer(method)
-    check_targets(model, settings.target_modules)
+    check_targets(model, settings.target_modules, settings.r)
     if initializer.needs_data and context.calibration is None:
         raise InitError(f"init method {method!r} needs calibration data and got none; it will not fall back to plain LoRA.")
     before = model_outputs(model, context.probe) if initializer.preserves_outputs else None
@@ -30,18 +30,23 @@ def initialize(model, settings: LoraSettings, method: str, context: InitContext)
     return peft_model, report
 
 
-def check_targets(model, targets: tuple[str, ...]) -> None:
-    """Refuse target names that match no linear layer, listing the names that would."""
+def check_targets(model, targets: tuple[str, ...], r: int) -> None:
+    """Refuse target names that match no linear layer, and ranks a matched layer cannot hold."""
     import torch
 
-    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    linear = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    matched = {n: m for n, m in linear.items() if any(n == t or n.endswith("." + t) for t in targets)}
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in matched)]
     if missing:
         available = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise InitError(
             f"adapter.target_modules {missing} match no linear layer of the model. "
             f"Linear layer names in this model: {', '.join(available)}."
         )
+    smallest = min(matched.items(), key=lambda item: min(item[1].weight.shape))
+    limit = min(smallest[1].weight.shape)
+    if r > limit:
+        raise InitError(f"adapter.r = {r} is larger than layer {smallest[0]} {tuple(smallest[1].weight.shape)} allows; use r <= {limit}.")
 
 
 def _explain_peft_error(method: str, settings: LoraSettings, err: ValueError) -> str:

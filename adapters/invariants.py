@@ -72,7 +72,7 @@ def delta_spectra(peft_model, top: int = 64) -> dict[str, list[float]]:
     return spectra
 
 
-def check_principal(method: str, peft_model, leak_tol: float, ratio_tol: float) -> dict[str, float]:
+def check_principal(method: str, peft_model, leak_tol: float, ratio_tol: float, hint: str = "") -> dict[str, float]:
     worst_leak, worst_ratio = 0.0, 0.0
     for name, module in lora_layers(peft_model):
         leak, ratio = principal_split(module)
@@ -80,6 +80,6 @@ def check_principal(method: str, peft_model, leak_tol: float, ratio_tol: float) 
         if leak > leak_tol or ratio > 1.0 + ratio_tol:
             raise InitError(
                 f"init method {method!r}: layer {short_name(name)} does not hold the principal components "
-                f"(subspace leak {leak:.2e}, residual/adapter top singular value ratio {ratio:.3f})."
+                f"(subspace leak {leak:.2e}, residual/adapter top singular value ratio {ratio:.3f}).{hint}"
             )
     return {"max_subspace_leak": worst_leak, "max_residual_to_adapter_sv_ratio": worst_ratio}

@@ -103,9 +103,24 @@ class PissaInit(Strict):
 
     method: Literal["pissa"]
     niter: int | None = Field(None, ge=0, le=64)
+    oversampling: int = Field(8, ge=0, le=1024)
 
 
-AdapterInit = Annotated[Union[LoraInit, GaussianInit, PissaInit], Field(discriminator="method")]
+class MiloraInit(Strict):
+    """Minor singular components of W (full SVD)."""
+
+    method: Literal["milora"]
+
+
+class OloraInit(Strict):
+    """Orthonormal A, B from the QR decomposition of W."""
+
+    method: Literal["olora"]
+
+
+AdapterInit = Annotated[
+    Union[LoraInit, GaussianInit, PissaInit, MiloraInit, OloraInit], Field(discriminator="method")
+]
 
 
 class AdapterSpec(Strict):

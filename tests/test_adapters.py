@@ -16,7 +16,7 @@ ARCHS = {
     "bert": ("sequence_classification", ("query", "value"), "SEQ_CLS"),
     "llama": ("causal_lm", ("q_proj", "v_proj"), "CAUSAL_LM"),
 }
-METHODS = ["lora", "gaussian", "pissa"]
+METHODS = ["lora", "gaussian", "pissa", "milora", "olora"]
 
 
 def _model(folder, task):
@@ -125,3 +125,59 @@ def test_target_modules_matching_nothing_is_a_clear_error(tiny_bert):
     settings = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=("q_proj",), task_type="SEQ_CLS")
     with pytest.raises(InitError, match=r"\['q_proj'\] match no linear layer of the model.*query"):
         initialize(_model(tiny_bert, "sequence_classification"), settings, "lora", InitContext(probe=_probe()))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_milora_adapter_is_the_bottom_r_svd_of_w(folders, arch):
+    task = ARCHS[arch][0]
+    original = {n: m.weight.detach().clone() for n, m in _model(folders[arch], task).named_modules() if n.endswith(ARCHS[arch][1])}
+    peft_model, report = initialize(_model(folders[arch], task), _settings(arch), "milora", InitContext(probe=_probe()))
+    assert report.checks["max_subspace_leak"] < 1e-4
+    for name, module in lora_layers(peft_model):
+        b, a, scaling = delta_factors(module)
+        u, s, vh = torch.linalg.svd(original[name.removeprefix("base_model.model.")].float(), full_matrices=False)
+        bottom_r = u[:, -4:] @ torch.diag(s[-4:]) @ vh[-4:]
+        assert torch.allclose(scaling * b @ a, bottom_r, atol=1e-5)
+
+
+def _slow_spectrum_model(tiny_llama):
+    """Weights whose singular values decay slowly, where randomized SVD without oversampling struggles."""
+    model = _model(tiny_llama, "causal_lm")
+    generator = torch.Generator().manual_seed(3)
+    for name, module in model.named_modules():
+        if name.endswith(("q_proj", "v_proj")):
+            out_f, in_f = module.weight.shape
+            u, _ = torch.linalg.qr(torch.randn(out_f, out_f, generator=generator))
+            v, _ = torch.linalg.qr(torch.randn(in_f, in_f, generator=generator))
+            k = min(out_f, in_f)
+            sigma = torch.exp(-torch.arange(k, dtype=torch.float32) / 20)
+            module.weight.data = u[:, :k] @ torch.diag(sigma) @ v[:, :k].T
+    return model
+
+
+def _principal_error(peft_model, reference) -> float:
+    worst = 0.0
+    for name, module in lora_layers(peft_model):
+        b, a, scaling = delta_factors(module)
+        u, s, vh = torch.linalg.svd(reference[name.removeprefix("base_model.model.")], full_matrices=False)
+        exact = u[:, :4] @ torch.diag(s[:4]) @ vh[:4]
+        worst = max(worst, ((scaling * b @ a - exact).norm() / exact.norm()).item())
+    return worst
+
+
+def test_oversampling_makes_randomized_pissa_accurate(tiny_llama):
+    from peft import get_peft_model
+
+    reference = {n: m.weight.detach().clone() for n, m in _slow_spectrum_model(tiny_llama).named_modules() if n.endswith(("q_proj", "v_proj"))}
+    ours, report = initialize(_slow_spectrum_model(tiny_llama), _settings("llama", niter=4, oversampling=16), "pissa", InitContext(probe=_probe()))
+    torch.manual_seed(0)
+    peft_q_equals_r = get_peft_model(_slow_spectrum_model(tiny_llama), _settings("llama").lora_config("pissa_niter_4"))
+    assert "oversampling=16" in report.notes[0]
+    ours_error, peft_error = _principal_error(ours, reference), _principal_error(peft_q_equals_r, reference)
+    assert ours_error < 0.02 and ours_error * 5 < peft_error
+
+
+def test_rank_larger_than_a_layer_allows_is_refused(tiny_bert):
+    settings = LoraSettings(r=64, alpha=8, dropout=0.0, target_modules=("query",), task_type="SEQ_CLS")
+    with pytest.raises(InitError, match=r"adapter.r = 64 is larger than layer .*query .*use r <= 32"):
+        initialize(_model(tiny_bert, "sequence_classification"), settings, "pissa", InitContext(probe=_probe()))
