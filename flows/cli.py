@@ -165,7 +165,7 @@ def render_summary(summary: dict, dirs, seconds: float) -> str:
         f"== adapterflow: {summary['name']} done in {seconds:.0f} s ==",
         f"data validation  passed ({validation['checks']} checks; rows: {rows})",
         f"data md5 (DVC)   {summary['data_md5']}",
-        f"init             {init['method']} in {init['seconds']:.2f} s",
+        f"init             {init['method']} in {init['seconds']:.2f} s (cache {init['cache']})",
         f"training         {summary['train']['steps']} steps in {summary['train']['seconds']:.0f} s on {summary['train']['device']}",
         f"metrics ({summary['eval_split']})  {metrics}",
         f"registered       {summary['model_name']} version {summary['version']}  alias @{summary['alias']}",

@@ -34,7 +34,7 @@ def retrain(config_path: str) -> dict:
     versioning = version_stage.submit(config, dirs.dvc_repo, dirs.dvc_remote)
     run_id = _timed(timings, "track", open_run_stage, config, uri, dirs.mlflow_artifacts, validation["files"], base_ref)
     try:
-        summary = _train_and_register(config, base_ref, run_dir, uri, run_id, versioning, timings)
+        summary = _train_and_register(config, base_ref, run_dir, dirs.init_cache, uri, run_id, versioning, timings)
         track.log_metrics(uri, run_id, timings, prefix="stage_seconds/")
     except BaseException:
         versioning.wait()
@@ -53,9 +53,9 @@ def _timed(timings: dict, name: str, stage, *args):
     return result
 
 
-def _train_and_register(config, base_ref, run_dir: Path, uri: str, run_id: str, versioning, timings: dict) -> dict:
-    init = _timed(timings, "initialize", init_stage, config, base_ref, run_dir)
-    track.log_metrics(uri, run_id, {"seconds": init.seconds, **init.checks}, prefix="init/")
+def _train_and_register(config, base_ref, run_dir: Path, cache_root: Path, uri: str, run_id: str, versioning, timings: dict) -> dict:
+    init = _timed(timings, "initialize", init_stage, config, base_ref, run_dir, cache_root)
+    track.log_metrics(uri, run_id, {"seconds": init.seconds, "cache_hit": float(init.cache == "hit"), **init.checks}, prefix="init/")
     track.log_file(uri, run_id, Path(init.report_path), "init")
     trained = _timed(timings, "train", train_stage, config, base_ref, init.init_dir, run_dir, {"uri": uri, "run_id": run_id})
     metrics = _timed(timings, "evaluate", evaluate_stage, config, base_ref, trained.adapter_dir)

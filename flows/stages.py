@@ -40,10 +40,10 @@ def open_run_stage(config, uri: str, artifacts_root: Path, validation_files: dic
 
 
 @task(name="initialize-adapter", retries=0, **STAGE)
-def init_stage(config, base_ref, run_dir: Path):
+def init_stage(config, base_ref, run_dir: Path, cache_root: Path):
     from tasks.init_adapter import initialize_adapter
 
-    return initialize_adapter(config, base_ref, run_dir)
+    return initialize_adapter(config, base_ref, run_dir, cache_root)
 
 
 @task(name="train", retries=0, **STAGE)

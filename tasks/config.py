@@ -130,6 +130,7 @@ class AdapterSpec(Strict):
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
     modules_to_save: list[str] | None = None
     init: AdapterInit = LoraInit()
+    cache_init: bool = True  # reuse init products across runs with the same base, shape and knobs
 
 
 class TrainSpec(Strict):

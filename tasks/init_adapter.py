@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ class InitOutcome:
     method: str
     seconds: float
     checks: dict
+    cache: str  # "hit" | "miss" | "off"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -34,7 +36,37 @@ def lora_settings(config):
     )
 
 
-def initialize_adapter(config, base_ref, run_dir: Path) -> InitOutcome:
+def initialize_adapter(config, base_ref, run_dir: Path, cache_root: Path | None = None) -> InitOutcome:
+    """Products from the init cache when their key matches, otherwise computed (and stored)."""
+    from adapters.cache import InitCache
+
+    start = time.perf_counter()
+    init_dir, report_path = run_dir / "init", run_dir / "init_report.json"
+    cache = InitCache(cache_root) if cache_root and config.adapter.cache_init else None
+    key = InitCache.key(cache_key_parts(config, base_ref)) if cache else None
+    report = cache.fetch(key, init_dir) if cache else None
+    status = "hit" if report is not None else ("miss" if cache else "off")
+    if report is None:
+        report = _compute(config, base_ref, init_dir)
+        if cache:
+            cache.store(key, init_dir, report)
+    report = dict(report, cache=status, seconds=time.perf_counter() - start, compute_seconds=report["seconds"])
+    report_path.write_text(json.dumps(report, indent=2))
+    return InitOutcome(str(init_dir), str(report_path), report["method"], report["seconds"], report["checks"], status)
+
+
+def cache_key_parts(config, base_ref) -> dict:
+    """Everything the init products depend on; the seed fixes the new classifier head."""
+    from importlib.metadata import version
+
+    return {
+        "base": base_ref.identity, "dtype": config.model.dtype, "task": config.task, "labels": config.data.labels,
+        "seed": config.train.seed, "adapter": config.adapter.model_dump(mode="json", exclude={"cache_init"}),
+        "peft": version("peft"), "torch": version("torch"),
+    }
+
+
+def _compute(config, base_ref, init_dir: Path) -> dict:
     from transformers import set_seed
 
     from adapters import InitContext, export_init, get_initializer, initialize
@@ -46,7 +78,5 @@ def initialize_adapter(config, base_ref, run_dir: Path) -> InitOutcome:
     method = config.adapter.init.method
     probe = tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt")
     peft_model, report = initialize(model, lora_settings(config), method, InitContext(probe=dict(probe)))
-    init_dir = export_init(peft_model, run_dir / "init", method, get_initializer(method).mutates_base)
-    report_path = run_dir / "init_report.json"
-    report_path.write_text(json.dumps(report.to_dict(), indent=2))
-    return InitOutcome(str(init_dir), str(report_path), method, report.seconds, report.checks)
+    export_init(peft_model, init_dir, method, get_initializer(method).mutates_base)
+    return report.to_dict()

@@ -1,0 +1,57 @@
+"""The init cache: a second run on the same key reuses the products; any change recomputes; corruption is loud."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapters.errors import InitError
+from conftest import cls_config
+from tasks.config import RunConfig
+from tasks.init_adapter import initialize_adapter
+from tasks.model_io import resolve_base
+
+
+def _init(tiny_bert, cls_data, run_dir, cache, **overrides):
+    config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "pissa"}, **overrides}))
+    return initialize_adapter(config, resolve_base(config.model), run_dir, cache)
+
+
+def _weights(outcome):
+    from pathlib import Path
+
+    return (Path(outcome.init_dir) / "adapter_model.safetensors").read_bytes()
+
+
+def test_second_run_hits_and_gets_identical_products(tiny_bert, cls_data, tmp_path):
+    first = _init(tiny_bert, cls_data, tmp_path / "run1", tmp_path / "cache")
+    second = _init(tiny_bert, cls_data, tmp_path / "run2", tmp_path / "cache")
+    assert (first.cache, second.cache) == ("miss", "hit")
+    assert _weights(first) == _weights(second)
+    assert second.checks == first.checks
+
+
+@pytest.mark.parametrize("change", [{"adapter.r": 2}, {"adapter.init": {"method": "milora"}}, {"train.seed": 7}, {"adapter.target_modules": ["query"]}])
+def test_a_changed_key_recomputes(tiny_bert, cls_data, tmp_path, change):
+    _init(tiny_bert, cls_data, tmp_path / "run1", tmp_path / "cache")
+    assert _init(tiny_bert, cls_data, tmp_path / "run2", tmp_path / "cache", **change).cache == "miss"
+
+
+def test_cache_can_be_turned_off(tiny_bert, cls_data, tmp_path):
+    _init(tiny_bert, cls_data, tmp_path / "run1", tmp_path / "cache")
+    assert _init(tiny_bert, cls_data, tmp_path / "run2", tmp_path / "cache", **{"adapter.cache_init": False}).cache == "off"
+
+
+def test_corrupt_entry_is_refused_with_the_fix(tiny_bert, cls_data, tmp_path):
+    _init(tiny_bert, cls_data, tmp_path / "run1", tmp_path / "cache")
+    entry = next(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+    weights = entry / "init" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"garbage!")
+    with pytest.raises(InitError, match=r"init cache entry .* is corrupt .* Delete it \(rm -r"):
+        _init(tiny_bert, cls_data, tmp_path / "run2", tmp_path / "cache")
+
+
+def test_half_written_entry_is_never_a_hit(tiny_bert, cls_data, tmp_path):
+    _init(tiny_bert, cls_data, tmp_path / "run1", tmp_path / "cache")
+    entry = next(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+    entry.rename(tmp_path / "cache" / f".tmp-{entry.name}-crashed")  # what a crash mid-write leaves
+    assert _init(tiny_bert, cls_data, tmp_path / "run2", tmp_path / "cache").cache == "miss"
