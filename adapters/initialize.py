@@ -25,8 +25,11 @@ def initialize(model, settings: LoraSettings, method: str, context: InitContext)
     except ValueError as err:
         raise InitError(_explain_peft_error(method, settings, err)) from None
     report.seconds = time.perf_counter() - start
+    if initializer.verify is not None:
+        report.checks.update(initializer.verify(peft_model, settings))
     if before is not None:
         report.checks["max_output_change"] = check_outputs_preserved(method, before, model_outputs(peft_model, context.probe))
+    report.check_seconds = time.perf_counter() - start - report.seconds
     return peft_model, report
 
 

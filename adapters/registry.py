@@ -23,6 +23,7 @@ class Initializer:
     supports_quantized: bool
     preserves_outputs: bool  # right after init the model computes what the base computed
     apply: Callable  # (model, LoraSettings, InitContext) -> (PeftModel, InitReport)
+    verify: Callable | None = None  # (peft_model, LoraSettings) -> {check: value}; raises InitError
 
 
 _REGISTRY: dict[str, Initializer] = {}

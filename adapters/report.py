@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field
 @dataclass
 class InitReport:
     method: str
-    seconds: float = 0.0
+    seconds: float = 0.0  # the method itself
+    check_seconds: float = 0.0  # its run-time invariant checks
     ranks: dict[str, int] = field(default_factory=dict)
     spectra: dict[str, list[float]] = field(default_factory=dict)  # top singular values per layer
     checks: dict[str, float] = field(default_factory=dict)  # invariant name -> measured value

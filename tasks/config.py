@@ -102,8 +102,8 @@ class PissaInit(Strict):
     """Principal singular components of W; `niter` switches from full to randomized SVD."""
 
     method: Literal["pissa"]
-    niter: int | None = Field(None, ge=0, le=64)
-    oversampling: int = Field(8, ge=0, le=1024)
+    niter: int | None = Field(None, ge=0, le=64)  # None: full SVD; 2 is a good randomized choice
+    oversampling: int = Field(24, ge=0, le=1024)  # randomized SVD uses q = r + oversampling
 
 
 class MiloraInit(Strict):

@@ -8,24 +8,34 @@ from adapters.registry import Initializer, register
 from adapters.report import InitReport
 from adapters.weight_svd import SvdPlan, apply_weight_svd
 
-# Randomized SVD is approximately principal; full SVD exactly (up to float32).
+# Full SVD is exactly principal (up to float32). Randomized SVD is approximately so: near a flat
+# part of the spectrum sigma_(r+1) ~ sigma_r, so only a loose ratio is a fair run-time check; it
+# still catches a fallback (B = 0: infinite ratio) or minor components (ratio >> 1).
 LEAK_TOL = {"full": 1e-3, "randomized": 0.05}
-RATIO_TOL = {"full": 1e-3, "randomized": 0.05}
+RATIO_TOL = {"full": 1e-3, "randomized": 0.5}
 
 
 def apply_pissa(model, settings, context):
     from peft import get_peft_model
 
     niter = settings.knobs.get("niter")
-    plan = SvdPlan("principal", niter, settings.knobs.get("oversampling", 8))
+    plan = SvdPlan("principal", niter, settings.knobs.get("oversampling", 24))
     peft_model = get_peft_model(model, settings.lora_config(True))
     spectra = apply_weight_svd(peft_model, plan)
-    kind = "full" if niter is None else "randomized"
     report = InitReport(method="pissa", ranks=ranks_of(peft_model), spectra=spectra)
-    hint = " Raise adapter.init.oversampling or niter, or drop niter for a full SVD." if niter is not None else ""
-    report.checks.update(check_principal("pissa", peft_model, LEAK_TOL[kind], RATIO_TOL[kind], hint))
     report.notes.append("svd: full" if niter is None else f"svd: randomized, niter={niter}, oversampling={plan.oversampling}")
     return peft_model, report
+
+
+def verify_pissa(peft_model, settings) -> dict[str, float]:
+    niter = settings.knobs.get("niter")
+    kind = "full" if niter is None else "randomized"
+    hint = " Raise adapter.init.oversampling or niter, or drop niter for a full SVD." if niter is not None else ""
+    return check_principal("pissa", peft_model, LEAK_TOL[kind], RATIO_TOL[kind], hint)
+
+
+def verify_split(peft_model, settings) -> dict[str, float]:
+    return {"max_subspace_leak": max_leak(peft_model)}
 
 
 def apply_milora(model, settings, context):
@@ -34,7 +44,6 @@ def apply_milora(model, settings, context):
     peft_model = get_peft_model(model, settings.lora_config(True))
     spectra = apply_weight_svd(peft_model, SvdPlan("minor", None))
     report = InitReport(method="milora", ranks=ranks_of(peft_model), spectra=spectra)
-    report.checks["max_subspace_leak"] = max_leak(peft_model)
     report.notes.append("svd: full (minor components need the whole spectrum)")
     return peft_model, report
 
@@ -53,10 +62,10 @@ def max_leak(peft_model) -> float:
     return max(principal_split(module)[0] for _, module in lora_layers(peft_model))
 
 
-for _name, _apply in (("pissa", apply_pissa), ("milora", apply_milora), ("olora", apply_olora)):
+for _name, _apply, _verify in (("pissa", apply_pissa, verify_pissa), ("milora", apply_milora, verify_split), ("olora", apply_olora, None)):
     register(
         Initializer(
             name=_name, family="svd", mutates_base=True, needs_data=False, needs_grad=False,
-            supports_quantized=False, preserves_outputs=True, apply=_apply,
+            supports_quantized=False, preserves_outputs=True, apply=_apply, verify=_verify,
         )
     )
