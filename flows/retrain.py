@@ -57,6 +57,8 @@ def _train_and_register(config, base_ref, run_dir: Path, cache_root: Path, uri: 
     init = _timed(timings, "initialize", init_stage, config, base_ref, run_dir, cache_root)
     track.log_metrics(uri, run_id, {"seconds": init.seconds, "cache_hit": float(init.cache == "hit"), **init.checks}, prefix="init/")
     track.log_file(uri, run_id, Path(init.report_path), "init")
+    if init.plot_path:
+        track.log_file(uri, run_id, Path(init.plot_path), "init")
     trained = _timed(timings, "train", train_stage, config, base_ref, init.init_dir, run_dir, {"uri": uri, "run_id": run_id})
     metrics = _timed(timings, "evaluate", evaluate_stage, config, base_ref, trained.adapter_dir)
     data_version = versioning.result()

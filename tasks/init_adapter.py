@@ -19,6 +19,7 @@ class InitOutcome:
     seconds: float
     checks: dict
     cache: str  # "hit" | "miss" | "off"
+    plot_path: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,6 +40,7 @@ def lora_settings(config):
 def initialize_adapter(config, base_ref, run_dir: Path, cache_root: Path | None = None) -> InitOutcome:
     """Products from the init cache when their key matches, otherwise computed (and stored)."""
     from adapters.cache import InitCache
+    from tasks.init_plots import plot_spectra
 
     start = time.perf_counter()
     init_dir, report_path = run_dir / "init", run_dir / "init_report.json"
@@ -52,7 +54,8 @@ def initialize_adapter(config, base_ref, run_dir: Path, cache_root: Path | None 
             cache.store(key, init_dir, report)
     report = dict(report, cache=status, seconds=time.perf_counter() - start, compute_seconds=report["seconds"])
     report_path.write_text(json.dumps(report, indent=2))
-    return InitOutcome(str(init_dir), str(report_path), report["method"], report["seconds"], report["checks"], status)
+    plot = plot_spectra(report.get("spectra", {}), report["method"], run_dir / "init_spectrum.png")
+    return InitOutcome(str(init_dir), str(report_path), report["method"], report["seconds"], report["checks"], status, str(plot) if plot else None)
 
 
 def cache_key_parts(config, base_ref) -> dict:

@@ -28,6 +28,7 @@ def test_second_run_hits_and_gets_identical_products(tiny_bert, cls_data, tmp_pa
     assert (first.cache, second.cache) == ("miss", "hit")
     assert _weights(first) == _weights(second)
     assert second.checks == first.checks
+    assert first.plot_path and second.plot_path.endswith("init_spectrum.png")
 
 
 @pytest.mark.parametrize("change", [{"adapter.r": 2}, {"adapter.init": {"method": "milora"}}, {"train.seed": 7}, {"adapter.target_modules": ["query"]}])
