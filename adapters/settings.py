@@ -15,7 +15,7 @@ class LoraSettings:
     modules_to_save: tuple[str, ...] | None = None
     knobs: dict = field(default_factory=dict)  # the init method's own options
 
-    def lora_config(self, init_lora_weights):
+    def lora_config(self, init_lora_weights, **extra):
         from peft import LoraConfig
 
         return LoraConfig(
@@ -26,4 +26,5 @@ class LoraSettings:
             modules_to_save=list(self.modules_to_save) if self.modules_to_save else None,
             task_type=self.task_type,
             init_lora_weights=init_lora_weights,
+            **extra,
         )

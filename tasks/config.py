@@ -118,8 +118,17 @@ class OloraInit(Strict):
     method: Literal["olora"]
 
 
+class EvaInit(Strict):
+    """SVD of layer-input activations over train batches; the rank budget r × layers is redistributed."""
+
+    method: Literal["eva"]
+    rho: float = Field(2.0, ge=1.0)  # a layer may get up to rho·r ranks
+    tau: float = Field(0.99, gt=0.0, le=1.0)  # cosine similarity at which components count as converged
+    whiten: bool = False
+
+
 AdapterInit = Annotated[
-    Union[LoraInit, GaussianInit, PissaInit, MiloraInit, OloraInit], Field(discriminator="method")
+    Union[LoraInit, GaussianInit, PissaInit, MiloraInit, OloraInit, EvaInit], Field(discriminator="method")
 ]
 
 

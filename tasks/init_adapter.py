@@ -62,11 +62,41 @@ def cache_key_parts(config, base_ref) -> dict:
     """Everything the init products depend on; the seed fixes the new classifier head."""
     from importlib.metadata import version
 
-    return {
+    from adapters import get_initializer
+
+    parts = {
         "base": base_ref.identity, "dtype": config.model.dtype, "task": config.task, "labels": config.data.labels,
         "seed": config.train.seed, "adapter": config.adapter.model_dump(mode="json", exclude={"cache_init"}),
         "peft": version("peft"), "torch": version("torch"),
     }
+    if get_initializer(config.adapter.init.method).needs_data:
+        parts.update(train_md5=file_md5(Path(config.data.train)), max_length=config.data.max_length, batch_size=config.train.batch_size)
+    return parts
+
+
+def file_md5(path: Path) -> str:
+    """The same digest DVC records for a file."""
+    import hashlib
+
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def calibration_batches(config, tokenizer):
+    """Train-split inputs (no labels) in seeded order, for methods that look at activations."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from tasks.encode import collator, encode_split
+
+    dataset = encode_split(config, tokenizer, "train").remove_columns(["labels"])
+    generator = torch.Generator().manual_seed(config.train.seed)
+    pad = collator(config, tokenizer)
+    # peft's EVA accepts plain dicts only, not the collator's BatchEncoding.
+    return DataLoader(dataset, batch_size=config.train.batch_size, shuffle=True, generator=generator, collate_fn=lambda rows: dict(pad(rows)))
 
 
 def _compute(config, base_ref, init_dir: Path) -> dict:
@@ -80,6 +110,7 @@ def _compute(config, base_ref, init_dir: Path) -> dict:
     model = load_model(base_ref, config.task, config.data.labels, config.model.dtype)
     method = config.adapter.init.method
     probe = tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt")
-    peft_model, report = initialize(model, lora_settings(config), method, InitContext(probe=dict(probe)))
+    calibration = calibration_batches(config, tokenizer) if get_initializer(method).needs_data else None
+    peft_model, report = initialize(model, lora_settings(config), method, InitContext(probe=dict(probe), calibration=calibration))
     export_init(peft_model, init_dir, method, get_initializer(method).mutates_base)
     return report.to_dict()

@@ -16,7 +16,7 @@ ARCHS = {
     "bert": ("sequence_classification", ("query", "value"), "SEQ_CLS"),
     "llama": ("causal_lm", ("q_proj", "v_proj"), "CAUSAL_LM"),
 }
-METHODS = ["lora", "gaussian", "pissa", "milora", "olora"]
+METHODS = ["lora", "gaussian", "pissa", "milora", "olora", "eva"]
 
 
 def _model(folder, task):
@@ -33,6 +33,11 @@ def _probe():
     return {"input_ids": torch.randint(5, 2000, (2, 10), generator=torch.Generator().manual_seed(1))}
 
 
+def _calibration(batches: int = 12):
+    generator = torch.Generator().manual_seed(2)
+    return [{"input_ids": torch.randint(5, 2000, (8, 16), generator=generator)} for _ in range(batches)]
+
+
 @pytest.fixture
 def folders(tiny_bert, tiny_llama):
     return {"bert": tiny_bert, "llama": tiny_llama}
@@ -47,7 +52,7 @@ def test_init_preserves_outputs_and_adapter_reloads_on_untouched_base(folders, t
 
     task = ARCHS[arch][0]
     base_out = model_outputs(_model(folders[arch], task), _probe())
-    peft_model, report = initialize(_model(folders[arch], task), _settings(arch), method, InitContext(probe=_probe()))
+    peft_model, report = initialize(_model(folders[arch], task), _settings(arch), method, InitContext(probe=_probe(), calibration=_calibration()))
     assert report.checks["max_output_change"] <= 1e-5
     assert (model_outputs(peft_model, _probe()) - base_out).abs().max() <= 1e-5 * max(1, base_out.abs().max())
     init_dir = export_init(peft_model, tmp_path / "init", method, get_initializer(method).mutates_base)
@@ -181,3 +186,31 @@ def test_rank_larger_than_a_layer_allows_is_refused(tiny_bert):
     settings = LoraSettings(r=64, alpha=8, dropout=0.0, target_modules=("query",), task_type="SEQ_CLS")
     with pytest.raises(InitError, match=r"adapter.r = 64 is larger than layer .*query .*use r <= 32"):
         initialize(_model(tiny_bert, "sequence_classification"), settings, "pissa", InitContext(probe=_probe()))
+
+
+def test_eva_a_rows_span_the_top_activation_directions(tiny_bert):
+    model = _model(tiny_bert, "sequence_classification")
+    layer = "bert.encoder.layer.1.attention.self.value"
+    captured = []
+    hook = dict(model.named_modules())[layer].register_forward_hook(lambda mod, args, out: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for batch in _calibration():
+            model(**batch)
+    hook.remove()
+    peft_model, report = initialize(model, _settings("bert", rho=1.0), "eva", InitContext(probe=_probe(), calibration=_calibration()))
+    assert sum(report.ranks.values()) == 4 * len(report.ranks) and report.checks["max_a_orthonormality_error"] < 1e-3
+    activations = torch.cat(captured)
+    _, _, vh = torch.linalg.svd(activations - activations.mean(0), full_matrices=False)
+    a = dict(lora_layers(peft_model))[f"base_model.model.{layer}"].lora_A["default"].weight.detach()
+    cosines = torch.linalg.svdvals(a @ vh[: a.shape[0]].T)  # cosines of the principal angles
+    assert cosines.min() > 0.9
+
+
+def test_eva_check_catches_a_plain_lora_fallback(tiny_bert):
+    from peft import get_peft_model
+
+    from adapters.methods.eva import verify_eva
+
+    plain = get_peft_model(_model(tiny_bert, "sequence_classification"), _settings("bert").lora_config(True))
+    with pytest.raises(InitError, match="A rows are not orthonormal"):
+        verify_eva(plain, _settings("bert"))

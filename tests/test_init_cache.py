@@ -56,3 +56,13 @@ def test_half_written_entry_is_never_a_hit(tiny_bert, cls_data, tmp_path):
     entry = next(p for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
     entry.rename(tmp_path / "cache" / f".tmp-{entry.name}-crashed")  # what a crash mid-write leaves
     assert _init(tiny_bert, cls_data, tmp_path / "run2", tmp_path / "cache").cache == "miss"
+
+
+def test_data_driven_init_is_keyed_by_the_train_data(tiny_bert, cls_data, tmp_path):
+    from conftest import classification_rows, write_csv
+
+    eva = {"adapter.init": {"method": "eva"}}
+    first = _init(tiny_bert, cls_data, tmp_path / "run1", tmp_path / "cache", **eva)
+    assert first.checks["rank_budget"] == 4 * 4 and _init(tiny_bert, cls_data, tmp_path / "run2", tmp_path / "cache", **eva).cache == "hit"
+    write_csv(cls_data["train"], classification_rows(48, 99))
+    assert _init(tiny_bert, cls_data, tmp_path / "run3", tmp_path / "cache", **eva).cache == "miss"
