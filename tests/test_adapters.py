@@ -214,3 +214,9 @@ def test_eva_check_catches_a_plain_lora_fallback(tiny_bert):
     plain = get_peft_model(_model(tiny_bert, "sequence_classification"), _settings("bert").lora_config(True))
     with pytest.raises(InitError, match="A rows are not orthonormal"):
         verify_eva(plain, _settings("bert"))
+
+
+def test_eva_on_a_target_with_2d_inputs_is_a_clear_error(tiny_bert):
+    settings = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=("dense",), task_type="SEQ_CLS")
+    with pytest.raises(InitError, match="EVA needs token-level inputs .* pooler.dense"):
+        initialize(_model(tiny_bert, "sequence_classification"), settings, "eva", InitContext(probe=_probe(), calibration=_calibration()))

@@ -24,7 +24,17 @@ def apply_eva(model, settings, context):
     knobs = settings.knobs
     eva = EvaConfig(rho=knobs.get("rho", 2.0), tau=knobs.get("tau", 0.99), whiten=knobs.get("whiten", False))
     peft_model = get_peft_model(model, settings.lora_config("eva", eva_config=eva))
-    initialize_lora_eva_weights(peft_model, dataloader=context.calibration, show_progress_bar=False)
+    try:
+        initialize_lora_eva_weights(peft_model, dataloader=context.calibration, show_progress_bar=False)
+    except ValueError as err:
+        if "unpack" not in str(err):
+            raise
+        # peft's incremental PCA expects (batch, tokens, features) inputs at every target.
+        raise InitError(
+            "EVA needs token-level inputs at every target module, but one receives 2-D input (e.g. BERT's "
+            "pooler.dense matched by the name 'dense'). Name the targets more precisely in adapter.target_modules "
+            "(e.g. query, value, attention.output.dense)."
+        ) from None
     report = InitReport(method="eva", ranks=ranks_of(peft_model))
     report.notes.append(f"rank budget {settings.r} x {len(report.ranks)} layers redistributed with rho={eva.rho}")
     return peft_model, report
