@@ -265,7 +265,8 @@ def _explain(item: dict[str, Any]) -> str:
     if kind == "literal_error":
         return f"{item['msg']} (got {item.get('input')!r})"
     if kind == "union_tag_invalid":
-        return f"unknown init method {item['input'].get('method')!r}; {item['msg'].split(';')[0].split('(')[-1].rstrip(')')}"
+        expected = item.get("ctx", {}).get("expected_tags", "").replace("'", "")
+        return f"unknown init method {item['input'].get('method')!r}; choose one of: {expected}"
     if kind == "union_tag_not_found":
         return "adapter.init needs a 'method' key"
     msg = item["msg"].removeprefix("Value error, ")

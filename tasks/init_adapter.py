@@ -76,13 +76,9 @@ def cache_key_parts(config, base_ref) -> dict:
 
 def file_md5(path: Path) -> str:
     """The same digest DVC records for a file."""
-    import hashlib
+    from adapters.cache import file_digest
 
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def calibration_batches(config, tokenizer):
