@@ -127,8 +127,26 @@ class EvaInit(Strict):
     whiten: bool = False
 
 
+class CordaInit(Strict):
+    """SVD of W·C with C the input covariance: IPM on task data, KPM on a knowledge dataset."""
+
+    method: Literal["corda"]
+    mode: Literal["ipm", "kpm"] = "ipm"
+    samples: int = Field(128, ge=1, le=100_000)  # calibration samples, one per forward
+    knowledge: str | None = None  # KPM: a file whose text field holds knowledge samples
+    knowledge_field: str = "text"
+
+    @model_validator(mode="after")
+    def _kpm_needs_knowledge(self) -> "CordaInit":
+        if self.mode == "kpm" and not self.knowledge:
+            raise ValueError("corda mode kpm needs adapter.init.knowledge: a data file of knowledge samples to preserve")
+        if self.knowledge and not self.knowledge.endswith(DATA_SUFFIXES):
+            raise ValueError(f"adapter.init.knowledge must end in one of {', '.join(DATA_SUFFIXES)}")
+        return self
+
+
 AdapterInit = Annotated[
-    Union[LoraInit, GaussianInit, PissaInit, MiloraInit, OloraInit, EvaInit], Field(discriminator="method")
+    Union[LoraInit, GaussianInit, PissaInit, MiloraInit, OloraInit, EvaInit, CordaInit], Field(discriminator="method")
 ]
 
 
@@ -284,10 +302,13 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
         update={"train": resolve(config.data.train), "validation": resolve(config.data.validation), "test": resolve(config.data.test)}
     )
     model = config.model.model_copy(update={"path": resolve(config.model.path)})
+    adapter = config.adapter
+    if getattr(adapter.init, "knowledge", None):
+        adapter = adapter.model_copy(update={"init": adapter.init.model_copy(update={"knowledge": resolve(adapter.init.knowledge)})})
     evaluate = config.evaluate
     if evaluate.generation is not None:
         evaluate = evaluate.model_copy(update={"generation": evaluate.generation.model_copy(update={"file": resolve(evaluate.generation.file)})})
-    return config.model_copy(update={"data": data, "model": model, "evaluate": evaluate})
+    return config.model_copy(update={"data": data, "model": model, "evaluate": evaluate, "adapter": adapter})
 
 
 def flatten(config: RunConfig) -> dict[str, str]:

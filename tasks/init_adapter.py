@@ -71,6 +71,9 @@ def cache_key_parts(config, base_ref) -> dict:
     }
     if get_initializer(config.adapter.init.method).needs_data:
         parts.update(train_md5=file_md5(Path(config.data.train)), max_length=config.data.max_length, batch_size=config.train.batch_size)
+    knowledge = getattr(config.adapter.init, "knowledge", None)
+    if knowledge:
+        parts["knowledge_md5"] = file_md5(Path(knowledge))
     return parts
 
 
@@ -79,6 +82,40 @@ def file_md5(path: Path) -> str:
     from adapters.cache import file_digest
 
     return file_digest(path, "md5")
+
+
+def calibration_data(config, tokenizer):
+    """CorDA hooks expect one sample per forward; the other methods take training-size batches."""
+    if config.adapter.init.method == "corda":
+        return calibration_samples(config, tokenizer)
+    return calibration_batches(config, tokenizer)
+
+
+def calibration_samples(config, tokenizer) -> list[dict]:
+    """Single unpadded samples: the task's train texts (IPM) or the knowledge file's (KPM)."""
+    import torch
+
+    from tasks.data_io import read_split
+
+    init = config.adapter.init
+    if init.mode == "kpm":
+        frame = read_split(init.knowledge, "adapter.init.knowledge")
+        if init.knowledge_field not in frame.columns:
+            from tasks.errors import DataError
+
+            raise DataError(f"adapter.init.knowledge {init.knowledge} has no column {init.knowledge_field!r}; set adapter.init.knowledge_field.")
+        texts = frame[init.knowledge_field].astype(str).tolist()
+        rows = [tokenizer(t, truncation=True, max_length=config.data.max_length) for t in texts]
+    else:
+        rows = list(encode_rows(config, tokenizer))
+    rows = rows[: init.samples]
+    return [{"input_ids": torch.tensor([r["input_ids"]]), "attention_mask": torch.tensor([r["attention_mask"]])} for r in rows]
+
+
+def encode_rows(config, tokenizer):
+    from tasks.encode import encode_split
+
+    return encode_split(config, tokenizer, "train")
 
 
 def calibration_batches(config, tokenizer):
@@ -106,7 +143,7 @@ def _compute(config, base_ref, init_dir: Path) -> dict:
     model = load_model(base_ref, config.task, config.data.labels, config.model.dtype)
     method = config.adapter.init.method
     probe = tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt")
-    calibration = calibration_batches(config, tokenizer) if get_initializer(method).needs_data else None
+    calibration = calibration_data(config, tokenizer) if get_initializer(method).needs_data else None
     peft_model, report = initialize(model, lora_settings(config), method, InitContext(probe=dict(probe), calibration=calibration))
     export_init(peft_model, init_dir, method, get_initializer(method).mutates_base)
     return report.to_dict()

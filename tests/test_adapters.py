@@ -16,7 +16,7 @@ ARCHS = {
     "bert": ("sequence_classification", ("query", "value"), "SEQ_CLS"),
     "llama": ("causal_lm", ("q_proj", "v_proj"), "CAUSAL_LM"),
 }
-METHODS = ["lora", "gaussian", "pissa", "milora", "olora", "eva"]
+METHODS = ["lora", "gaussian", "pissa", "milora", "olora", "eva", "corda"]
 
 
 def _model(folder, task):
@@ -33,9 +33,14 @@ def _probe():
     return {"input_ids": torch.randint(5, 2000, (2, 10), generator=torch.Generator().manual_seed(1))}
 
 
-def _calibration(batches: int = 12):
+def _calibration(batches: int = 12, batch_size: int = 8):
     generator = torch.Generator().manual_seed(2)
-    return [{"input_ids": torch.randint(5, 2000, (8, 16), generator=generator)} for _ in range(batches)]
+    return [{"input_ids": torch.randint(5, 2000, (batch_size, 16), generator=generator)} for _ in range(batches)]
+
+
+def _calibration_for(method: str):
+    """CorDA's hooks take one sample per forward."""
+    return _calibration(64, 1) if method == "corda" else _calibration()
 
 
 @pytest.fixture
@@ -52,7 +57,7 @@ def test_init_preserves_outputs_and_adapter_reloads_on_untouched_base(folders, t
 
     task = ARCHS[arch][0]
     base_out = model_outputs(_model(folders[arch], task), _probe())
-    peft_model, report = initialize(_model(folders[arch], task), _settings(arch), method, InitContext(probe=_probe(), calibration=_calibration()))
+    peft_model, report = initialize(_model(folders[arch], task), _settings(arch), method, InitContext(probe=_probe(), calibration=_calibration_for(method)))
     assert report.checks["max_output_change"] <= 1e-5
     assert (model_outputs(peft_model, _probe()) - base_out).abs().max() <= 1e-5 * max(1, base_out.abs().max())
     init_dir = export_init(peft_model, tmp_path / "init", method, get_initializer(method).mutates_base)
@@ -220,3 +225,27 @@ def test_eva_on_a_target_with_2d_inputs_is_a_clear_error(tiny_bert):
     settings = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=("dense",), task_type="SEQ_CLS")
     with pytest.raises(InitError, match="EVA needs token-level inputs .* pooler.dense"):
         initialize(_model(tiny_bert, "sequence_classification"), settings, "eva", InitContext(probe=_probe(), calibration=_calibration()))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_corda_depends_on_the_calibration_data_and_is_not_pissa(folders, arch):
+    task = ARCHS[arch][0]
+
+    def deltas(method, calibration):
+        model, _ = initialize(_model(folders[arch], task), _settings(arch), method, InitContext(probe=_probe(), calibration=calibration))
+        return [s * b @ a for b, a, s in (delta_factors(m) for _, m in lora_layers(model))]
+
+    first, other, pissa = deltas("corda", _calibration(64, 1)), deltas("corda", _calibration(64, 1)[::-1][:16]), deltas("pissa", None)
+    assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(first, deltas("corda", _calibration(64, 1))))
+    assert any(not torch.allclose(x, y, atol=1e-3) for x, y in zip(first, other))
+    assert any(not torch.allclose(x, y, atol=1e-3) for x, y in zip(first, pissa))
+
+
+def test_corda_check_catches_a_plain_lora_fallback(tiny_bert):
+    from peft import get_peft_model
+
+    from adapters.methods.corda import verify_corda
+
+    plain = get_peft_model(_model(tiny_bert, "sequence_classification"), _settings("bert").lora_config(True))
+    with pytest.raises(InitError, match="B·A is zero"):
+        verify_corda(plain, _settings("bert"))

@@ -74,9 +74,14 @@ def _bad(tmp_path, tiny_bert, cls_data, mutate) -> str:
         (lambda c: c["data"].update(labels=None), "needs data.labels"),
         (lambda c: c["data"].update(train="train.txt"), "data files must end in one of"),
         (lambda c: c.pop("registry"), "registry: required key is missing"),
+        (lambda c: c["adapter"].update(init={"method": "corda", "mode": "kpm"}), "corda mode kpm needs adapter.init.knowledge"),
+        (lambda c: c["adapter"].update(init={"method": "eva", "rho": 0.5}), "adapter.init.eva.rho"),
+        (lambda c: c["adapter"].update(init={"method": "eva", "tau": 0}), "adapter.init.eva.tau"),
+        (lambda c: c["adapter"].update(init={"method": "eva", "tau": 1.5}), "adapter.init.eva.tau"),
     ],
     ids=["unknown-key", "wrong-type", "rank-zero", "dropout-range", "unknown-method", "negative-niter",
-         "steps-and-epochs", "two-model-sources", "labels-missing", "data-format", "missing-section"],
+         "steps-and-epochs", "two-model-sources", "labels-missing", "data-format", "missing-section",
+         "kpm-without-knowledge", "rho-below-1", "tau-zero", "tau-above-1"],
 )
 def test_bad_config_gets_one_clear_error(tmp_path, capsys, tiny_bert, cls_data, mutate, expected):
     err = _check(tmp_path, capsys, _bad(tmp_path, tiny_bert, cls_data, mutate))
