@@ -30,10 +30,10 @@ from adapters.layers import delta_factors, lora_layers  # noqa: E402
 def minilm():
     from transformers import AutoModelForSequenceClassification
 
-    from tasks.model_io import _bundled_folder
+    from tasks.model_io import bundled_folder
 
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(str(_bundled_folder("minilm")), num_labels=8)
+    model = AutoModelForSequenceClassification.from_pretrained(str(bundled_folder("minilm")), num_labels=8)
     return model, ("query", "value"), "SEQ_CLS"
 
 

@@ -107,15 +107,11 @@ def calibration_samples(config, tokenizer) -> list[dict]:
         texts = frame[init.knowledge_field].astype(str).tolist()
         rows = [tokenizer(t, truncation=True, max_length=config.data.max_length) for t in texts]
     else:
-        rows = list(encode_rows(config, tokenizer))
+        from tasks.encode import encode_split
+
+        rows = list(encode_split(config, tokenizer, "train"))
     rows = rows[: init.samples]
     return [{"input_ids": torch.tensor([r["input_ids"]]), "attention_mask": torch.tensor([r["attention_mask"]])} for r in rows]
-
-
-def encode_rows(config, tokenizer):
-    from tasks.encode import encode_split
-
-    return encode_split(config, tokenizer, "train")
 
 
 def calibration_batches(config, tokenizer):

@@ -21,7 +21,7 @@ class BaseModelRef:
 
 def resolve_base(model_spec) -> BaseModelRef:
     if model_spec.bundled:
-        folder = _bundled_folder(model_spec.bundled)
+        folder = bundled_folder(model_spec.bundled)
         return BaseModelRef(str(folder), None, f"bundled:{model_spec.bundled}:{content_hash(folder)}", "bundled")
     if model_spec.path:
         folder = Path(model_spec.path)
@@ -33,7 +33,7 @@ def resolve_base(model_spec) -> BaseModelRef:
     return BaseModelRef(model_spec.hub_id, model_spec.revision, f"{model_spec.hub_id}@{model_spec.revision}", "hub")
 
 
-def _bundled_folder(name: str) -> Path:
+def bundled_folder(name: str) -> Path:
     from importlib import resources
 
     from tasks.config import BUNDLED_MODELS

@@ -44,7 +44,7 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
 
 def _base_location(cfg: dict) -> str:
     if cfg["source"] == "bundled":
-        from tasks.model_io import _bundled_folder
+        from tasks.model_io import bundled_folder
 
-        return str(_bundled_folder(cfg["bundled"]))
+        return str(bundled_folder(cfg["bundled"]))
     return cfg["name_or_path"]

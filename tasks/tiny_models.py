@@ -17,9 +17,9 @@ CHAT_TEMPLATE = (
 def _tokenizer():
     from transformers import AutoTokenizer
 
-    from tasks.model_io import _bundled_folder
+    from tasks.model_io import bundled_folder
 
-    return AutoTokenizer.from_pretrained(str(_bundled_folder("minilm")))
+    return AutoTokenizer.from_pretrained(str(bundled_folder("minilm")))
 
 
 def make_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
