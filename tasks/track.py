@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import tempfile
 from pathlib import Path
@@ -153,8 +152,3 @@ def check_reachable(uri: str) -> None:
         client(uri).search_experiments(max_results=1)
     except Exception as err:  # any transport or database error means: cannot track
         raise RegistryError(f"MLflow at {uri} cannot be reached: {str(err).splitlines()[0]}. Start it or fix tracking.mlflow_uri.") from None
-
-
-def write_json(path: Path, payload: dict) -> Path:
-    path.write_text(json.dumps(payload, indent=2, default=str))
-    return path
