@@ -11,13 +11,17 @@ from pathlib import Path
 
 import torch
 
+from adapters.frozen_factors import fold_middle, train_middle_only
 from adapters.layers import delta_factors, lora_layers
 
 META_FILE = "adapterflow_init.json"
 WEIGHTS = "adapter_model.safetensors"
 
 
-def export_init(peft_model, folder: Path, method: str, mutates_base: bool) -> Path:
+def export_init(peft_model, folder: Path, method: str) -> Path:
+    from adapters.registry import get_initializer
+
+    initializer = get_initializer(method)
     config = peft_model.peft_config["default"]
     original = config.init_lora_weights
     # Saved as a plain LoRA config: peft would otherwise re-run the method when loading it.
@@ -26,7 +30,7 @@ def export_init(peft_model, folder: Path, method: str, mutates_base: bool) -> Pa
         peft_model.save_pretrained(folder)
     finally:
         config.init_lora_weights = original
-    (Path(folder) / META_FILE).write_text(json.dumps({"method": method, "mutates_base": mutates_base}))
+    (Path(folder) / META_FILE).write_text(json.dumps({"method": method, "mutates_base": initializer.mutates_base, "trains_middle_only": initializer.trains_middle_only}))
     return Path(folder)
 
 
@@ -39,8 +43,11 @@ def apply_init(base_model, folder: Path):
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(base_model, str(folder), is_trainable=True)
-    if read_init_meta(folder)["mutates_base"]:
+    meta = read_init_meta(folder)
+    if meta["mutates_base"]:
         _subtract_initial_delta(peft_model)
+    if meta.get("trains_middle_only"):
+        train_middle_only(peft_model)
     return peft_model
 
 
@@ -54,6 +61,7 @@ def _subtract_initial_delta(peft_model) -> None:
 
 def save_trained_adapter(peft_model, folder: Path, init_folder: Path) -> Path:
     """Save as a plain LoRA adapter that loads on the untouched base model."""
+    fold_middle(peft_model)
     peft_model.save_pretrained(folder)
     if read_init_meta(init_folder)["mutates_base"]:
         convert_to_plain_lora(Path(folder), Path(init_folder))

@@ -24,6 +24,7 @@ class Initializer:
     preserves_outputs: bool  # right after init the model computes what the base computed
     apply: Callable  # (model, LoraSettings, InitContext) -> (PeftModel, InitReport)
     verify: Callable | None = None  # (peft_model, LoraSettings) -> {check: value}; raises InitError
+    trains_middle_only: bool = False  # LoRA-SB: A, B0 frozen, lora_B = B0·R with R (r×r) trainable
 
 
 _REGISTRY: dict[str, Initializer] = {}

@@ -145,8 +145,28 @@ class CordaInit(Strict):
         return self
 
 
+class LoraGaInit(Strict):
+    """B, A from the SVD of the mean gradient of W on a few train batches (W <- W - s·BA)."""
+
+    method: Literal["lora_ga"]
+    batches: int = Field(8, ge=1, le=10_000)  # labelled train batches whose mean gradient is decomposed
+    direction: Literal["ArB2r", "ArBr", "A2rBr", "random"] = "ArB2r"  # which singular components go to A and B
+    scale: Literal["stable", "unit", "gd", "weight_svd"] = "stable"
+    stable_gamma: float = Field(16.0, gt=0)
+    convention: Literal["reference", "peft"] = "reference"  # whose scaling: Outsider565/LoRA-GA's or peft's
+
+
+class LoraSbInit(Strict):
+    """Frozen B, A from the SVD of the estimated first update; only an r×r matrix between them trains."""
+
+    method: Literal["lora_sb"]
+    batches: int = Field(8, ge=1, le=10_000)
+    update_lr: float | None = Field(None, gt=0, le=1.0)  # None: the learning rate of the first training step
+
+
 AdapterInit = Annotated[
-    Union[LoraInit, GaussianInit, PissaInit, MiloraInit, OloraInit, EvaInit, CordaInit], Field(discriminator="method")
+    Union[LoraInit, GaussianInit, PissaInit, MiloraInit, OloraInit, EvaInit, CordaInit, LoraGaInit, LoraSbInit],
+    Field(discriminator="method"),
 ]
 
 

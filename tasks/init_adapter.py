@@ -29,12 +29,35 @@ def lora_settings(config):
     from adapters import LoraSettings
 
     knobs = config.adapter.init.model_dump(exclude={"method"})
+    if config.adapter.init.method == "lora_sb" and knobs["update_lr"] is None:
+        knobs["update_lr"] = first_step_lr(config)
     modules = tuple(config.adapter.modules_to_save) if config.adapter.modules_to_save else None
     return LoraSettings(
         r=config.adapter.r, alpha=config.adapter.alpha, dropout=config.adapter.dropout,
         target_modules=tuple(config.adapter.target_modules), task_type=TASK_TYPES[config.task],
         modules_to_save=modules, knobs=knobs,
     )
+
+
+def first_step_lr(config) -> float:
+    """The learning rate of the first step that moves the weights: HF's linear warmup starts at 0, then lr/warmup."""
+    import math
+
+    train = config.train
+    if not train.warmup_ratio:
+        return train.learning_rate
+    return train.learning_rate / max(1, math.ceil(train.warmup_ratio * total_steps(config)))
+
+
+def total_steps(config) -> int:
+    import math
+
+    from tasks.data_io import read_split
+
+    if config.train.max_steps:
+        return config.train.max_steps
+    per_epoch = math.ceil(len(read_split(config.data.train, "data.train")) / (config.train.batch_size * config.train.grad_accumulation))
+    return math.ceil(per_epoch * config.train.epochs)
 
 
 def initialize_adapter(config, base_ref, run_dir: Path, cache_root: Path | None = None) -> InitOutcome:
@@ -69,8 +92,11 @@ def cache_key_parts(config, base_ref) -> dict:
         "seed": config.train.seed, "adapter": config.adapter.model_dump(mode="json", exclude={"cache_init"}),
         "peft": version("peft"), "torch": version("torch"),
     }
-    if get_initializer(config.adapter.init.method).needs_data:
+    initializer = get_initializer(config.adapter.init.method)
+    if initializer.needs_data:
         parts.update(train_md5=file_md5(Path(config.data.train)), max_length=config.data.max_length, batch_size=config.train.batch_size)
+    if initializer.needs_grad:
+        parts["knobs"] = lora_settings(config).knobs  # LoRA-SB's update_lr derives from the train section
     knowledge = getattr(config.adapter.init, "knowledge", None)
     if knowledge:
         parts["knowledge_md5"] = file_md5(Path(knowledge))
@@ -85,10 +111,12 @@ def file_md5(path: Path) -> str:
 
 
 def calibration_data(config, tokenizer):
-    """CorDA hooks expect one sample per forward; the other methods take training-size batches."""
+    """CorDA hooks expect one sample per forward; gradient methods need labels; EVA takes inputs only."""
+    from adapters import get_initializer
+
     if config.adapter.init.method == "corda":
         return calibration_samples(config, tokenizer)
-    return calibration_batches(config, tokenizer)
+    return calibration_batches(config, tokenizer, labelled=get_initializer(config.adapter.init.method).needs_grad)
 
 
 def calibration_samples(config, tokenizer) -> list[dict]:
@@ -114,14 +142,16 @@ def calibration_samples(config, tokenizer) -> list[dict]:
     return [{"input_ids": torch.tensor([r["input_ids"]]), "attention_mask": torch.tensor([r["attention_mask"]])} for r in rows]
 
 
-def calibration_batches(config, tokenizer):
-    """Train-split inputs (no labels) in seeded order, for methods that look at activations."""
+def calibration_batches(config, tokenizer, labelled: bool = False):
+    """Train-split batches in seeded order; without labels for methods that only look at activations."""
     import torch
     from torch.utils.data import DataLoader
 
     from tasks.encode import collator, encode_split
 
-    dataset = encode_split(config, tokenizer, "train").remove_columns(["labels"])
+    dataset = encode_split(config, tokenizer, "train")
+    if not labelled:
+        dataset = dataset.remove_columns(["labels"])
     generator = torch.Generator().manual_seed(config.train.seed)
     pad = collator(config, tokenizer)
     # peft's EVA accepts plain dicts only, not the collator's BatchEncoding.
@@ -141,5 +171,5 @@ def _compute(config, base_ref, init_dir: Path) -> dict:
     probe = tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt")
     calibration = calibration_data(config, tokenizer) if get_initializer(method).needs_data else None
     peft_model, report = initialize(model, lora_settings(config), method, InitContext(probe=dict(probe), calibration=calibration))
-    export_init(peft_model, init_dir, method, get_initializer(method).mutates_base)
+    export_init(peft_model, init_dir, method)
     return report.to_dict()

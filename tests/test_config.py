@@ -78,10 +78,13 @@ def _bad(tmp_path, tiny_bert, cls_data, mutate) -> str:
         (lambda c: c["adapter"].update(init={"method": "eva", "rho": 0.5}), "adapter.init.eva.rho"),
         (lambda c: c["adapter"].update(init={"method": "eva", "tau": 0}), "adapter.init.eva.tau"),
         (lambda c: c["adapter"].update(init={"method": "eva", "tau": 1.5}), "adapter.init.eva.tau"),
+        (lambda c: c["adapter"].update(init={"method": "lora_ga", "direction": "BA"}), "adapter.init.lora_ga.direction"),
+        (lambda c: c["adapter"].update(init={"method": "lora_ga", "batches": 0}), "adapter.init.lora_ga.batches"),
+        (lambda c: c["adapter"].update(init={"method": "lora_sb", "update_lr": -1}), "adapter.init.lora_sb.update_lr"),
     ],
     ids=["unknown-key", "wrong-type", "rank-zero", "dropout-range", "unknown-method", "negative-niter",
          "steps-and-epochs", "two-model-sources", "labels-missing", "data-format", "missing-section",
-         "kpm-without-knowledge", "rho-below-1", "tau-zero", "tau-above-1"],
+         "kpm-without-knowledge", "rho-below-1", "tau-zero", "tau-above-1", "ga-direction", "ga-no-batches", "sb-negative-lr"],
 )
 def test_bad_config_gets_one_clear_error(tmp_path, capsys, tiny_bert, cls_data, mutate, expected):
     err = _check(tmp_path, capsys, _bad(tmp_path, tiny_bert, cls_data, mutate))
