@@ -46,10 +46,12 @@ def check_targets(model, targets: tuple[str, ...], r: int) -> None:
             f"adapter.target_modules {missing} match no linear layer of the model. "
             f"Linear layer names in this model: {', '.join(available)}."
         )
-    smallest = min(matched.items(), key=lambda item: min(item[1].weight.shape))
-    limit = min(smallest[1].weight.shape)
+    # in/out features, not weight.shape: a 4-bit weight is stored packed.
+    shapes = {n: (m.out_features, m.in_features) for n, m in matched.items()}
+    smallest = min(shapes, key=lambda n: min(shapes[n]))
+    limit = min(shapes[smallest])
     if r > limit:
-        raise InitError(f"adapter.r = {r} is larger than layer {smallest[0]} {tuple(smallest[1].weight.shape)} allows; use r <= {limit}.")
+        raise InitError(f"adapter.r = {r} is larger than layer {smallest} {shapes[smallest]} allows; use r <= {limit}.")
 
 
 def _explain_peft_error(method: str, settings: LoraSettings, err: ValueError) -> str:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from adapters.frozen_factors import fold_middle, train_middle_only
-from adapters.layers import delta_factors, lora_layers
+from adapters.errors import InitError
+from adapters.layers import delta_factors, lora_layers, short_name
+from adapters.quantized import is_quantized, store_weight
 
 META_FILE = "adapterflow_init.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -38,25 +41,34 @@ def read_init_meta(folder: Path) -> dict:
     return json.loads((Path(folder) / META_FILE).read_text())
 
 
-def apply_init(base_model, folder: Path):
-    """The initialized, trainable peft model: base + initial adapter (+ residual where needed)."""
+def apply_init(base_model, folder: Path, full_precision: Callable[[str], torch.Tensor] | None = None):
+    """The initialized, trainable peft model: base + initial adapter (+ residual where needed).
+
+    On a quantized base, a base-rewriting method needs `full_precision(layer name) -> W`: the
+    residual W - s·BA is computed from it and then quantized (QPiSSA), never from the quantized W.
+    """
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(base_model, str(folder), is_trainable=True)
     meta = read_init_meta(folder)
     if meta["mutates_base"]:
-        _subtract_initial_delta(peft_model)
+        _subtract_initial_delta(peft_model, full_precision)
     if meta.get("trains_middle_only"):
         train_middle_only(peft_model)
     return peft_model
 
 
 @torch.no_grad()
-def _subtract_initial_delta(peft_model) -> None:
-    for _, module in lora_layers(peft_model):
+def _subtract_initial_delta(peft_model, full_precision) -> None:
+    for name, module in lora_layers(peft_model):
         b, a, scaling = delta_factors(module)
-        weight = module.base_layer.weight
-        weight.data = (weight.data.float() - scaling * (b @ a)).to(weight.dtype)
+        layer = module.base_layer
+        if is_quantized(layer):
+            if full_precision is None:
+                raise InitError(f"layer {short_name(name)} is quantized: its residual needs the full-precision weight")
+            store_weight(layer, full_precision(short_name(name)).float().to(b.device) - scaling * (b @ a))
+        else:
+            layer.weight.data = (layer.weight.data.float() - scaling * (b @ a)).to(layer.weight.dtype)
 
 
 def save_trained_adapter(peft_model, folder: Path, init_folder: Path) -> Path:

@@ -61,6 +61,7 @@ def preflight(config_path: str):
     from tasks.config import load_config
     from tasks.data_io import split_files
     from tasks.errors import DataError
+    from tasks.hardware import check_hardware
     from tasks.model_io import resolve_base
 
     config = load_config(config_path)
@@ -70,6 +71,7 @@ def preflight(config_path: str):
     if config.evaluate.generation and not Path(config.evaluate.generation.file).is_file():
         raise DataError(f"evaluate.generation.file not found: {config.evaluate.generation.file}")
     resolve_base(config.model)
+    check_hardware(config)
     return config
 
 

@@ -32,6 +32,7 @@ class ModelSpec(Strict):
     hub_id: str | None = None
     revision: str = "main"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: Literal["nf4", "fp4", "int8"] | None = None  # bitsandbytes; 4-bit uses double quantization
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
@@ -164,8 +165,15 @@ class LoraSbInit(Strict):
     update_lr: float | None = Field(None, gt=0, le=1.0)  # None: the learning rate of the first training step
 
 
+class LoftqInit(Strict):
+    """A, B chosen so that Q(W - s·BA) + s·BA is close to W for the 4-bit quantizer Q (CUDA only in peft)."""
+
+    method: Literal["loftq"]
+    iterations: int = Field(1, ge=1, le=20)  # alternating quantize / SVD steps
+
+
 AdapterInit = Annotated[
-    Union[LoraInit, GaussianInit, PissaInit, MiloraInit, OloraInit, EvaInit, CordaInit, LoraGaInit, LoraSbInit],
+    Union[LoraInit, GaussianInit, PissaInit, MiloraInit, OloraInit, EvaInit, CordaInit, LoraGaInit, LoraSbInit, LoftqInit],
     Field(discriminator="method"),
 ]
 
@@ -249,6 +257,15 @@ class RunConfig(Strict):
             raise ValueError("evaluate.generation (exact match) applies only to task causal_lm")
         if self.evaluate.split == "test" and self.data.test is None:
             raise ValueError("evaluate.split is 'test' but data.test is not set; set data.test or evaluate.split: validation")
+        return self
+
+    @model_validator(mode="after")
+    def _init_fits_quantization(self) -> "RunConfig":
+        if self.adapter.init.method == "loftq" and self.model.quantization not in ("nf4", "fp4"):
+            raise ValueError(
+                "adapter.init.method loftq initializes for a 4-bit base, but model.quantization is "
+                f"{self.model.quantization!r}; set model.quantization: nf4, or use method pissa for an unquantized base"
+            )
         return self
 
     def experiment_name(self) -> str:

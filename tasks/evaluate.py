@@ -19,7 +19,7 @@ def evaluate_adapter(config, base_ref, adapter_dir: Path | None, split: str) -> 
 
     set_seed(config.train.seed)  # a bare base's classifier head is random: keep it reproducible
     tokenizer = load_tokenizer(base_ref)
-    model = load_model(base_ref, config.task, config.data.labels, config.model.dtype)
+    model = load_model(base_ref, config.task, config.data.labels, config.model.dtype, config.model.quantization)
     if adapter_dir is not None:
         from peft import PeftModel
 

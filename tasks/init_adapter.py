@@ -88,7 +88,7 @@ def cache_key_parts(config, base_ref) -> dict:
     from adapters import get_initializer
 
     parts = {
-        "base": base_ref.identity, "dtype": config.model.dtype, "task": config.task, "labels": config.data.labels,
+        "base": base_ref.identity, "dtype": config.model.dtype, "quantization": config.model.quantization, "task": config.task, "labels": config.data.labels,
         "seed": config.train.seed, "adapter": config.adapter.model_dump(mode="json", exclude={"cache_init"}),
         "peft": version("peft"), "torch": version("torch"),
     }
@@ -166,10 +166,21 @@ def _compute(config, base_ref, init_dir: Path) -> dict:
 
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(base_ref)
-    model = load_model(base_ref, config.task, config.data.labels, config.model.dtype)
     method = config.adapter.init.method
+    in_full_precision = bool(config.model.quantization) and runs_in_full_precision(method)
+    model = load_model(base_ref, config.task, config.data.labels, config.model.dtype, None if in_full_precision else config.model.quantization)
     probe = tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt")
     calibration = calibration_data(config, tokenizer) if get_initializer(method).needs_data else None
     peft_model, report = initialize(model, lora_settings(config), method, InitContext(probe=dict(probe), calibration=calibration))
     export_init(peft_model, init_dir, method)
+    if in_full_precision:
+        report.notes.append(f"computed on the full-precision base; training quantizes the residual ({config.model.quantization})")
     return report.to_dict()
+
+
+def runs_in_full_precision(method: str) -> bool:
+    """Base-rewriting methods decompose W itself (QPiSSA); gradient methods take gradients of a full-precision copy."""
+    from adapters import get_initializer
+
+    initializer = get_initializer(method)
+    return initializer.mutates_base or initializer.needs_grad

@@ -65,15 +65,51 @@ def load_tokenizer(ref: BaseModelRef):
     return tokenizer
 
 
-def load_model(ref: BaseModelRef, task: str, labels: list[str] | None, dtype: str = "float32"):
+def load_model(ref: BaseModelRef, task: str, labels: list[str] | None, dtype: str = "float32", quantization: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {"dtype": getattr(torch, dtype)}
+    if quantization:
+        kwargs.update(quantization_config=bnb_config(quantization, dtype, task), device_map={"": "cuda" if torch.cuda.is_available() else "cpu"})
     if task == "sequence_classification":
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
         return _load(AutoModelForSequenceClassification.from_pretrained, ref, **kwargs)
     return _load(AutoModelForCausalLM.from_pretrained, ref, **kwargs)
+
+
+def full_precision_lookup(ref: BaseModelRef, task: str, labels: list[str] | None, dtype: str):
+    """layer name -> the base's full-precision weight, loaded once on first use (for QPiSSA residuals).
+
+    Loads the whole unquantized model once, transiently: the simplest source that works for local
+    folders and hub ids alike.
+    """
+    import torch
+
+    weights: dict = {}
+
+    def lookup(name: str):
+        if not weights:
+            model = load_model(ref, task, labels, dtype)
+            weights.update({n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        return weights[name]
+
+    return lookup
+
+
+CLASSIFIER_HEADS = ["classifier", "score"]  # trained in full (modules_to_save), never quantized
+
+
+def bnb_config(quantization: str, dtype: str, task: str):
+    """QLoRA's settings: 4-bit with double quantization, computing in the model dtype."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    skip = CLASSIFIER_HEADS if task == "sequence_classification" else None
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=getattr(torch, dtype), llm_int8_skip_modules=skip)
 
 
 def _load(loader, ref: BaseModelRef, **kwargs):

@@ -33,14 +33,15 @@ def train_adapter(config, base_ref, init_dir: Path, run_dir: Path, tracking: dic
 
     from adapters import apply_init, save_trained_adapter
     from tasks.encode import collator, encode_split
-    from tasks.model_io import load_model, load_tokenizer
+    from tasks.model_io import load_tokenizer
 
     device = pick_device(config.train.device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(base_ref)
-    model = apply_init(load_model(base_ref, config.task, config.data.labels, config.model.dtype), init_dir)
+    base, full_precision = _base_for_training(config, base_ref)
+    model = apply_init(base, init_dir, full_precision)
     train_set, eval_set = encode_split(config, tokenizer, "train"), encode_split(config, tokenizer, "validation")
     callbacks = [NonFiniteLossGuard()] + ([StepMetricsLogger(**tracking)] if tracking else [])
     trainer = Trainer(
@@ -56,6 +57,20 @@ def train_adapter(config, base_ref, init_dir: Path, run_dir: Path, tracking: dic
         str(adapter_dir), trainer.state.global_step, float(output.training_loss), seconds,
         float(output.metrics.get("train_samples_per_second", 0.0)), device,
     )
+
+
+def _base_for_training(config, base_ref):
+    """The base model (quantized when configured) and, for a quantized base, its full-precision weights."""
+    from tasks.model_io import full_precision_lookup, load_model
+
+    quantization, labels = config.model.quantization, config.data.labels
+    model = load_model(base_ref, config.task, labels, config.model.dtype, quantization)
+    if not quantization:
+        return model, None
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, full_precision_lookup(base_ref, config.task, labels, config.model.dtype)
 
 
 def pick_device(requested: str) -> str:
