@@ -72,6 +72,10 @@ def preflight(config_path: str):
         raise DataError(f"evaluate.generation.file not found: {config.evaluate.generation.file}")
     resolve_base(config.model)
     check_hardware(config)
+    if config.adapter.init.method == "auto":
+        from tasks.race import race_plan
+
+        race_plan(config)  # a budget too small for the contenders fails here, before any compute
     return config
 
 
@@ -167,7 +171,7 @@ def render_summary(summary: dict, dirs, seconds: float) -> str:
         f"== adapterflow: {summary['name']} done in {seconds:.0f} s ==",
         f"data validation  passed ({validation['checks']} checks; rows: {rows})",
         f"data md5 (DVC)   {summary['data_md5']}",
-        f"init             {init['method']} in {init['seconds']:.2f} s (cache {init['cache']})",
+        f"init             {init['method']} in {init['seconds']:.2f} s (cache {init['cache']})" + _race_line(init),
         f"training         {summary['train']['steps']} steps in {summary['train']['seconds']:.0f} s on {summary['train']['device']}",
         f"metrics ({summary['eval_split']})  {metrics}",
         f"registered       {summary['model_name']} version {summary['version']}  alias @{summary['alias']}",
@@ -178,6 +182,12 @@ def render_summary(summary: dict, dirs, seconds: float) -> str:
         f"  {_script('mlflow')} ui --backend-store-uri {summary['tracking_uri']} --port 5000",
         f"  PREFECT_HOME={dirs.prefect_home} {_script('prefect')} server start",
     ])
+
+
+def _race_line(init: dict) -> str:
+    if init.get("learning_rate") is None:
+        return ""
+    return f"; won the auto race at lr {init['learning_rate']:g}, table: {init['race_path']}"
 
 
 def _script(name: str) -> str:

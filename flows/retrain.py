@@ -59,7 +59,12 @@ def _train_and_register(config, base_ref, run_dir: Path, cache_root: Path, uri: 
     track.log_file(uri, run_id, Path(init.report_path), "init")
     if init.plot_path:
         track.log_file(uri, run_id, Path(init.plot_path), "init")
-    trained = _timed(timings, "train", train_stage, config, base_ref, init.init_dir, run_dir, {"uri": uri, "run_id": run_id})
+    train_config = config
+    if init.learning_rate is not None:  # auto: train the race winner at its own learning rate
+        track.log_file(uri, run_id, Path(init.race_path), "init")
+        track.log_metrics(uri, run_id, {"chosen_learning_rate": init.learning_rate}, prefix="init/")
+        train_config = config.model_copy(update={"train": config.train.model_copy(update={"learning_rate": init.learning_rate})})
+    trained = _timed(timings, "train", train_stage, train_config, base_ref, init.init_dir, run_dir, {"uri": uri, "run_id": run_id})
     metrics = _timed(timings, "evaluate", evaluate_stage, config, base_ref, trained.adapter_dir)
     data_version = versioning.result()
     track.log_data_version(config, uri, run_id, data_version)

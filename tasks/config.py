@@ -172,8 +172,41 @@ class LoftqInit(Strict):
     iterations: int = Field(1, ge=1, le=20)  # alternating quantize / SVD steps
 
 
+RaceCandidate = Annotated[
+    Union[LoraInit, GaussianInit, PissaInit, MiloraInit, OloraInit, EvaInit, CordaInit, LoraGaInit, LoraSbInit],
+    Field(discriminator="method"),
+]
+
+
+class AutoInit(Strict):
+    """Successive halving among candidates × learning rates within a step budget; the winner trains (tasks/race.py)."""
+
+    method: Literal["auto"]
+    candidates: list[RaceCandidate] = Field(
+        default_factory=lambda: [LoraInit(), PissaInit(method="pissa"), EvaInit(method="eva"), LoraGaInit(method="lora_ga")],
+        min_length=2,
+    )
+    lr_multipliers: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1)  # × train.learning_rate
+    budget: float = Field(0.15, gt=0.0, le=1.0)  # share of the run's training steps the whole race may use
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _names_are_enough(cls, value):
+        """`candidates: [lora, pissa]` is shorthand for `[{method: lora}, {method: pissa}]`."""
+        return [{"method": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "AutoInit":
+        methods = [c.method for c in self.candidates]
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"adapter.init.candidates lists a method twice: {methods}")
+        if any(m <= 0 for m in self.lr_multipliers) or len(set(self.lr_multipliers)) != len(self.lr_multipliers):
+            raise ValueError(f"adapter.init.lr_multipliers must be distinct and positive, got {self.lr_multipliers}")
+        return self
+
+
 AdapterInit = Annotated[
-    Union[LoraInit, GaussianInit, PissaInit, MiloraInit, OloraInit, EvaInit, CordaInit, LoraGaInit, LoraSbInit, LoftqInit],
+    Union[LoraInit, GaussianInit, PissaInit, MiloraInit, OloraInit, EvaInit, CordaInit, LoraGaInit, LoraSbInit, LoftqInit, AutoInit],
     Field(discriminator="method"),
 ]
 

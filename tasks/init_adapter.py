@@ -20,6 +20,8 @@ class InitOutcome:
     checks: dict
     cache: str  # "hit" | "miss" | "off"
     plot_path: str | None = None
+    learning_rate: float | None = None  # auto: the race winner's learning rate, used for the real run
+    race_path: str | None = None  # auto: the race table (markdown)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +64,8 @@ def total_steps(config) -> int:
 
 def initialize_adapter(config, base_ref, run_dir: Path, cache_root: Path | None = None) -> InitOutcome:
     """Products from the init cache when their key matches, otherwise computed (and stored)."""
+    if config.adapter.init.method == "auto":
+        return _race_winner(config, base_ref, run_dir, cache_root)
     from adapters.cache import InitCache
     from tasks.init_plots import plot_spectra
 
@@ -79,6 +83,25 @@ def initialize_adapter(config, base_ref, run_dir: Path, cache_root: Path | None 
     report_path.write_text(json.dumps(report, indent=2))
     plot = plot_spectra(report.get("spectra", {}), report["method"], run_dir / "init_spectrum.png")
     return InitOutcome(str(init_dir), str(report_path), report["method"], report["seconds"], report["checks"], status, str(plot) if plot else None)
+
+
+def _race_winner(config, base_ref, run_dir: Path, cache_root: Path | None) -> InitOutcome:
+    from tasks.race import race_markdown, run_race
+
+    start = time.perf_counter()
+    race = run_race(config, base_ref, run_dir, cache_root)
+    winner, outcome = race["winner"], race["outcome"]
+    report = json.loads(Path(outcome.report_path).read_text())
+    seconds = time.perf_counter() - start
+    race_steps = sum(row["steps"] for row in race["table"])
+    report.update(race=race["table"], chosen_learning_rate=winner.learning_rate, seconds=seconds, race_steps=race_steps)
+    report["notes"].append(f"auto: {winner.method} at lr {winner.learning_rate:g} won a race of {len(race['table'])} "
+                           f"contenders over {len(race['schedule'])} rounds ({race_steps} training steps in all)")
+    report_path, race_path = run_dir / "init_report.json", run_dir / "init_race.md"
+    report_path.write_text(json.dumps(report, indent=2))
+    race_path.write_text(race_markdown(race["table"]))
+    return InitOutcome(outcome.init_dir, str(report_path), winner.method, seconds, outcome.checks, outcome.cache,
+                       outcome.plot_path, winner.learning_rate, str(race_path))
 
 
 def cache_key_parts(config, base_ref) -> dict:

@@ -28,10 +28,40 @@ class TrainResult:
 
 def train_adapter(config, base_ref, init_dir: Path, run_dir: Path, tracking: dict | None = None) -> TrainResult:
     """Fine-tune from `init_dir`; `tracking` ({"uri", "run_id"}) streams step metrics to MLflow."""
+    from adapters import save_trained_adapter
+
+    callbacks = [NonFiniteLossGuard()] + ([StepMetricsLogger(**tracking)] if tracking else [])
+    trainer, device = _build_trainer(config, base_ref, init_dir, run_dir, callbacks)
+    start = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - start
+    adapter_dir = save_trained_adapter(trainer.model, run_dir / "adapter", init_dir)
+    (run_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return TrainResult(
+        str(adapter_dir), trainer.state.global_step, float(output.training_loss), seconds,
+        float(output.metrics.get("train_samples_per_second", 0.0)), device,
+    )
+
+
+def train_more(config, base_ref, init_dir: Path, run_dir: Path) -> float:
+    """Train up to train.max_steps, resuming `run_dir`'s last checkpoint; returns the validation loss.
+
+    For the init race: a contender that diverges scores inf instead of stopping the run.
+    """
+    trainer, _ = _build_trainer(config, base_ref, init_dir, run_dir, [NonFiniteLossGuard()], quiet=True)
+    try:
+        trainer.train(resume_from_checkpoint=any((run_dir / "checkpoints").glob("checkpoint-*")) or None)
+        loss = float(trainer.evaluate()["eval_loss"])
+    except TrainingError:
+        return math.inf
+    return loss if math.isfinite(loss) else math.inf
+
+
+def _build_trainer(config, base_ref, init_dir: Path, run_dir: Path, callbacks: list, quiet: bool = False):
     import torch
     from transformers import Trainer, set_seed
 
-    from adapters import apply_init, save_trained_adapter
+    from adapters import apply_init
     from tasks.encode import collator, encode_split
     from tasks.model_io import load_tokenizer
 
@@ -43,20 +73,11 @@ def train_adapter(config, base_ref, init_dir: Path, run_dir: Path, tracking: dic
     base, full_precision = _base_for_training(config, base_ref)
     model = apply_init(base, init_dir, full_precision)
     train_set, eval_set = encode_split(config, tokenizer, "train"), encode_split(config, tokenizer, "validation")
-    callbacks = [NonFiniteLossGuard()] + ([StepMetricsLogger(**tracking)] if tracking else [])
     trainer = Trainer(
-        model=model, args=_training_args(config, run_dir, device), train_dataset=train_set, eval_dataset=eval_set,
+        model=model, args=_training_args(config, run_dir, device, quiet), train_dataset=train_set, eval_dataset=eval_set,
         data_collator=collator(config, tokenizer), callbacks=callbacks,
     )
-    start = time.perf_counter()
-    output = trainer.train()
-    seconds = time.perf_counter() - start
-    adapter_dir = save_trained_adapter(model, run_dir / "adapter", init_dir)
-    (run_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    return TrainResult(
-        str(adapter_dir), trainer.state.global_step, float(output.training_loss), seconds,
-        float(output.metrics.get("train_samples_per_second", 0.0)), device,
-    )
+    return trainer, device
 
 
 def _base_for_training(config, base_ref):
@@ -82,7 +103,7 @@ def pick_device(requested: str) -> str:
     return "cuda" if requested != "cpu" and available else "cpu"
 
 
-def _training_args(config, run_dir: Path, device: str):
+def _training_args(config, run_dir: Path, device: str, quiet: bool = False):
     from transformers import TrainingArguments
 
     train = config.train
@@ -111,6 +132,7 @@ def _training_args(config, run_dir: Path, device: str):
         label_names=["labels"],
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        disable_tqdm=quiet or None,
     )
 
 
