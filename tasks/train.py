@@ -73,11 +73,21 @@ def _build_trainer(config, base_ref, init_dir: Path, run_dir: Path, callbacks: l
     base, full_precision = _base_for_training(config, base_ref)
     model = apply_init(base, init_dir, full_precision)
     train_set, eval_set = encode_split(config, tokenizer, "train"), encode_split(config, tokenizer, "validation")
+    classification = config.task == "sequence_classification"
     trainer = Trainer(
         model=model, args=_training_args(config, run_dir, device, quiet), train_dataset=train_set, eval_dataset=eval_set,
         data_collator=collator(config, tokenizer), callbacks=callbacks,
+        compute_metrics=eval_accuracy if classification else None,
+        preprocess_logits_for_metrics=(lambda logits, labels: logits.argmax(-1)) if classification else None,
     )
     return trainer, device
+
+
+def eval_accuracy(prediction) -> dict:
+    """Accuracy beside eval loss in every periodic evaluation (the dashboards' metric over steps)."""
+    import numpy as np
+
+    return {"accuracy": float(np.mean(prediction.predictions == prediction.label_ids))}
 
 
 def _base_for_training(config, base_ref):
