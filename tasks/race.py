@@ -72,37 +72,43 @@ def run_race(config, base_ref, run_dir: Path, cache_root: Path | None) -> dict:
     init = config.adapter.init
     outcomes, contenders = {}, []
     for candidate in init.candidates:
-        outcome = initialize_adapter(_with_init(config, candidate), base_ref, run_dir / "race" / candidate.method, cache_root)
-        outcomes[candidate.method] = outcome
-        contenders += [Contender(candidate.method, config.train.learning_rate * m, candidate, init_seconds=outcome.seconds)
-                       for m in init.lr_multipliers]
+        for multiplier in init.lr_multipliers:
+            contender = Contender(candidate.method, config.train.learning_rate * multiplier, candidate)
+            outcome = initialize_adapter(_arm_config(config, contender), base_ref, run_dir / "race" / contender.label, cache_root)
+            outcomes[contender.label], contender.init_seconds = outcome, outcome.seconds
+            contenders.append(contender)
     alive = contenders
     for round_index, (_, steps) in enumerate(schedule):
         for contender in alive:
-            _advance(config, base_ref, contender, steps, outcomes[contender.method].init_dir, run_dir / "race")
+            _advance(config, base_ref, contender, steps, outcomes[contender.label].init_dir, run_dir / "race")
         alive = sorted(alive, key=lambda c: c.last_loss)
         if round_index < len(schedule) - 1:
             alive = alive[: schedule[round_index + 1][0]]
     winner = alive[0]
     table = [dict(asdict(c), init=None, rounds=len(c.eval_losses), won=c is winner) for c in contenders]
     (run_dir / "race.json").write_text(json.dumps(table, indent=1))
-    return {"winner": winner, "outcome": outcomes[winner.method], "table": table, "schedule": schedule}
+    return {"winner": winner, "outcome": outcomes[winner.label], "table": table, "schedule": schedule}
 
 
 def _with_init(config, init):
     return config.model_copy(update={"adapter": config.adapter.model_copy(update={"init": init})})
 
 
+def _arm_config(config, contender: Contender, steps: int = 1):
+    """The contender's run: its init, its LR, held constant (LoRA-SB's init follows that LR)."""
+    train = config.train.model_copy(update={
+        "learning_rate": contender.learning_rate, "lr_scheduler": "constant", "warmup_ratio": 0.0,
+        "max_steps": steps, "epochs": None, "eval_every": None, "checkpoint_every": steps,
+    })
+    return _with_init(config, contender.init).model_copy(update={"train": train})
+
+
 def _advance(config, base_ref, contender: Contender, steps: int, init_dir: str, race_dir: Path) -> None:
-    """Train `steps` more steps at a constant LR (resuming the contender's checkpoint), then score it."""
+    """Train `steps` more steps (resuming the contender's checkpoint), then score it on validation loss."""
     from tasks.train import train_more
 
     contender.steps += steps
-    train = config.train.model_copy(update={
-        "learning_rate": contender.learning_rate, "lr_scheduler": "constant", "warmup_ratio": 0.0,
-        "max_steps": contender.steps, "epochs": None, "eval_every": None, "checkpoint_every": contender.steps,
-    })
-    arm_config = _with_init(config, contender.init).model_copy(update={"train": train})
+    arm_config = _arm_config(config, contender, contender.steps)
     contender.eval_losses.append(train_more(arm_config, base_ref, Path(init_dir), race_dir / contender.label))
 
 

@@ -80,6 +80,10 @@ def _build_trainer(config, base_ref, init_dir: Path, run_dir: Path, callbacks: l
         compute_metrics=eval_accuracy if classification else None,
         preprocess_logits_for_metrics=(lambda logits, labels: logits.argmax(-1)) if classification else None,
     )
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # without a progress bar the Trainer prints every log line
     return trainer, device
 
 
