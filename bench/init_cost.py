@@ -2,10 +2,12 @@
 
 Models: the bundled MiniLM and a config-built Llama (~110 M parameters) whose target weights have
 slowly decaying spectra (sigma_i = exp(-i/40)), where randomized SVD is hard. For PiSSA it also
-prints the principal-subspace error of B·A against the exact top-r SVD. Finally a cached retrain:
-the flow's init stage on the same key twice.
+prints the principal-subspace error of B·A against the exact top-r SVD. EVA on MiniLM with the
+same calibration batches on both sides. Finally a cached retrain: the flow's init stage on the
+same key twice.
 Targets: randomized PiSSA >= 10x more accurate than peft's pissa_niter_4 at <= 1.5x its time;
-cached init <= 5% of uncached. Usage: python bench/init_cost.py [--rank 16]
+EVA ours/peft <= 1.05; cached init <= 5% of uncached.
+Usage: python bench/init_cost.py [--rank 16] [--only minilm|llama|eva|cache] [--threads N]
 """
 
 from __future__ import annotations
@@ -108,6 +110,43 @@ def bench_model(label, build, r):
               + f"   checks {ours[1].check_seconds:.2f} s")
 
 
+EVA_BATCHES = 16  # peft cycles through them until its PCA converges
+
+
+def eva_batches(count=EVA_BATCHES, size=32, tokens=64):
+    generator = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(1000, 30000, (size, tokens), generator=generator)} for _ in range(count)]
+
+
+def peft_eva(model, settings, batches):
+    from peft import EvaConfig, get_peft_model
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    peft_model = get_peft_model(model, settings.lora_config("eva", eva_config=EvaConfig(**settings.knobs)))
+    initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
+    return peft_model
+
+
+def bench_eva(r):
+    from adapters.methods.basic import ranks_of
+
+    base, targets, task_type = minilm()
+    settings = LoraSettings(r=r, alpha=2 * r, dropout=0.0, target_modules=targets, task_type=task_type, knobs={"rho": 2.0, "tau": 0.99})
+    batches, probe = eva_batches(), {"input_ids": torch.randint(5, 1000, (2, 16))}
+    print(f"\n== EVA on MiniLM, r={r}, targets {list(targets)}, {len(batches)} calibration batches {tuple(batches[0]['input_ids'].shape)} (seeded random tokens), {torch.get_num_threads()} threads ==")
+    print(f"{'method':<28}{'ours s':>10}{'peft s':>10}{'ratio':>8}   (ours: method time; its checks apart)")
+    ours_runs, peft_runs = [], []
+    for _ in range(REPEATS):  # interleaved, so drift in machine load hits both sides alike
+        ours_runs.append(initialize(copy.deepcopy(base), settings, "eva", InitContext(probe=probe, calibration=batches)))
+        peft_runs.append(timed_on_copy(base, lambda m: peft_eva(m, settings, batches)))
+    (ours, report), theirs = ours_runs[-1], peft_runs[-1][0]
+    ours_s, peft_s = min(run[1].seconds for run in ours_runs), min(t for _, t in peft_runs)
+    same = "same ranks" if ranks_of(ours) == ranks_of(theirs) else "RANKS DIFFER"
+    kept = [sum(v) for v in report.spectra.values()] or [float("nan")]
+    print(f"{'eva rho=2 tau=0.99':<28}{ours_s:>10.2f}{peft_s:>10.2f}{ours_s / peft_s:>8.2f}   checks {report.check_seconds:.2f} s"
+          f"   {same}   kept explained variance {min(kept):.3f} to {max(kept):.3f}")
+
+
 def bench_cache(r):
     import yaml
 
@@ -134,11 +173,20 @@ def bench_cache(r):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--only", choices=SECTIONS, help="run one section alone")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (fewer on a shared machine)")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    bench_model("MiniLM (bundled)", minilm, args.rank)
-    bench_model("Llama from config, slow spectra", slow_spectrum_llama, args.rank)
-    bench_cache(args.rank)
+    torch.set_num_threads(args.threads)
+    for name in [args.only] if args.only else SECTIONS:
+        SECTIONS[name](args.rank)
+
+
+SECTIONS = {
+    "minilm": lambda r: bench_model("MiniLM (bundled)", minilm, r),
+    "llama": lambda r: bench_model("Llama from config, slow spectra", slow_spectrum_llama, r),
+    "eva": bench_eva,
+    "cache": bench_cache,
+}
 
 
 if __name__ == "__main__":

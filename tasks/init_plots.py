@@ -1,8 +1,14 @@
-"""The init report's spectrum plot: singular values each layer's adapter starts with."""
+"""The init report's spectrum plot: per layer, the spectrum each method's adapter was built from."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+SPECTRUM_LABELS = {  # what each method's report.spectra holds
+    "eva": "explained-variance ratio of kept component",
+    "lora_ga": "singular value of the mean gradient G",
+    "lora_sb": "singular value of the first update -lr·sign(G)",
+}
 
 
 def plot_spectra(spectra: dict[str, list[float]], method: str, path: Path) -> Path | None:
@@ -18,7 +24,7 @@ def plot_spectra(spectra: dict[str, list[float]], method: str, path: Path) -> Pa
     for layer, values in spectra.items():
         if values:
             axis.plot(range(1, len(values) + 1), values, alpha=0.6, linewidth=1, label=layer if len(spectra) <= 8 else None)
-    axis.set(yscale="log", xlabel="component", ylabel="singular value of s·B·A", title=f"{method}: initial adapter spectrum per layer")
+    axis.set(yscale="log", xlabel="component", ylabel=SPECTRUM_LABELS.get(method, "singular value of s·B·A"), title=f"{method}: spectrum per layer at init")
     if len(spectra) <= 8:
         axis.legend(fontsize=6)
     figure.tight_layout()

@@ -249,3 +249,26 @@ def test_corda_check_catches_a_plain_lora_fallback(tiny_bert):
     plain = get_peft_model(_model(tiny_bert, "sequence_classification"), _settings("bert").lora_config(True))
     with pytest.raises(InitError, match="B·A is zero"):
         verify_corda(plain, _settings("bert"))
+
+
+def test_eva_reports_the_explained_variance_of_the_kept_components(tiny_bert):
+    model = _model(tiny_bert, "sequence_classification").eval()
+    layer = "bert.encoder.layer.1.attention.self.value"  # shares its input (and peft's PCA) with query
+    captured = []
+    hook = dict(model.named_modules())[layer].register_forward_hook(lambda mod, args, out: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for batch in _calibration():
+            model(**batch)
+    hook.remove()
+    peft_model, report = initialize(model, _settings("bert"), "eva", InitContext(probe=_probe(), calibration=_calibration()))
+    assert report.ranks and set(report.spectra) == set(report.ranks)
+    for name, ratios in report.spectra.items():
+        assert len(ratios) == report.ranks[name]
+        assert all(0 < v <= 1 for v in ratios) and 0 < sum(ratios) <= 1
+        assert all(first >= second for first, second in zip(ratios, ratios[1:]))
+    assert report.checks["min_explained_variance"] == pytest.approx(min(sum(v) for v in report.spectra.values()))
+    # The recorded ratios are the activations' variance along A's rows (peft's PCA saw most of these batches).
+    centered = torch.cat(captured) - torch.cat(captured).mean(0)
+    a = dict(lora_layers(peft_model))[f"base_model.model.{layer}"].lora_A["default"].weight.detach()
+    along_a = (centered @ a.T).square().sum(0) / centered.square().sum()
+    assert torch.allclose(torch.tensor(report.spectra[layer]), along_a, rtol=0.05)

@@ -1,7 +1,8 @@
 """EVA: A from the SVD of each layer's input activations, ranks redistributed by explained variance.
 
 peft's implementation, with the preprocessing step it needs (without `initialize_lora_eva_weights`
-peft silently leaves plain LoRA); `verify_eva` proves it ran.
+peft silently leaves plain LoRA); `verify_eva` proves it ran. The report's spectra are the
+explained-variance ratios of the components each layer kept, read from peft's own PCA.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def apply_eva(model, settings, context):
     knobs = settings.knobs
     eva = EvaConfig(rho=knobs.get("rho", 2.0), tau=knobs.get("tau", 0.99), whiten=knobs.get("whiten", False))
     peft_model = get_peft_model(model, settings.lora_config("eva", eva_config=eva))
+    seen, handles = watch_eva_hooks(peft_model)
     try:
         initialize_lora_eva_weights(peft_model, dataloader=context.calibration, show_progress_bar=False)
     except ValueError as err:
@@ -35,9 +37,58 @@ def apply_eva(model, settings, context):
             "pooler.dense matched by the name 'dense'). Name the targets more precisely in adapter.target_modules "
             "(e.g. query, value, attention.output.dense)."
         ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
     report = InitReport(method="eva", ranks=ranks_of(peft_model))
     report.notes.append(f"rank budget {settings.r} x {len(report.ranks)} layers redistributed with rho={eva.rho}")
+    record_explained_variance(report, explained_variance(seen, report.ranks))
     return peft_model, report
+
+
+def watch_eva_hooks(peft_model):
+    """Note the hooks peft's EVA attaches to each LoRA layer while it runs.
+
+    peft 0.21 exposes no explained variance: get_eva_state_dict returns only the kept components, and
+    the per-layer IncrementalPCA (with explained_variance_ratio_) lives in a forward hook it discards.
+    A pre-hook sees those hooks at no cost; recomputing the PCA would cost another calibration pass.
+    """
+    from peft.tuners.lora.eva import HashHook, SVDHook
+
+    seen = {HashHook: {}, SVDHook: {}}
+
+    def note(module, args):
+        for hook in module._forward_hooks.values():
+            if type(hook) in seen:
+                seen[type(hook)][short_name(hook.name)] = hook
+
+    return seen, [module.register_forward_pre_hook(note) for _, module in lora_layers(peft_model)]
+
+
+def explained_variance(seen, ranks: dict[str, int]) -> dict[str, list[float]]:
+    """Per layer with ranks, the explained-variance ratios of all components peft computed.
+
+    peft runs one PCA per distinct input (query and value of a BERT layer share one), grouping layers
+    by the hash of their first input; the same grouping finds each layer's PCA.
+    """
+    from peft.tuners.lora.eva import HashHook, SVDHook
+
+    hashes = {name: hook.hashed_inputs[0] for name, hook in seen[HashHook].items() if hook.hashed_inputs}
+    pca_by_input = {hashes[name]: hook.svd for name, hook in seen[SVDHook].items() if name in hashes and hasattr(hook.svd, "explained_variance_ratio_")}
+    pcas = {name: pca_by_input.get(hashes[name]) for name in ranks if name in hashes}
+    return {name: pca.explained_variance_ratio_.tolist() for name, pca in pcas.items() if pca is not None}
+
+
+def record_explained_variance(report: InitReport, ratios: dict[str, list[float]]) -> None:
+    """Spectra: the kept components' ratios per layer; checks: the smallest per-layer sum."""
+    if not ratios or set(ratios) != set(report.ranks):
+        report.notes.append("explained variance not recorded: peft's EVA hooks were not seen (peft internals changed?)")
+        return
+    report.spectra = {name: ratios[name][:rank] for name, rank in report.ranks.items()}
+    kept = [sum(values) for values in report.spectra.values()]
+    report.checks["min_explained_variance"] = min(kept)
+    computed = max(len(values) for values in ratios.values())
+    report.notes.append(f"explained variance of the kept components per layer: {min(kept):.3f} to {max(kept):.3f} (of up to {computed} computed)")
 
 
 def verify_eva(peft_model, settings) -> dict[str, float]:
