@@ -7,7 +7,7 @@ same calibration batches on both sides. Finally a cached retrain: the flow's ini
 same key twice.
 Targets: randomized PiSSA >= 10x more accurate than peft's pissa_niter_4 at <= 1.5x its time;
 EVA ours/peft <= 1.05; cached init <= 5% of uncached.
-Usage: python bench/init_cost.py [--rank 16] [--only minilm|llama|eva|cache] [--threads N]
+Usage: python bench/init_cost.py [--rank 16] [--only minilm|llama|eva|lora_ga|cache] [--threads N]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -147,6 +148,64 @@ def bench_eva(r):
           f"   {same}   kept explained variance {min(kept):.3f} to {max(kept):.3f}")
 
 
+def labelled_batches(count=4, size=32, tokens=64):
+    generator = torch.Generator().manual_seed(5)
+    return [{"input_ids": torch.randint(5, 30000, (size, tokens), generator=generator),
+             "labels": torch.randint(0, 8, (size,), generator=generator)} for _ in range(count)]
+
+
+def peft_lora_ga(model, settings, batches, wrap=True):
+    """peft's own API: its gradient estimator, then get_peft_model with init_lora_weights='lora_ga'."""
+    from peft import LoraGAConfig, get_peft_model
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    config = settings.lora_config("lora_ga", lora_ga_config=LoraGAConfig())
+
+    def train_step():
+        for batch in batches:
+            model(**batch).loss.backward()
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        preprocess_loraga(model, config, train_step)
+    return get_peft_model(model, config) if wrap else model
+
+
+def factor_residual(peft_model, gradients) -> float:
+    """Largest singular-vector residual of B's columns and A's rows against the gradients G."""
+    from adapters.methods.gradient import singular_vector_residual
+
+    worst = 0.0
+    for name, module in lora_layers(peft_model):
+        grad = gradients[name.removeprefix("base_model.model.")]
+        b, a, _ = delta_factors(module)
+        worst = max(worst, singular_vector_residual(grad.T, b.T), singular_vector_residual(grad, a))
+    return worst
+
+
+def bench_lora_ga(r):
+    base, targets, task_type = minilm()
+    base.eval()  # no dropout: both sides then see the same gradient
+    for module in base.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    settings = LoraSettings(r=r, alpha=2 * r, dropout=0.0, target_modules=targets, task_type=task_type, knobs={"batches": 4})
+    batches, probe = labelled_batches(), {"input_ids": torch.randint(5, 1000, (2, 16))}
+    print(f"\n== LoRA-GA on MiniLM, r={r}, targets {list(targets)}, {len(batches)} labelled batches {tuple(batches[0]['input_ids'].shape)}, {torch.get_num_threads()} threads ==")
+    print(f"{'method':<28}{'ours s':>10}{'peft s':>10}{'ratio':>8}   singular-vector residual ours vs peft (0 = exact)")
+    ours_runs, peft_runs = [], []
+    for _ in range(REPEATS):  # interleaved, so drift in machine load hits both sides alike
+        model = copy.deepcopy(base)
+        ours_runs.append(initialize(model, settings, "lora_ga", InitContext(probe=probe, calibration=batches)))
+        peft_runs.append(timed_on_copy(base, lambda m: peft_lora_ga(m, settings, batches)))
+    estimated = peft_lora_ga(copy.deepcopy(base), settings, batches, wrap=False)  # G once more, to score both sides
+    gradients = {name: module._peft_loraga_grad for name, module in estimated.named_modules() if hasattr(module, "_peft_loraga_grad")}
+    ours_s, peft_s = min(run[1].seconds for run in ours_runs), min(t for _, t in peft_runs)
+    print(f"{'lora_ga ArB2r stable':<28}{ours_s:>10.2f}{peft_s:>10.2f}{ours_s / peft_s:>8.2f}   "
+          f"{ours_runs[-1][1].checks['max_singular_vector_residual']:.1e} vs {factor_residual(peft_runs[-1][0], gradients):.1e}"
+          f"   (ours' checks {ours_runs[-1][1].check_seconds:.2f} s apart)")
+
+
 def bench_cache(r):
     import yaml
 
@@ -185,6 +244,7 @@ SECTIONS = {
     "minilm": lambda r: bench_model("MiniLM (bundled)", minilm, r),
     "llama": lambda r: bench_model("Llama from config, slow spectra", slow_spectrum_llama, r),
     "eva": bench_eva,
+    "lora_ga": bench_lora_ga,
     "cache": bench_cache,
 }
 
