@@ -19,6 +19,7 @@ from adapters.quantized import is_quantized, store_weight
 
 META_FILE = "adapterflow_init.json"
 WEIGHTS = "adapter_model.safetensors"
+METHOD_SUBCONFIGS = ("eva_config", "corda_config", "lora_ga_config", "loftq_config")
 
 
 def export_init(peft_model, folder: Path, method: str) -> Path:
@@ -26,13 +27,17 @@ def export_init(peft_model, folder: Path, method: str) -> Path:
 
     initializer = get_initializer(method)
     config = peft_model.peft_config["default"]
-    original = config.init_lora_weights
-    # Saved as a plain LoRA config: peft would otherwise re-run the method when loading it.
-    config.init_lora_weights = True
+    # Saved as a plain LoRA config: peft would otherwise re-run the method when loading it (and warn
+    # about the method's sub-config).
+    plain = {"init_lora_weights": True, **{field: None for field in METHOD_SUBCONFIGS if hasattr(config, field)}}
+    original = {field: getattr(config, field) for field in plain}
+    for field, value in plain.items():
+        setattr(config, field, value)
     try:
         peft_model.save_pretrained(folder)
     finally:
-        config.init_lora_weights = original
+        for field, value in original.items():
+            setattr(config, field, value)
     (Path(folder) / META_FILE).write_text(json.dumps({"method": method, "mutates_base": initializer.mutates_base, "trains_middle_only": initializer.trains_middle_only}))
     return Path(folder)
 
