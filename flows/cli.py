@@ -172,6 +172,7 @@ def render_summary(summary: dict, dirs, seconds: float) -> str:
         f"data validation  passed ({validation['checks']} checks; rows: {rows})",
         f"data md5 (DVC)   {summary['data_md5']}",
         f"init             {init['method']} in {init['seconds']:.2f} s (cache {init['cache']})" + _race_line(init),
+        *_init_report_lines(init),
         f"training         {summary['train']['steps']} steps in {summary['train']['seconds']:.0f} s on {summary['train']['device']}",
         f"metrics ({summary['eval_split']})  {metrics}",
         f"registered       {summary['model_name']} version {summary['version']}  alias @{summary['alias']}",
@@ -182,6 +183,22 @@ def render_summary(summary: dict, dirs, seconds: float) -> str:
         f"  {_script('mlflow')} ui --backend-store-uri {summary['tracking_uri']} --port 5000",
         f"  PREFECT_HOME={dirs.prefect_home} {_script('prefect')} server start",
     ])
+
+
+def _init_report_lines(init: dict) -> list[str]:
+    """Per-layer ranks, the spectrum plot and, for auto, the race table, from the init report."""
+    import json
+
+    report = json.loads(Path(init["report_path"]).read_text())
+    ranks = list(report.get("ranks", {}).values())
+    lines = [f"init ranks       {min(ranks)}–{max(ranks)} per layer over {len(ranks)} layers (sum {sum(ranks)})"] if ranks else []
+    if "min_explained_variance" in report.get("checks", {}):
+        lines.append(f"init variance    kept components explain ≥ {report['checks']['min_explained_variance']:.3f} of each layer's input variance")
+    if init.get("plot_path"):
+        lines.append(f"init spectrum    {init['plot_path']}")
+    if init.get("race_path"):
+        lines += ["", "auto race (successive halving on validation loss):", Path(init["race_path"]).read_text().rstrip(), ""]
+    return lines
 
 
 def _race_line(init: dict) -> str:

@@ -133,3 +133,19 @@ def test_causal_lm_smoke_run_with_response_only_loss(prefect_server, state, tmp_
     version = client.get_model_version_by_alias("tiny-sft-adapter", "staging")
     metrics = client.get_run(version.run_id).data.metrics
     assert metrics["validation/perplexity"] > 1 and 0 <= metrics["validation/exact_match"] <= 1
+
+
+def test_auto_race_trains_its_winner_at_the_winning_learning_rate(prefect_server, state, tmp_path, tiny_bert, cls_data, capsys):
+    init = {"method": "auto", "candidates": ["lora", "pissa"], "lr_multipliers": [0.1, 1.0], "budget": 0.5}
+    config = write_config(tmp_path / "auto.yaml", cls_config(tiny_bert, cls_data, **{"adapter.init": init, "train.max_steps": 40, "train.log_every": 5}))
+    assert main(["run", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "auto race (successive halving on validation loss):" in out and "| winner |" in out
+    client, _ = _client(state)
+    version = client.get_model_version_by_alias(MODEL_NAME, "staging")
+    run = client.get_run(version.run_id)
+    chosen = run.data.metrics["init/chosen_learning_rate"]
+    assert chosen in (0.001, 0.01) and version.tags["init_method"] in ("lora", "pissa")
+    rates = [m.value for m in client.get_metric_history(run.info.run_id, "train/learning_rate")]
+    assert rates and max(rates) <= chosen and max(rates) > 0.5 * chosen  # linear decay from the winner's LR
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "init")} >= {"init/init_race.md", "init/init_report.json"}
