@@ -204,3 +204,13 @@ def test_gradient_inits_train_with_the_trainer_and_save_a_plain_adapter(tiny_ber
     labels = config.data.labels
     reloaded = PeftModel.from_pretrained(load_model(base_ref, config.task, labels), result.adapter_dir)
     assert all("parametrizations" not in name for name, _ in reloaded.named_parameters())
+
+
+def test_lora_sb_check_catches_a_plain_lora_fallback(folders):
+    from peft import get_peft_model
+
+    from adapters.methods.lora_sb import verify_lora_sb
+
+    plain = get_peft_model(_model(folders["bert"], "bert"), _settings("bert", update_lr=1e-3).lora_config(True))
+    with pytest.raises(InitError, match="no gradient was estimated"):
+        verify_lora_sb(plain, _settings("bert", update_lr=1e-3))
