@@ -43,6 +43,17 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config (keys, values, files, model path) without running")
     check.add_argument("config")
     check.set_defaults(handler=cmd_check)
+    for command, handler, text in (
+        ("promote", cmd_promote, "re-evaluate @staging vs @production on the frozen split; move production if the gate passes"),
+        ("rollback", cmd_rollback, "point @production back at the previous production version"),
+        ("status", cmd_status, "aliases, versions, metrics and promotion history of a registered model"),
+    ):
+        registry = sub.add_parser(command, help=text)
+        registry.add_argument("model_name")
+        registry.add_argument("--tracking-uri", help="MLflow URI (default: the local state folder's SQLite store)")
+        registry.add_argument("--staging-alias", default="staging")
+        registry.add_argument("--production-alias", default="production")
+        registry.set_defaults(handler=handler)
     tiny = sub.add_parser("make-tiny-model", help="build a tiny model from config (no hub) for smoke runs")
     tiny.add_argument("arch", choices=["bert", "llama"])
     tiny.add_argument("out", help="folder to write the model and tokenizer to")
@@ -211,6 +222,56 @@ def _script(name: str) -> str:
     """The console script installed beside this interpreter, so the command works without activating the venv."""
     path = Path(sys.executable).parent / name
     return str(path) if path.exists() else name
+
+
+def _registry_target(args) -> tuple[str, Path]:
+    dirs = prepare_environment(offline=True)
+    _quiet_library_noise()
+    return args.tracking_uri or dirs.default_mlflow_uri(), dirs.root / "locks"
+
+
+def cmd_promote(args) -> int:
+    from tasks.promote import promote
+
+    uri, locks = _registry_target(args)
+    decision = promote(args.model_name, uri, locks, args.staging_alias, args.production_alias)
+    verdict = f"promoted version {decision.candidate} to @{args.production_alias}" if decision.promoted else f"kept @{args.production_alias}: version {decision.candidate} refused"
+    print(f"{args.model_name}: {verdict}\n  {decision.reason}")
+    if decision.forgetting:
+        print(f"  forgetting set {decision.forgetting['file']}: candidate {decision.forgetting['candidate']:.4f}, production {decision.forgetting['incumbent']:.4f}")
+    return 0 if decision.promoted else 1
+
+
+def cmd_rollback(args) -> int:
+    from tasks.promote import rollback
+
+    uri, locks = _registry_target(args)
+    current, previous = rollback(args.model_name, uri, locks, args.production_alias)
+    print(f"{args.model_name}: @{args.production_alias} rolled back from version {current} to version {previous}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from tasks.promote import status
+
+    uri, _ = _registry_target(args)
+    print(render_status(args.model_name, status(args.model_name, uri)))
+    return 0
+
+
+def render_status(name: str, state: dict) -> str:
+    aliases = ", ".join(f"@{alias} → v{version}" for alias, version in sorted(state["aliases"].items())) or "none"
+    lines = [f"{name}", f"aliases   {aliases}", "versions"]
+    for version in state["versions"]:
+        tags = version["tags"]
+        metrics = "  ".join(f"{k.removeprefix('metric.')}={v}" for k, v in sorted(tags.items()) if k.startswith("metric."))
+        lines.append(f"  v{version['version']:<4} init {tags.get('init_method', '?'):<8} data {tags.get('data_md5', '?')[:8]}  {metrics}")
+    lines.append("history")
+    for event in state["history"]:
+        lines.append(f"  {event['when']:<26} {event['action']:<9} v{event.get('from')} → v{event['to']}  {event.get('reason', '')}")
+    if not state["history"]:
+        lines.append("  no promotion yet")
+    return "\n".join(lines)
 
 
 def cmd_make_tiny_model(args) -> int:

@@ -13,6 +13,8 @@ from flows.stages import (
     evaluate_stage, init_stage, open_run_stage, register_stage, train_stage, validate_stage, version_stage,
 )
 from tasks.config import load_config
+from tasks.data_io import split_files
+from tasks.init_adapter import file_md5
 from tasks.model_io import resolve_base
 from tasks.state import state_dirs
 from flows import warm
@@ -89,6 +91,8 @@ def _version_tags(config, base_ref, data_version, method: str, metrics: dict) ->
         "eval_split": config.evaluate.split,
     }
     tags.update({f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()})
+    # Per-split digests let `adapterflow promote` prove it compares on the same frozen split.
+    tags.update({f"data.{split}_md5": file_md5(Path(path)) for split, path in split_files(config.data).items()})
     return tags
 
 

@@ -263,6 +263,26 @@ class RegistrySpec(Strict):
     production_alias: str = "production"
 
 
+LOWER_IS_BETTER = ("eval_loss", "perplexity")
+TASK_METRICS = {"sequence_classification": ("accuracy", "macro_f1", "eval_loss"), "causal_lm": ("eval_loss", "perplexity", "exact_match")}
+
+
+class ForgettingCheck(Strict):
+    """A second evaluation set: the candidate may not fall behind production on it by more than `tolerance`."""
+
+    file: str
+    tolerance: float = Field(0.01, ge=0.0)
+
+
+class PromotionSpec(Strict):
+    """The gate from staging to production (champion/challenger), run by `adapterflow promote` or, with auto, by the flow."""
+
+    promote: Literal["manual", "auto"] = "manual"
+    metric: str = "accuracy"
+    min_improvement: float = Field(0.0, ge=0.0)  # over production; a first version must beat the bare base
+    forgetting: ForgettingCheck | None = None
+
+
 class TrackingSpec(Strict):
     """Empty means embedded defaults: SQLite MLflow, ephemeral Prefect, local DVC remote."""
 
@@ -280,6 +300,7 @@ class RunConfig(Strict):
     train: TrainSpec
     evaluate: EvaluateSpec = EvaluateSpec()
     registry: RegistrySpec
+    promotion: PromotionSpec = PromotionSpec()
     tracking: TrackingSpec = TrackingSpec()
 
     @model_validator(mode="after")
@@ -290,6 +311,15 @@ class RunConfig(Strict):
             raise ValueError("evaluate.generation (exact match) applies only to task causal_lm")
         if self.evaluate.split == "test" and self.data.test is None:
             raise ValueError("evaluate.split is 'test' but data.test is not set; set data.test or evaluate.split: validation")
+        return self
+
+    @model_validator(mode="after")
+    def _gate_metric_exists(self) -> "RunConfig":
+        known = TASK_METRICS[self.task]
+        if self.promotion.metric not in known:
+            raise ValueError(f"promotion.metric {self.promotion.metric!r} is not measured for task {self.task}; use one of: {', '.join(known)}")
+        if self.promotion.metric == "exact_match" and self.evaluate.generation is None:
+            raise ValueError("promotion.metric exact_match needs evaluate.generation (the prompt/response file to generate on)")
         return self
 
     @model_validator(mode="after")
@@ -378,7 +408,10 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     evaluate = config.evaluate
     if evaluate.generation is not None:
         evaluate = evaluate.model_copy(update={"generation": evaluate.generation.model_copy(update={"file": resolve(evaluate.generation.file)})})
-    return config.model_copy(update={"data": data, "model": model, "evaluate": evaluate, "adapter": adapter})
+    promotion = config.promotion
+    if promotion.forgetting is not None:
+        promotion = promotion.model_copy(update={"forgetting": promotion.forgetting.model_copy(update={"file": resolve(promotion.forgetting.file)})})
+    return config.model_copy(update={"data": data, "model": model, "evaluate": evaluate, "adapter": adapter, "promotion": promotion})
 
 
 def flatten(config: RunConfig) -> dict[str, str]:

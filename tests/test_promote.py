@@ -1,0 +1,96 @@
+"""Promotion staging → production: re-evaluated gate, refusals, rollback, history, one winner under concurrency."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, cls_config, run_cli, write_config
+from flows.cli import main
+
+pytestmark = pytest.mark.e2e
+NAME = "tiny-cls-adapter"
+GOOD = {"train.max_steps": 20, "train.learning_rate": 0.05, "adapter.target_modules": ["query", "value", "dense"],
+        "train.checkpoint_every": 100, "promotion": {"metric": "accuracy"}}
+BAD = {**GOOD, "train.max_steps": 1, "train.learning_rate": 1e-6}
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTERFLOW_HOME", str(tmp_path / "state"))
+    return tmp_path / "state"
+
+
+def _client(home):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _retrain(tmp_path, tiny_bert, cls_data, overrides) -> None:
+    assert main(["run", str(write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **overrides)))]) == 0
+
+
+def _aliases(home) -> dict:
+    return {alias: str(v) for alias, v in _client(home).get_registered_model(NAME).aliases.items()}
+
+
+def test_promotion_lifecycle(prefect_server, home, tmp_path, tiny_bert, cls_data, capsys):
+    _retrain(tmp_path, tiny_bert, cls_data, GOOD)
+    assert main(["promote", NAME]) == 0  # a first version must beat the bare base model
+    assert "promoted version 1 to @production" in capsys.readouterr().out
+    assert _aliases(home) == {"staging": "1", "production": "1"}
+    assert main(["rollback", NAME]) == 5
+    assert "no previous production version" in capsys.readouterr().err
+
+    _retrain(tmp_path, tiny_bert, cls_data, BAD)
+    assert main(["promote", NAME]) == 1
+    assert "version 2 refused" in capsys.readouterr().out
+    assert _aliases(home) == {"staging": "2", "production": "1"}
+
+    _retrain(tmp_path, tiny_bert, cls_data, GOOD)  # the same run again: ties production, min_improvement 0 passes
+    codes = _concurrent_promotions(home, 2)
+    assert sorted(codes) == [0, 5]  # one wins; the other is refused with a clear message
+    assert _aliases(home) == {"staging": "3", "production": "3"}
+
+    assert main(["rollback", NAME]) == 0
+    assert "rolled back from version 3 to version 1" in capsys.readouterr().out
+    assert _aliases(home)["production"] == "1"
+
+    assert main(["status", NAME]) == 0
+    out = capsys.readouterr().out
+    assert "@production → v1" in out and "@staging → v3" in out
+    actions = [line.split()[1] for line in out.split("history\n")[1].splitlines()]
+    assert actions == ["promoted", "refused", "promoted", "rollback"]
+    refusal = {k: v for k, v in _client(home).get_model_version(NAME, "2").tags.items() if k.startswith("adapterflow.event.")}
+    assert len(refusal) == 1 and '"action": "refused"' in next(iter(refusal.values()))
+
+
+def _concurrent_promotions(home, count: int) -> list[int]:
+    env = dict(os.environ, ADAPTERFLOW_HOME=str(home))
+    processes = [subprocess.Popen([sys.executable, "-m", "flows.cli", "promote", NAME], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(count)]
+    results = [p.communicate(timeout=300) for p in processes]
+    losers = [err for p, (_, err) in zip(processes, results) if p.returncode == 5]
+    assert all("in progress" in err or "already @production" in err for err in losers), losers
+    return [p.returncode for p in processes]
+
+
+def test_changed_evaluation_split_is_refused(prefect_server, home, tmp_path, tiny_bert, cls_data, capsys):
+    _retrain(tmp_path, tiny_bert, cls_data, GOOD)
+    cls_data["test"].write_text(cls_data["test"].read_text() + "extra row about games,games\n")
+    assert main(["promote", NAME]) == 5
+    assert "changed since version 1 was registered" in capsys.readouterr().err
+    assert "production" not in _aliases(home)
+
+
+def test_registry_commands_name_the_problem(tmp_path):
+    home = tmp_path / "state"
+    result = run_cli("promote", "no-such-model", home=home)
+    assert result.returncode == 5 and "no registered model named 'no-such-model'" in result.stderr
+    result = run_cli("status", "x", "--tracking-uri", "http://127.0.0.1:9", home=home)
+    assert result.returncode == 5 and "cannot be reached" in result.stderr
