@@ -137,6 +137,18 @@ def _requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("torch", "transformers", "peft", "mlflow")]
 
 
+def _check_server_answers(uri: str) -> None:
+    """One quick request to the server's /health: MLflow's client would retry a dead server for minutes."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise RegistryError(f"MLflow at {uri} cannot be reached ({reason}). Start it (mlflow server) or fix tracking.mlflow_uri.") from None
+
+
 def git_commit() -> str:
     """The commit of the project the run was started from, '+dirty' when it has local changes."""
     try:
@@ -148,6 +160,8 @@ def git_commit() -> str:
 
 
 def check_reachable(uri: str) -> None:
+    if uri.startswith(("http://", "https://")):
+        _check_server_answers(uri)
     try:
         client(uri).search_experiments(max_results=1)
     except Exception as err:  # any transport or database error means: cannot track

@@ -81,7 +81,7 @@ def _concurrent_promotions(home, count: int) -> list[int]:
 
 
 def test_changed_evaluation_split_is_refused(prefect_server, home, tmp_path, tiny_bert, cls_data, capsys):
-    _retrain(tmp_path, tiny_bert, cls_data, GOOD)
+    _retrain(tmp_path, tiny_bert, cls_data, BAD)
     cls_data["test"].write_text(cls_data["test"].read_text() + "extra row about games,games\n")
     assert main(["promote", NAME]) == 5
     assert "changed since version 1 was registered" in capsys.readouterr().err
