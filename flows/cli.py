@@ -187,6 +187,7 @@ def render_summary(summary: dict, dirs, seconds: float) -> str:
         f"training         {summary['train']['steps']} steps in {summary['train']['seconds']:.0f} s on {summary['train']['device']}",
         f"metrics ({summary['eval_split']})  {metrics}",
         f"registered       {summary['model_name']} version {summary['version']}  alias @{summary['alias']}",
+        *_promotion_lines(summary.get("promotion")),
         f"mlflow run       {summary['run_id']}",
         "stage seconds    " + "  ".join(f"{k} {v:.1f}" for k, v in summary["timings"].items()),
         "",
@@ -194,6 +195,13 @@ def render_summary(summary: dict, dirs, seconds: float) -> str:
         f"  {_script('mlflow')} ui --backend-store-uri {summary['tracking_uri']} --port 5000",
         f"  PREFECT_HOME={dirs.prefect_home} {_script('prefect')} server start",
     ])
+
+
+def _promotion_lines(promotion: dict | None) -> list[str]:
+    if promotion is None:
+        return []
+    verdict = "promoted to @production" if promotion["promoted"] else "not promoted"
+    return [f"promotion gate   {verdict}: {promotion['reason']}"]
 
 
 def _init_report_lines(init: dict) -> list[str]:

@@ -10,7 +10,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.stages import (
-    evaluate_stage, init_stage, open_run_stage, register_stage, train_stage, validate_stage, version_stage,
+    evaluate_stage, init_stage, open_run_stage, promote_stage, register_stage, train_stage, validate_stage, version_stage,
 )
 from tasks.config import load_config
 from tasks.data_io import split_files
@@ -73,11 +73,24 @@ def _train_and_register(config, base_ref, run_dir: Path, cache_root: Path, uri: 
     track.log_metrics(uri, run_id, metrics, prefix=f"{config.evaluate.split}/")
     tags = _version_tags(config, base_ref, data_version, init.method, metrics)
     version = _timed(timings, "register", register_stage, config, uri, run_id, trained.adapter_dir, base_ref, tags)
+    promotion = _auto_promotion(config, uri, timings) if config.promotion.promote == "auto" else None
     return {
+        "promotion": promotion,
         "name": config.name, "run_id": run_id, "init": init.to_dict(), "train": trained.to_dict(), "metrics": metrics,
         "model_name": config.registry.model_name, "version": version, "alias": config.registry.staging_alias,
         "eval_split": config.evaluate.split, "data_md5": data_version.digest,
     }
+
+
+def _auto_promotion(config, uri: str, timings: dict) -> dict:
+    """The gate after registration; a refusal or a registry conflict leaves the new version at staging."""
+    from tasks.errors import RegistryError
+
+    try:
+        decision = _timed(timings, "promote", promote_stage, config, uri, state_dirs().root / "locks")
+    except RegistryError as err:
+        return {"promoted": False, "reason": str(err)}
+    return {"promoted": decision.promoted, "reason": decision.reason}
 
 
 def _version_tags(config, base_ref, data_version, method: str, metrics: dict) -> dict[str, str]:

@@ -65,3 +65,11 @@ def register_stage(config, uri: str, run_id: str, adapter_dir: str, base_ref, ta
     from tasks.track import register_adapter
 
     return register_adapter(config, uri, run_id, Path(adapter_dir), base_ref, tags)
+
+
+@task(name="promote", retries=0, **STAGE)
+def promote_stage(config, uri: str, lock_dir: Path):
+    from tasks.promote import promote
+
+    registry = config.registry
+    return promote(registry.model_name, uri, lock_dir, registry.staging_alias, registry.production_alias)

@@ -94,3 +94,9 @@ def test_registry_commands_name_the_problem(tmp_path):
     assert result.returncode == 5 and "no registered model named 'no-such-model'" in result.stderr
     result = run_cli("status", "x", "--tracking-uri", "http://127.0.0.1:9", home=home)
     assert result.returncode == 5 and "cannot be reached" in result.stderr
+
+
+def test_promote_auto_runs_the_gate_at_the_end_of_the_flow(prefect_server, home, tmp_path, tiny_bert, cls_data, capsys):
+    _retrain(tmp_path, tiny_bert, cls_data, {**BAD, "promotion": {"promote": "auto", "metric": "accuracy"}})
+    assert "promotion gate   not promoted: accuracy" in capsys.readouterr().out
+    assert "production" not in _aliases(home)
