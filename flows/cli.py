@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
         registry.add_argument("--staging-alias", default="staging")
         registry.add_argument("--production-alias", default="production")
         registry.set_defaults(handler=handler)
+    trace = sub.add_parser("lineage", help="data, code, config, init, metrics and comparisons behind one registered version")
+    trace.add_argument("model_name")
+    trace.add_argument("version")
+    trace.add_argument("--tracking-uri", help="MLflow URI (default: the local state folder's SQLite store)")
+    trace.set_defaults(handler=cmd_lineage)
     tiny = sub.add_parser("make-tiny-model", help="build a tiny model from config (no hub) for smoke runs")
     tiny.add_argument("arch", choices=["bert", "llama"])
     tiny.add_argument("out", help="folder to write the model and tokenizer to")
@@ -265,6 +270,36 @@ def cmd_status(args) -> int:
     uri, _ = _registry_target(args)
     print(render_status(args.model_name, status(args.model_name, uri)))
     return 0
+
+
+def cmd_lineage(args) -> int:
+    import yaml
+
+    from tasks.promote import lineage
+
+    uri, _ = _registry_target(args)
+    info = lineage(args.model_name, args.version, uri)
+    lines = [
+        f"{args.model_name} version {info['version']}  (MLflow run {info['run_id']}, experiment {info['experiment_id']})",
+        f"data md5 (DVC)  {info['data_md5']}",
+        *[f"  {split:<10} {info['data_paths'].get(split, '?')}  md5 {md5}" for split, md5 in sorted(info["data_files"].items())],
+        f"git commit      {info['git_commit']}",
+        f"base model      {info['base_model']}",
+        f"init method     {info['init_method']}",
+        f"config hash     {info['config_hash']}",
+        "metrics         " + "  ".join(f"{k}={v}" for k, v in sorted(info["metrics"].items())),
+        "compared        " + ("; ".join(_comparison(e) for e in info["comparisons"]) or "never (not promoted or refused yet)"),
+        "config:",
+        yaml.safe_dump(info["config"], sort_keys=False).rstrip(),
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _comparison(event: dict) -> str:
+    against = f"production v{event['from']}" if event.get("from") else "the base model"
+    scores = f" ({event['metric']} {event['candidate']:.4f} vs {event['incumbent']:.4f})" if "metric" in event else ""
+    return f"{event['when']} {event['action']} against {against}{scores}"
 
 
 def render_status(name: str, state: dict) -> str:

@@ -98,6 +98,31 @@ def status(name: str, uri: str) -> dict:
     }
 
 
+def lineage(name: str, version: str, uri: str) -> dict:
+    """Where a version came from: data, code, config, init, metrics, and the comparisons it went through."""
+    from tasks.track import check_reachable, client
+
+    check_reachable(uri)
+    mlflow_client = client(uri)
+    _registered_model(mlflow_client, name)
+    try:
+        record = mlflow_client.get_model_version(name, version)
+    except Exception:
+        raise RegistryError(f"{name} has no version {version}; see adapterflow status {name}.") from None
+    config = version_config(mlflow_client, record)
+    tags = record.tags
+    run = mlflow_client.get_run(record.run_id)
+    return {
+        "version": record.version, "run_id": record.run_id, "experiment_id": run.info.experiment_id,
+        "data_md5": tags.get("data_md5"), "data_files": {k.removeprefix("data.").removesuffix("_md5"): v for k, v in tags.items() if k.startswith("data.")},
+        "data_paths": {split: getattr(config.data, split) for split in ("train", "validation", "test") if getattr(config.data, split)},
+        "git_commit": tags.get("git_commit"), "config_hash": tags.get("config_hash"), "base_model": tags.get("base_model"),
+        "init_method": tags.get("init_method"), "config": config.model_dump(mode="json"),
+        "metrics": {k.removeprefix("metric."): v for k, v in tags.items() if k.startswith("metric.")},
+        "comparisons": sorted((json.loads(v) for k, v in tags.items() if k.startswith(EVENT_PREFIX)), key=lambda e: e["when"]),
+    }
+
+
 @contextmanager
 def promotion_lock(lock_dir: Path, uri: str, name: str):
     """One promotion per model at a time: a second one fails at once with a clear message."""

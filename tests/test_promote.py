@@ -69,6 +69,13 @@ def test_promotion_lifecycle(prefect_server, home, tmp_path, tiny_bert, cls_data
     refusal = {k: v for k, v in _client(home).get_model_version(NAME, "2").tags.items() if k.startswith("adapterflow.event.")}
     assert len(refusal) == 1 and '"action": "refused"' in next(iter(refusal.values()))
 
+    assert main(["lineage", NAME, "3"]) == 0
+    out = capsys.readouterr().out
+    import hashlib
+
+    assert f"md5 {hashlib.md5(cls_data['test'].read_bytes()).hexdigest()}" in out and str(cls_data["test"]) in out
+    assert "promoted against production v1 (accuracy" in out and "init method     lora" in out and "git commit" in out
+
 
 def _concurrent_promotions(home, count: int) -> list[int]:
     env = dict(os.environ, ADAPTERFLOW_HOME=str(home))
