@@ -67,7 +67,8 @@ def _train_and_register(config, base_ref, run_dir: Path, cache_root: Path, uri: 
         track.log_metrics(uri, run_id, {"chosen_learning_rate": init.learning_rate}, prefix="init/")
         train_config = config.model_copy(update={"train": config.train.model_copy(update={"learning_rate": init.learning_rate})})
     trained = _timed(timings, "train", train_stage, train_config, base_ref, init.init_dir, run_dir, {"uri": uri, "run_id": run_id})
-    metrics = _timed(timings, "evaluate", evaluate_stage, config, base_ref, trained.adapter_dir)
+    metrics = _timed(timings, "evaluate", evaluate_stage, config, base_ref, trained.adapter_dir, run_dir / "plots")
+    _log_plots(uri, run_id, run_dir)
     data_version = versioning.result()
     track.log_data_version(config, uri, run_id, data_version)
     track.log_metrics(uri, run_id, metrics, prefix=f"{config.evaluate.split}/")
@@ -80,6 +81,14 @@ def _train_and_register(config, base_ref, run_dir: Path, cache_root: Path, uri: 
         "model_name": config.registry.model_name, "version": version, "alias": config.registry.staging_alias,
         "eval_split": config.evaluate.split, "data_md5": data_version.digest,
     }
+
+
+def _log_plots(uri: str, run_id: str, run_dir: Path) -> None:
+    from tasks.run_plots import plot_loss_curves
+
+    plot_loss_curves(run_dir / "train_log.json", run_dir / "plots" / "loss_curves.png")
+    for path in sorted((run_dir / "plots").glob("*.png")):
+        track.log_file(uri, run_id, path, "plots")
 
 
 def _auto_promotion(config, uri: str, timings: dict) -> dict:

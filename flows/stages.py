@@ -54,10 +54,11 @@ def train_stage(config, base_ref, init_dir: str, run_dir: Path, tracking: dict):
 
 
 @task(name="evaluate", retries=0, **STAGE)
-def evaluate_stage(config, base_ref, adapter_dir: str) -> dict:
+def evaluate_stage(config, base_ref, adapter_dir: str, plots_dir: Path) -> dict:
     from tasks.evaluate import evaluate_adapter
 
-    return evaluate_adapter(config, base_ref, Path(adapter_dir), config.evaluate.split)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    return evaluate_adapter(config, base_ref, Path(adapter_dir), config.evaluate.split, plots_dir)
 
 
 @task(name="register", retries=0, **STAGE)

@@ -9,8 +9,11 @@ from tasks.data_io import read_split
 from tasks.errors import DataError
 
 
-def evaluate_adapter(config, base_ref, adapter_dir: Path | None, split: str) -> dict[str, float]:
-    """Metrics of base+adapter on one split; adapter_dir None evaluates the bare base model."""
+def evaluate_adapter(config, base_ref, adapter_dir: Path | None, split: str, plots_dir: Path | None = None) -> dict[str, float]:
+    """Metrics of base+adapter on one split; adapter_dir None evaluates the bare base model.
+
+    With `plots_dir`, a classification run also draws its confusion matrix there.
+    """
     import torch
     from transformers import set_seed
 
@@ -28,7 +31,7 @@ def evaluate_adapter(config, base_ref, adapter_dir: Path | None, split: str) -> 
     dataset = encode_split(config, tokenizer, split)
     with torch.no_grad():
         if config.task == "sequence_classification":
-            metrics = _classification_metrics(model, dataset, config, tokenizer)
+            metrics = _classification_metrics(model, dataset, config, tokenizer, plots_dir)
         else:
             metrics = _causal_metrics(model, dataset, config, tokenizer)
             if config.evaluate.generation:
@@ -44,7 +47,7 @@ def _batches(dataset, config, tokenizer):
     return DataLoader(dataset, batch_size=config.evaluate.batch_size, collate_fn=collator(config, tokenizer))
 
 
-def _classification_metrics(model, dataset, config, tokenizer) -> dict[str, float]:
+def _classification_metrics(model, dataset, config, tokenizer, plots_dir: Path | None) -> dict[str, float]:
     import torch
     from sklearn.metrics import accuracy_score, f1_score
 
@@ -55,6 +58,10 @@ def _classification_metrics(model, dataset, config, tokenizer) -> dict[str, floa
         predictions += out.logits.argmax(-1).tolist()
         labels += batch["labels"].tolist()
     classes = list(range(len(config.data.labels)))
+    if plots_dir is not None:
+        from tasks.run_plots import plot_confusion_matrix
+
+        plot_confusion_matrix(labels, predictions, config.data.labels, plots_dir / "confusion_matrix.png")
     return {
         "eval_loss": sum(losses) / len(labels),
         "accuracy": accuracy_score(labels, predictions),

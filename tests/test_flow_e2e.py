@@ -60,6 +60,7 @@ def test_flow_registers_an_adapter_that_reproduces_the_trained_model(prefect_ser
     assert {"test/accuracy", "test/macro_f1", "test/eval_loss", "init/seconds", "init/cache_hit"} <= set(run.data.metrics)
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "init")}
     assert {"init/init_report.json", "init/init_spectrum.png"} <= logged
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/confusion_matrix.png", "plots/loss_curves.png"}
     train_md5 = hashlib.md5(cls_data["train"].read_bytes()).hexdigest()
     assert run.inputs.dataset_inputs[0].dataset.digest == train_md5
 
