@@ -38,10 +38,11 @@ def plot_confusion_matrix(labels: list[int], predictions: list[int], names: list
     from sklearn.metrics import ConfusionMatrixDisplay
 
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(1.2 + 0.6 * len(names), 1.0 + 0.6 * len(names)))
+    side = max(4.5, 1.5 + 0.6 * len(names))
+    figure, axis = plt.subplots(figsize=(side, side))
     ConfusionMatrixDisplay.from_predictions(labels, predictions, labels=list(range(len(names))), display_labels=names,
                                             ax=axis, colorbar=False, xticks_rotation=45)
-    axis.set_title("confusion matrix (evaluation split)")
+    axis.set_title("confusion matrix")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
