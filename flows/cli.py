@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="validate a config and run the retraining flow")
     run.add_argument("config", help="path of the run's YAML config, e.g. configs/demo.yaml")
+    run.add_argument("--force", action="store_true", help="retrain even if staging/production holds this exact config and data")
     run.set_defaults(handler=cmd_run)
     check = sub.add_parser("check", help="validate a config (keys, values, files, model path) without running")
     check.add_argument("config")
@@ -107,9 +108,13 @@ def cmd_run(args) -> int:
     _quiet_user_errors_in_prefect_logs()
     _quiet_library_noise()
     try:
-        summary = retrain(str(Path(args.config).resolve()))
+        summary = retrain(str(Path(args.config).resolve()), force=args.force)
     finally:
         _stop_ephemeral_prefect_server()
+    if summary.get("skipped"):
+        print(f"skipped: {summary['model_name']} version {summary['version']} (@{summary['alias']}) was trained on this exact "
+              "config and data; nothing to retrain. New data (a new DVC version) or a changed config trains; --force retrains anyway.")
+        return 0
     print(render_summary(summary, dirs, time.perf_counter() - start))
     # The interpreter's final garbage collection walked the whole heap (prefect, mlflow, GE,
     # torch) for ~5 s after every run; frozen objects are skipped and the OS reclaims them.

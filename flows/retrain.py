@@ -15,6 +15,7 @@ from flows.stages import (
 from tasks.config import load_config
 from tasks.data_io import split_files
 from tasks.init_adapter import file_md5
+from tasks.promote import unchanged_version
 from tasks.model_io import resolve_base
 from tasks.state import state_dirs
 from flows import warm
@@ -22,16 +23,20 @@ from tasks import track
 
 
 @flow(name="adapterflow-retrain", log_prints=False, validate_parameters=False)
-def retrain(config_path: str) -> dict:
+def retrain(config_path: str, force: bool = False) -> dict:
+    """`force` retrains even when staging or production already holds this exact config and data."""
     warm.wait()
     config = load_config(config_path)
     dirs = state_dirs()
+    uri = config.tracking.mlflow_uri or dirs.default_mlflow_uri()
+    track.check_reachable(uri)
+    unchanged = None if force else unchanged_version(config, uri)
+    if unchanged:
+        return {"skipped": True, "name": config.name, "model_name": config.registry.model_name, "alias": unchanged[0], "version": unchanged[1], "tracking_uri": uri}
     run_dir = _new_run_dir(dirs.runs, config.name)
     base_ref = resolve_base(config.model)
     timings: dict[str, float] = {}
     validation = _timed(timings, "validate", validate_stage, config, run_dir)
-    uri = config.tracking.mlflow_uri or dirs.default_mlflow_uri()
-    track.check_reachable(uri)
     # Versioning (DVC add + push) runs beside initialization and training; registration waits for it.
     versioning = version_stage.submit(config, dirs.dvc_repo, dirs.dvc_remote)
     run_id = _timed(timings, "track", open_run_stage, config, uri, dirs.mlflow_artifacts, validation["files"], base_ref)

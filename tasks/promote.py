@@ -123,6 +123,27 @@ def lineage(name: str, version: str, uri: str) -> dict:
     }
 
 
+def unchanged_version(config, uri: str) -> tuple[str, str] | None:
+    """(alias, version) of a staging/production version trained on this exact config and data, if any."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.data_io import split_files
+    from tasks.init_adapter import file_md5
+    from tasks.track import client
+
+    mlflow_client, registry = client(uri), config.registry
+    try:
+        model = mlflow_client.get_registered_model(registry.model_name)
+    except MlflowException:
+        return None
+    wanted = {"config_hash": config.digest(), **{f"data.{s}_md5": file_md5(Path(p)) for s, p in split_files(config.data).items()}}
+    for alias in (registry.production_alias, registry.staging_alias):
+        version = aliases_of(model).get(alias)
+        if version and all(mlflow_client.get_model_version(registry.model_name, version).tags.get(k) == v for k, v in wanted.items()):
+            return alias, version
+    return None
+
+
 @contextmanager
 def promotion_lock(lock_dir: Path, uri: str, name: str):
     """One promotion per model at a time: a second one fails at once with a clear message."""

@@ -31,8 +31,8 @@ def _client(home):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _retrain(tmp_path, tiny_bert, cls_data, overrides) -> None:
-    assert main(["run", str(write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **overrides)))]) == 0
+def _retrain(tmp_path, tiny_bert, cls_data, overrides, *flags) -> None:
+    assert main(["run", str(write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **overrides))), *flags]) == 0
 
 
 def _aliases(home) -> dict:
@@ -52,7 +52,7 @@ def test_promotion_lifecycle(prefect_server, home, tmp_path, tiny_bert, cls_data
     assert "version 2 refused" in capsys.readouterr().out
     assert _aliases(home) == {"staging": "2", "production": "1"}
 
-    _retrain(tmp_path, tiny_bert, cls_data, GOOD)  # the same run again: ties production, min_improvement 0 passes
+    _retrain(tmp_path, tiny_bert, cls_data, GOOD, "--force")  # production's own run again: ties it, min_improvement 0 passes
     codes = _concurrent_promotions(home, 2)
     assert sorted(codes) == [0, 5]  # one wins; the other is refused with a clear message
     assert _aliases(home) == {"staging": "3", "production": "3"}
@@ -107,3 +107,16 @@ def test_promote_auto_runs_the_gate_at_the_end_of_the_flow(prefect_server, home,
     _retrain(tmp_path, tiny_bert, cls_data, {**BAD, "promotion": {"promote": "auto", "metric": "accuracy"}})
     assert "promotion gate   not promoted: accuracy" in capsys.readouterr().out
     assert "production" not in _aliases(home)
+
+
+def test_unchanged_config_and_data_skip_training_unless_forced(prefect_server, home, tmp_path, tiny_bert, cls_data, capsys):
+    config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **BAD))
+    assert main(["run", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(config)]) == 0
+    assert "skipped: tiny-cls-adapter version 1 (@staging) was trained on this exact config and data" in capsys.readouterr().out
+    assert main(["run", str(config), "--force"]) == 0
+    assert "registered       tiny-cls-adapter version 2" in capsys.readouterr().out
+    cls_data["train"].write_text(cls_data["train"].read_text() + "a new row about sound mixers,sound\n")
+    assert main(["run", str(config)]) == 0  # new data: a full run
+    assert "registered       tiny-cls-adapter version 3" in capsys.readouterr().out
