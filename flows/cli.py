@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.errors import AdapterflowError
-from tasks.state import prepare_environment
+from tasks.errors import AdapterflowError, ConfigError
+from tasks.state import prepare_environment, quiet_library_noise
 
 
 
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="path of the run's YAML config, e.g. configs/demo.yaml")
     run.add_argument("--force", action="store_true", help="retrain even if staging/production holds this exact config and data")
     run.set_defaults(handler=cmd_run)
+    serve = sub.add_parser("serve", help="serve the retrain flow as a Prefect deployment on the config's schedule")
+    serve.add_argument("config")
+    serve.set_defaults(handler=cmd_serve)
     check = sub.add_parser("check", help="validate a config (keys, values, files, model path) without running")
     check.add_argument("config")
     check.set_defaults(handler=cmd_check)
@@ -89,6 +92,8 @@ def preflight(config_path: str):
         raise DataError(f"evaluate.generation.file not found: {config.evaluate.generation.file}")
     resolve_base(config.model)
     check_hardware(config)
+    if config.schedule is not None:
+        check_schedule(config.schedule)
     if config.adapter.init.method == "auto":
         from tasks.race import race_plan
 
@@ -106,7 +111,7 @@ def cmd_run(args) -> int:
     warm.start()
 
     _quiet_user_errors_in_prefect_logs()
-    _quiet_library_noise()
+    quiet_library_noise()
     try:
         summary = retrain(str(Path(args.config).resolve()), force=args.force)
     finally:
@@ -122,6 +127,43 @@ def cmd_run(args) -> int:
 
     gc.freeze()
     return 0
+
+
+def cmd_serve(args) -> int:
+    """Blocks: Prefect runs the retrain flow on schedule; parameters (config_path, force) can be set per run."""
+    config = preflight(args.config)
+    if config.schedule is None:
+        raise ConfigError(f"{args.config} has no schedule section; add e.g. schedule: {{cron: '0 3 * * *'}} to serve it.")
+    schedule = check_schedule(config.schedule)
+    prepare_environment(offline=config.model.hub_id is None)
+    from flows.retrain import retrain
+
+    _quiet_user_errors_in_prefect_logs()
+    quiet_library_noise()
+    print(f"serving deployment adapterflow-retrain/{config.name} ({schedule}); Ctrl-C stops it.")
+    retrain.serve(name=config.name, parameters={"config_path": str(Path(args.config).resolve()), "force": False},
+                  print_starting_message=False, limit=1, **_schedule_kwargs(config.schedule))
+    return 0
+
+
+def check_schedule(schedule) -> str:
+    """Prefect's own parser judges the cron string; returns a description for the user."""
+    if schedule.cron is None:
+        return f"every {schedule.interval_seconds} s"
+    try:
+        _schedule_kwargs(schedule)
+    except ValueError as err:
+        detail = str(err).splitlines()[0]
+        raise ConfigError(f"schedule.cron is not a valid schedule: {detail}. Use five fields, e.g. '0 3 * * *' (03:00 daily).") from None
+    return f"cron '{schedule.cron}' {schedule.timezone}"
+
+
+def _schedule_kwargs(schedule) -> dict:
+    from prefect.schedules import Cron, Interval
+
+    if schedule.cron is not None:
+        return {"schedule": Cron(schedule.cron, timezone=schedule.timezone)}
+    return {"schedule": Interval(schedule.interval_seconds, timezone=schedule.timezone)}
 
 
 def _stop_ephemeral_prefect_server() -> None:
@@ -167,19 +209,6 @@ def _quiet_user_errors_in_prefect_logs() -> None:
     for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
         logging.getLogger(name).addFilter(_DropUserErrors())
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
-
-
-def _quiet_library_noise() -> None:
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*dataset source can be interpreted in multiple ways.*")
-    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    logging.getLogger("mlflow").setLevel(logging.ERROR)  # registration is reported in our summary
-    # Prefect routes Python warnings to the console from worker threads; library deprecations
-    # are for us, not for the person running a retrain.
-    logging.getLogger("py.warnings").setLevel(logging.ERROR)
 
 
 def render_summary(summary: dict, dirs, seconds: float) -> str:
@@ -244,7 +273,7 @@ def _script(name: str) -> str:
 
 def _registry_target(args) -> tuple[str, Path]:
     dirs = prepare_environment(offline=True)
-    _quiet_library_noise()
+    quiet_library_noise()
     return args.tracking_uri or dirs.default_mlflow_uri(), dirs.root / "locks"
 
 

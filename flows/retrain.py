@@ -6,7 +6,7 @@ import time
 import uuid
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.stages import (
@@ -17,7 +17,7 @@ from tasks.data_io import split_files
 from tasks.init_adapter import file_md5
 from tasks.promote import unchanged_version
 from tasks.model_io import resolve_base
-from tasks.state import state_dirs
+from tasks.state import quiet_library_noise, state_dirs
 from flows import warm
 from tasks import track
 
@@ -26,12 +26,14 @@ from tasks import track
 def retrain(config_path: str, force: bool = False) -> dict:
     """`force` retrains even when staging or production already holds this exact config and data."""
     warm.wait()
+    quiet_library_noise()  # again here: a served run executes in its own process
     config = load_config(config_path)
     dirs = state_dirs()
     uri = config.tracking.mlflow_uri or dirs.default_mlflow_uri()
     track.check_reachable(uri)
     unchanged = None if force else unchanged_version(config, uri)
     if unchanged:
+        get_run_logger().info(f"skipped: {config.registry.model_name} version {unchanged[1]} (@{unchanged[0]}) was trained on this exact config and data")
         return {"skipped": True, "name": config.name, "model_name": config.registry.model_name, "alias": unchanged[0], "version": unchanged[1], "tracking_uri": uri}
     run_dir = _new_run_dir(dirs.runs, config.name)
     base_ref = resolve_base(config.model)

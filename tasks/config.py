@@ -283,6 +283,20 @@ class PromotionSpec(Strict):
     forgetting: ForgettingCheck | None = None
 
 
+class ScheduleSpec(Strict):
+    """When `adapterflow serve` retrains: a cron expression or a fixed interval (exactly one)."""
+
+    cron: str | None = None  # e.g. "0 3 * * *": every day at 03:00
+    interval_seconds: int | None = Field(None, ge=1)
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ScheduleSpec":
+        if (self.cron is None) == (self.interval_seconds is None):
+            raise ValueError("set exactly one of schedule.cron (e.g. '0 3 * * *') or schedule.interval_seconds")
+        return self
+
+
 class TrackingSpec(Strict):
     """Empty means embedded defaults: SQLite MLflow, ephemeral Prefect, local DVC remote."""
 
@@ -301,6 +315,7 @@ class RunConfig(Strict):
     evaluate: EvaluateSpec = EvaluateSpec()
     registry: RegistrySpec
     promotion: PromotionSpec = PromotionSpec()
+    schedule: ScheduleSpec | None = None
     tracking: TrackingSpec = TrackingSpec()
 
     @model_validator(mode="after")

@@ -86,3 +86,18 @@ def prepare_environment(offline: bool | None = None) -> StateDirs:
     if offline:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return dirs
+
+
+def quiet_library_noise() -> None:
+    """Library deprecations and notices are for us, not for the person running a retrain."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*dataset source can be interpreted in multiple ways.*")
+    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    logging.getLogger("mlflow").setLevel(logging.ERROR)  # registration is reported in our summary
+    # Prefect routes Python warnings to the console from worker threads; library deprecations
+    # are for us, not for the person running a retrain.
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
