@@ -106,3 +106,18 @@ def test_missing_data_file_is_refused(tmp_path, capsys, tiny_bert, cls_data):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_prefect_yaml_deployments_point_at_the_flow_and_valid_configs():
+    import importlib
+
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert spec["deployments"]
+    for deployment in spec["deployments"]:
+        path, name = deployment["entrypoint"].split(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        assert getattr(module, name).name == "adapterflow-retrain"
+        load_config(ROOT / deployment["parameters"]["config_path"])
+        assert set(deployment["parameters"]) == {"config_path", "force"}
