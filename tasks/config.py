@@ -278,7 +278,7 @@ class PromotionSpec(Strict):
     """The gate from staging to production (champion/challenger), run by `adapterflow promote` or, with auto, by the flow."""
 
     promote: Literal["manual", "auto"] = "manual"
-    metric: str = "accuracy"
+    metric: str | None = None  # default: accuracy (classification) or eval_loss (causal LM)
     min_improvement: float = Field(0.0, ge=0.0)  # over production; a first version must beat the bare base
     forgetting: ForgettingCheck | None = None
 
@@ -331,6 +331,8 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _gate_metric_exists(self) -> "RunConfig":
         known = TASK_METRICS[self.task]
+        if self.promotion.metric is None:
+            return self
         if self.promotion.metric not in known:
             raise ValueError(f"promotion.metric {self.promotion.metric!r} is not measured for task {self.task}; use one of: {', '.join(known)}")
         if self.promotion.metric == "exact_match" and self.evaluate.generation is None:
@@ -345,6 +347,9 @@ class RunConfig(Strict):
                 f"{self.model.quantization!r}; set model.quantization: nf4, or use method pissa for an unquantized base"
             )
         return self
+
+    def gate_metric(self) -> str:
+        return self.promotion.metric or ("accuracy" if self.task == "sequence_classification" else "eval_loss")
 
     def experiment_name(self) -> str:
         return self.tracking.experiment or self.name

@@ -196,7 +196,10 @@ def _adapter_dir(mlflow_client, name: str, version: str, folder: Path) -> Path:
     import mlflow
 
     try:
-        root = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(folder), tracking_uri=mlflow_client.tracking_uri))
+        # The version's own storage URI: a "models:/name/version" URI would be resolved against
+        # mlflow's process-wide registry URI, which may name another registry.
+        source = mlflow_client.get_model_version_download_uri(name, version)
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(folder), tracking_uri=mlflow_client.tracking_uri))
     except Exception as err:
         raise RegistryError(f"{name} version {version}: its adapter cannot be read ({str(err).splitlines()[0]}); it cannot serve as production.") from None
     adapter = root / "artifacts" / "adapter"
@@ -216,18 +219,19 @@ def _judge(mlflow_client, name: str, config, candidate, incumbent: str | None) -
         champion = _adapter_dir(mlflow_client, name, incumbent, Path(tmp) / "incumbent") if incumbent else None
         ours, theirs = _scores(config, base_ref, challenger, champion, config.evaluate.split)
         forgetting = _forgetting(config, base_ref, challenger, champion) if gate.forgetting else None
-    improvement = oriented(gate.metric, ours[gate.metric] - theirs[gate.metric])
+    metric = config.gate_metric()
+    improvement = oriented(metric, ours[metric] - theirs[metric])
     against = f"version {incumbent}" if incumbent else "the base model without adapter"
     if incumbent is None and improvement <= 0:
-        reason = f"{gate.metric} {ours[gate.metric]:.4f} does not beat {against} ({theirs[gate.metric]:.4f})"
+        reason = f"{metric} {ours[metric]:.4f} does not beat {against} ({theirs[metric]:.4f})"
     elif improvement < gate.min_improvement:
-        reason = f"{gate.metric} improves by {improvement:+.4f} over {against}, less than promotion.min_improvement {gate.min_improvement}"
+        reason = f"{metric} improves by {improvement:+.4f} over {against}, less than promotion.min_improvement {gate.min_improvement}"
     elif forgetting and forgetting["drop"] > gate.forgetting.tolerance:
-        reason = f"forgetting set: {gate.metric} drops by {forgetting['drop']:.4f} vs {against}, more than tolerance {gate.forgetting.tolerance}"
+        reason = f"forgetting set: {metric} drops by {forgetting['drop']:.4f} vs {against}, more than tolerance {gate.forgetting.tolerance}"
     else:
-        reason = f"{gate.metric} {ours[gate.metric]:.4f} vs {theirs[gate.metric]:.4f} ({against}): improvement {improvement:+.4f} >= {gate.min_improvement}"
-        return Decision(True, candidate.version, incumbent, gate.metric, ours[gate.metric], theirs[gate.metric], reason, forgetting)
-    return Decision(False, candidate.version, incumbent, gate.metric, ours[gate.metric], theirs[gate.metric], reason, forgetting)
+        reason = f"{metric} {ours[metric]:.4f} vs {theirs[metric]:.4f} ({against}): improvement {improvement:+.4f} >= {gate.min_improvement}"
+        return Decision(True, candidate.version, incumbent, metric, ours[metric], theirs[metric], reason, forgetting)
+    return Decision(False, candidate.version, incumbent, metric, ours[metric], theirs[metric], reason, forgetting)
 
 
 def oriented(metric: str, difference: float) -> float:
@@ -247,7 +251,7 @@ def _forgetting(config, base_ref, challenger: Path, champion: Path | None) -> di
     check = config.promotion.forgetting
     probe = config.model_copy(update={"data": config.data.model_copy(update={"test": check.file})})
     ours, theirs = _scores(probe, base_ref, challenger, champion, "test")
-    metric = config.promotion.metric
+    metric = config.gate_metric()
     return {"file": check.file, "candidate": ours[metric], "incumbent": theirs[metric], "drop": -oriented(metric, ours[metric] - theirs[metric])}
 
 

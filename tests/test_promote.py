@@ -39,7 +39,11 @@ def _aliases(home) -> dict:
     return {alias: str(v) for alias, v in _client(home).get_registered_model(NAME).aliases.items()}
 
 
-def test_promotion_lifecycle(prefect_server, home, tmp_path, tiny_bert, cls_data, capsys):
+def test_promotion_lifecycle(prefect_server, home, tmp_path, tiny_bert, cls_data, capsys, monkeypatch):
+    import mlflow.tracking._model_registry.utils as registry_utils
+
+    # Another registry set process-wide (as mlflow.set_registry_uri does) must not be consulted.
+    monkeypatch.setattr(registry_utils, "_registry_uri", f"sqlite:///{tmp_path / 'another-registry.db'}")
     _retrain(tmp_path, tiny_bert, cls_data, GOOD)
     assert main(["promote", NAME]) == 0  # a first version must beat the bare base model
     assert "promoted version 1 to @production" in capsys.readouterr().out
