@@ -187,6 +187,10 @@ def _compute(config, base_ref, init_dir: Path) -> dict:
     from adapters import InitContext, export_init, get_initializer, initialize
     from tasks.model_io import load_model, load_tokenizer
 
+    if config.train.threads:  # the SVDs and calibration passes use the same thread budget as training
+        import torch
+
+        torch.set_num_threads(config.train.threads)
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(base_ref)
     method = config.adapter.init.method
