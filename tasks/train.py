@@ -113,7 +113,9 @@ def pick_device(requested: str) -> str:
 
     available = torch.cuda.is_available()
     if requested == "cuda" and not available:
-        raise ConfigError("train.device is 'cuda' but no CUDA device is visible. Use train.device: auto (or cpu).")
+        from tasks.hardware import NO_CUDA
+
+        raise ConfigError(NO_CUDA)
     return "cuda" if requested != "cpu" and available else "cpu"
 
 

@@ -193,15 +193,21 @@ def test_rank_larger_than_a_layer_allows_is_refused(tiny_bert):
         initialize(_model(tiny_bert, "sequence_classification"), settings, "pissa", InitContext(probe=_probe()))
 
 
-def test_eva_a_rows_span_the_top_activation_directions(tiny_bert):
-    model = _model(tiny_bert, "sequence_classification")
-    layer = "bert.encoder.layer.1.attention.self.value"
+def _layer_inputs(model, layer: str) -> list[torch.Tensor]:
+    """The token-level inputs `layer` sees over the calibration batches."""
     captured = []
     hook = dict(model.named_modules())[layer].register_forward_hook(lambda mod, args, out: captured.append(args[0].reshape(-1, args[0].shape[-1])))
     with torch.no_grad():
         for batch in _calibration():
             model(**batch)
     hook.remove()
+    return captured
+
+
+def test_eva_a_rows_span_the_top_activation_directions(tiny_bert):
+    model = _model(tiny_bert, "sequence_classification")
+    layer = "bert.encoder.layer.1.attention.self.value"
+    captured = _layer_inputs(model, layer)
     peft_model, report = initialize(model, _settings("bert", rho=1.0), "eva", InitContext(probe=_probe(), calibration=_calibration()))
     assert sum(report.ranks.values()) == 4 * len(report.ranks) and report.checks["max_a_orthonormality_error"] < 1e-3
     activations = torch.cat(captured)
@@ -254,12 +260,7 @@ def test_corda_check_catches_a_plain_lora_fallback(tiny_bert):
 def test_eva_reports_the_explained_variance_of_the_kept_components(tiny_bert):
     model = _model(tiny_bert, "sequence_classification").eval()
     layer = "bert.encoder.layer.1.attention.self.value"  # shares its input (and peft's PCA) with query
-    captured = []
-    hook = dict(model.named_modules())[layer].register_forward_hook(lambda mod, args, out: captured.append(args[0].reshape(-1, args[0].shape[-1])))
-    with torch.no_grad():
-        for batch in _calibration():
-            model(**batch)
-    hook.remove()
+    captured = _layer_inputs(model, layer)
     peft_model, report = initialize(model, _settings("bert"), "eva", InitContext(probe=_probe(), calibration=_calibration()))
     assert report.ranks and set(report.spectra) == set(report.ranks)
     for name, ratios in report.spectra.items():
