@@ -342,7 +342,8 @@ def render_status(name: str, state: dict) -> str:
     for version in state["versions"]:
         tags = version["tags"]
         metrics = "  ".join(f"{k.removeprefix('metric.')}={v}" for k, v in sorted(tags.items()) if k.startswith("metric."))
-        lines.append(f"  v{version['version']:<4} init {tags.get('init_method', '?'):<8} data {tags.get('data_md5', '?')[:8]}  {metrics}")
+        incomplete = "  (registration incomplete: never staged)" if tags.get("adapterflow.registration") == "incomplete" else ""
+        lines.append(f"  v{version['version']:<4} init {tags.get('init_method', '?'):<8} data {tags.get('data_md5', '?')[:8]}  {metrics}{incomplete}")
     lines.append("history")
     for event in state["history"]:
         lines.append(f"  {event['when']:<26} {event['action']:<9} v{event.get('from')} → v{event['to']}  {event.get('reason', '')}")

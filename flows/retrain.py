@@ -43,7 +43,8 @@ def retrain(config_path: str, force: bool = False) -> dict:
     versioning = version_stage.submit(config, dirs.dvc_repo, dirs.dvc_remote)
     run_id = _timed(timings, "track", open_run_stage, config, uri, dirs.mlflow_artifacts, validation["files"], base_ref)
     try:
-        summary = _train_and_register(config, base_ref, run_dir, dirs.init_cache, uri, run_id, versioning, timings)
+        with track.system_metrics(uri, run_id, config.tracking.system_metrics_seconds):
+            summary = _train_and_register(config, base_ref, run_dir, dirs.init_cache, uri, run_id, versioning, timings)
         track.log_metrics(uri, run_id, timings, prefix="stage_seconds/")
     except BaseException:
         versioning.wait()
@@ -79,8 +80,9 @@ def _train_and_register(config, base_ref, run_dir: Path, cache_root: Path, uri: 
     data_version = versioning.result()
     track.log_data_version(config, uri, run_id, data_version)
     track.log_metrics(uri, run_id, metrics, prefix=f"{config.evaluate.split}/")
-    tags = _version_tags(config, base_ref, data_version, init.method, metrics)
-    version = _timed(timings, "register", register_stage, config, uri, run_id, trained.adapter_dir, base_ref, tags)
+    tags = _version_tags(train_config, base_ref, data_version, init.method, metrics, trained)
+    description = _version_description(train_config, init.method, metrics, trained, data_version)
+    version = _timed(timings, "register", register_stage, config, uri, run_id, trained.adapter_dir, base_ref, tags, description)
     promotion = _auto_promotion(config, uri, timings) if config.promotion.promote == "auto" else None
     return {
         "promotion": promotion,
@@ -109,8 +111,15 @@ def _auto_promotion(config, uri: str, timings: dict) -> dict:
     return {"promoted": decision.promoted, "reason": decision.reason}
 
 
-def _version_tags(config, base_ref, data_version, method: str, metrics: dict) -> dict[str, str]:
+def _version_tags(config, base_ref, data_version, method: str, metrics: dict, trained) -> dict[str, str]:
+    adapter = config.adapter
     tags = {
+        "task": config.task,
+        "lora_r": str(adapter.r),
+        "lora_alpha": f"{adapter.alpha:g}",
+        "target_modules": ", ".join(adapter.target_modules),
+        "train_steps": str(trained.steps),
+        "learning_rate": f"{config.train.learning_rate:g}",
         "data_md5": data_version.digest,
         "git_commit": track.git_commit(),
         "config_hash": config.digest(),
@@ -123,6 +132,15 @@ def _version_tags(config, base_ref, data_version, method: str, metrics: dict) ->
     # Per-split digests let `adapterflow promote` prove it compares on the same frozen split.
     tags.update({f"data.{split}_md5": file_md5(Path(path)) for split, path in split_files(config.data).items()})
     return tags
+
+
+def _version_description(config, method: str, metrics: dict, trained, data_version) -> str:
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    return (
+        f"{method} init, r={config.adapter.r}; {trained.steps} steps at learning rate {config.train.learning_rate:g} "
+        f"(final train loss {trained.train_loss:.4f}). On the {config.evaluate.split} split: {scores}. "
+        f"Data: DVC md5 {data_version.digest}."
+    )
 
 
 def _new_run_dir(root: Path, name: str) -> Path:

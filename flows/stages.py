@@ -62,10 +62,10 @@ def evaluate_stage(config, base_ref, adapter_dir: str, plots_dir: Path) -> dict:
 
 
 @task(name="register", retries=0, **STAGE)
-def register_stage(config, uri: str, run_id: str, adapter_dir: str, base_ref, tags: dict) -> str:
+def register_stage(config, uri: str, run_id: str, adapter_dir: str, base_ref, tags: dict, description: str) -> str:
     from tasks.track import register_adapter
 
-    return register_adapter(config, uri, run_id, Path(adapter_dir), base_ref, tags)
+    return register_adapter(config, uri, run_id, Path(adapter_dir), base_ref, tags, description)
 
 
 @task(name="promote", retries=0, **STAGE)

@@ -303,6 +303,8 @@ class TrackingSpec(Strict):
     mlflow_uri: str | None = None
     experiment: str | None = None
     dvc_remote: str | None = None
+    # CPU, memory, disk, network (and GPU where present) sampled into the run as system/* metrics; 0 turns it off.
+    system_metrics_seconds: float = Field(5.0, ge=0.0)
 
 
 class RunConfig(Strict):

@@ -173,7 +173,13 @@ def _registered_model(mlflow_client, name: str):
 def _alias_version(mlflow_client, name: str, alias: str, model):
     if alias not in model.aliases:
         raise RegistryError(f"{name} has no version with alias @{alias}; run a retrain first (adapterflow run CONFIG).")
-    return mlflow_client.get_model_version(name, aliases_of(model)[alias])
+    version = mlflow_client.get_model_version(name, aliases_of(model)[alias])
+    if version.tags.get("adapterflow.registration") == "incomplete":
+        raise RegistryError(
+            f"{name} version {version.version} (@{alias}) never finished registering; it cannot be promoted. "
+            f"Point @{alias} back at a complete version or rerun the retrain."
+        )
+    return version
 
 
 def aliases_of(model) -> dict[str, str]:

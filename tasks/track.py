@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -88,12 +89,35 @@ def log_file(uri: str, run_id: str, path: Path, folder: str | None = None) -> No
     client(uri).log_artifact(run_id, str(path), folder)
 
 
+@contextmanager
+def system_metrics(uri: str, run_id: str, interval_seconds: float):
+    """MLflow's own system-metrics sampler on a thread, into the run the flow owns."""
+    if not interval_seconds:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_seconds, samples_before_logging=1, tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def end_run(uri: str, run_id: str, status: str) -> None:
     client(uri).set_terminated(run_id, status)
 
 
-def register_adapter(config, uri: str, run_id: str, adapter_dir: Path, base_ref, tags: dict[str, str]) -> str:
-    """Log the adapter as a pyfunc model of this run, register it with its tags, point `staging` at it."""
+REGISTRATION_TAG = "adapterflow.registration"
+
+
+def register_adapter(config, uri: str, run_id: str, adapter_dir: Path, base_ref, tags: dict[str, str], description: str = "") -> str:
+    """Log the adapter as a pyfunc model of this run, register it with its tags, point `staging` at it.
+
+    Moving the alias is the last step: a crash anywhere before it leaves the alias where it was,
+    and the half-registered version keeps the tag `adapterflow.registration: incomplete`.
+    """
     import mlflow
 
     from tasks.pyfunc_adapter import LoraAdapterModel
@@ -106,21 +130,65 @@ def register_adapter(config, uri: str, run_id: str, adapter_dir: Path, base_ref,
         )
     mlflow_client = client(uri)
     name = config.registry.model_name
-    _ensure_registered_model(mlflow_client, name, config)
+    _describe_registered_model(mlflow_client, name, config, base_ref)
     # Tags go in with the version itself, so a version never exists without its lineage.
-    version = mlflow_client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
+    version = mlflow_client.create_model_version(
+        name, info.model_uri, run_id=run_id, tags={**tags, REGISTRATION_TAG: "incomplete"}, model_id=info.model_id,
+        description=description or None,
+    )
+    _wait_until_ready(mlflow_client, name, version.version)
+    mlflow_client.set_model_version_tag(name, version.version, REGISTRATION_TAG, "complete")
     mlflow_client.set_registered_model_alias(name, config.registry.staging_alias, version.version)
     return str(version.version)
 
 
-def _ensure_registered_model(mlflow_client, name: str, config) -> None:
+def _wait_until_ready(mlflow_client, name: str, version: str, timeout: float = 300.0) -> None:
+    """A server may copy artifacts asynchronously: the alias must never name a version still copying."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (status := mlflow_client.get_model_version(name, version).status) == "PENDING_REGISTRATION":
+        if time.monotonic() > deadline:
+            raise RegistryError(f"{name} version {version} is still pending registration after {timeout:.0f} s; no alias was moved.")
+        time.sleep(1.0)
+    if status != "READY":
+        raise RegistryError(f"{name} version {version} failed registration (status {status}); no alias was moved.")
+
+
+def _describe_registered_model(mlflow_client, name: str, config, base_ref) -> None:
+    """Create the model if needed; its description and tags follow the latest config."""
     from mlflow.exceptions import MlflowException
 
+    description = registered_model_description(config, base_ref)
     try:
         mlflow_client.get_registered_model(name)
+        mlflow_client.update_registered_model(name, description=description)
     except MlflowException:
-        description = f"LoRA adapters for the {config.task} run config '{config.name}' (adapterflow)."
         mlflow_client.create_registered_model(name, description=description)
+    model_tags = {
+        "task": config.task, "base_model": base_ref.name_or_path, "gate_metric": config.gate_metric(),
+        "aliases": f"{config.registry.staging_alias} = newest registered; {config.registry.production_alias} = passed the promotion gate",
+    }
+    if config.data.labels:
+        model_tags["labels"] = ", ".join(config.data.labels)
+    for key, value in model_tags.items():
+        mlflow_client.set_registered_model_tag(name, key, value)
+
+
+def registered_model_description(config, base_ref) -> str:
+    labels = f" over the labels {', '.join(config.data.labels)}" if config.data.labels else ""
+    return (
+        f"LoRA adapters for {config.task}{labels} on the base model `{base_ref.name_or_path}`, retrained by the "
+        f"adapterflow config `{config.name}`.\n\n"
+        f"- `@{config.registry.staging_alias}`: the newest registered version.\n"
+        f"- `@{config.registry.production_alias}`: the version serving traffic; it moves only when "
+        f"`adapterflow promote {config.registry.model_name}` finds the candidate better on `{config.gate_metric()}` "
+        f"(re-evaluated on the same frozen split).\n"
+        f"- Each version's tags give its data md5 (DVC), git commit, init method and metrics; "
+        f"`adapterflow lineage {config.registry.model_name} VERSION` prints them.\n\n"
+        f"Load a version with plain peft: download its `adapter` artifact folder and call "
+        f"`PeftModel.from_pretrained(base_model, folder)`, or `mlflow.pyfunc.load_model('models:/{config.registry.model_name}@{config.registry.production_alias}')`."
+    )
 
 
 def _pyfunc_config(config, base_ref) -> dict:

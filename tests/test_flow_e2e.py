@@ -43,7 +43,8 @@ def test_flow_registers_an_adapter_that_reproduces_the_trained_model(prefect_ser
     from tasks.config import ModelSpec
     from tasks.model_io import load_model, resolve_base
 
-    config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "pissa"}}))
+    overrides = {"adapter.init": {"method": "pissa"}, "tracking.system_metrics_seconds": 0.2}
+    config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **overrides))
     assert main(["run", str(config)]) == 0
     out = capsys.readouterr().out
     assert "registered       tiny-cls-adapter version 1  alias @staging" in out and "ui --backend-store-uri" in out
@@ -53,11 +54,17 @@ def test_flow_registers_an_adapter_that_reproduces_the_trained_model(prefect_ser
     tags = version.tags
     assert tags["init_method"] == "pissa" and tags["base_model"].startswith("local:")
     assert {"data_md5", "git_commit", "config_hash", "metric.accuracy", "metric.macro_f1", "metric.eval_loss"} <= set(tags)
+    assert tags["adapterflow.registration"] == "complete" and tags["lora_r"] == "4" and tags["train_steps"] == "4"
+    assert version.description.startswith("pissa init, r=4; 4 steps") and "On the test split: eval_loss" in version.description
+    registered_model = client.get_registered_model(MODEL_NAME)
+    assert "games, science, sound" in registered_model.description and "PeftModel.from_pretrained" in registered_model.description
+    assert registered_model.tags["gate_metric"] == "accuracy" and registered_model.tags["task"] == "sequence_classification"
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["adapter.r"] == "4" and run.data.params["adapter.init.method"] == "pissa"
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4
     assert {"test/accuracy", "test/macro_f1", "test/eval_loss", "init/seconds", "init/cache_hit"} <= set(run.data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "init")}
     assert {"init/init_report.json", "init/init_spectrum.png"} <= logged
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/confusion_matrix.png", "plots/loss_curves.png"}

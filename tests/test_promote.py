@@ -124,3 +124,32 @@ def test_unchanged_config_and_data_skip_training_unless_forced(prefect_server, h
     cls_data["train"].write_text(cls_data["train"].read_text() + "a new row about sound mixers,sound\n")
     assert main(["run", str(config)]) == 0  # new data: a full run
     assert "registered       tiny-cls-adapter version 3" in capsys.readouterr().out
+
+
+def test_a_crash_during_registration_leaves_no_alias_on_the_half_registered_version(prefect_server, home, tmp_path, tiny_bert, cls_data, capsys, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    _retrain(tmp_path, tiny_bert, cls_data, BAD)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash: the process died while registering")
+
+    # Two crash points after the version exists: before it is marked complete, and at the alias move.
+    for step in ("set_model_version_tag", "set_registered_model_alias"):
+        with monkeypatch.context() as patch:
+            patch.setattr(MlflowClient, step, crash)
+            with pytest.raises(RuntimeError, match="simulated crash"):
+                main(["run", str(write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **GOOD))), "--force"])
+    client = _client(home)
+    half, unaliased = client.get_model_version(NAME, "2"), client.get_model_version(NAME, "3")
+    assert half.tags["adapterflow.registration"] == "incomplete" and unaliased.tags["adapterflow.registration"] == "complete"
+    assert not half.aliases and not unaliased.aliases and _aliases(home) == {"staging": "1"}
+    assert {client.get_run(v.run_id).info.status for v in (half, unaliased)} == {"FAILED"}
+    capsys.readouterr()
+    assert main(["status", NAME]) == 0
+    assert "v2    init lora" in (out := capsys.readouterr().out) and "(registration incomplete: never staged)" in out
+
+    client.set_registered_model_alias(NAME, "staging", "2")  # a hand-moved alias still cannot promote it
+    assert main(["promote", NAME]) == 5
+    assert "version 2 (@staging) never finished registering" in capsys.readouterr().err
+    assert "production" not in _aliases(home)
