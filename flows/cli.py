@@ -224,6 +224,7 @@ def render_summary(summary: dict, dirs, seconds: float) -> str:
         f"init             {init['method']} in {init['seconds']:.2f} s (cache {init['cache']})" + _race_line(init),
         *_init_report_lines(init),
         f"training         {summary['train']['steps']} steps in {summary['train']['seconds']:.0f} s on {summary['train']['device']}",
+        *_merge_lines(summary.get("merge")),
         f"metrics ({summary['eval_split']})  {metrics}",
         f"registered       {summary['model_name']} version {summary['version']}  alias @{summary['alias']}",
         *_promotion_lines(summary.get("promotion")),
@@ -234,6 +235,13 @@ def render_summary(summary: dict, dirs, seconds: float) -> str:
         f"  {_script('mlflow')} ui --backend-store-uri {summary['tracking_uri']} --port 5000",
         f"  PREFECT_HOME={dirs.prefect_home} {_script('prefect')} server start",
     ])
+
+
+def _merge_lines(merge: dict | None) -> list[str]:
+    if merge is None:
+        return []
+    steps = ", ".join(f"{c['step']}×{c['weight']:.2f}" for c in merge["checkpoints"])
+    return [f"checkpoint merge {merge['chosen']} registered ({merge['metric']} on validation: merged {merge['merged']:.4f}, final {merge['final']:.4f}; steps×weights {steps})"]
 
 
 def _promotion_lines(promotion: dict | None) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -10,7 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.stages import (
-    evaluate_stage, init_stage, open_run_stage, promote_stage, register_stage, train_stage, validate_stage, version_stage,
+    evaluate_stage, init_stage, merge_choice_stage, open_run_stage, promote_stage, register_stage, train_stage, validate_stage, version_stage,
 )
 from tasks.config import load_config
 from tasks.data_io import split_files
@@ -75,21 +76,39 @@ def _train_and_register(config, base_ref, run_dir: Path, cache_root: Path, uri: 
         track.log_metrics(uri, run_id, {"chosen_learning_rate": init.learning_rate}, prefix="init/")
         train_config = config.model_copy(update={"train": config.train.model_copy(update={"learning_rate": init.learning_rate})})
     trained = _timed(timings, "train", train_stage, train_config, base_ref, init.init_dir, run_dir, {"uri": uri, "run_id": run_id})
-    metrics = _timed(timings, "evaluate", evaluate_stage, config, base_ref, trained.adapter_dir, run_dir / "plots")
+    adapter_dir, merge = trained.adapter_dir, None
+    if trained.merged_adapter_dir:
+        merge = _timed(timings, "merge", merge_choice_stage, config, base_ref, trained)
+        adapter_dir = merge["adapter_dir"]
+        _log_merge(uri, run_id, run_dir, merge)
+    metrics = _timed(timings, "evaluate", evaluate_stage, config, base_ref, adapter_dir, run_dir / "plots")
     _log_plots(uri, run_id, run_dir)
     data_version = versioning.result()
     track.log_data_version(config, uri, run_id, data_version)
     track.log_metrics(uri, run_id, metrics, prefix=f"{config.evaluate.split}/")
     tags = _version_tags(train_config, base_ref, data_version, init.method, metrics, trained)
     description = _version_description(train_config, init.method, metrics, trained, data_version)
-    version = _timed(timings, "register", register_stage, config, uri, run_id, trained.adapter_dir, base_ref, tags, description)
+    if merge:
+        tags["checkpoint_merge"] = f"{merge['chosen']} ({merge['metric']} on validation: merged {merge['merged']:.4f}, final {merge['final']:.4f})"
+    version = _timed(timings, "register", register_stage, config, uri, run_id, adapter_dir, base_ref, tags, description)
     promotion = _auto_promotion(config, uri, timings) if config.promotion.promote == "auto" else None
     return {
         "promotion": promotion,
         "name": config.name, "run_id": run_id, "init": init.to_dict(), "train": trained.to_dict(), "metrics": metrics,
         "model_name": config.registry.model_name, "version": version, "alias": config.registry.staging_alias,
-        "eval_split": config.evaluate.split, "data_md5": data_version.digest,
+        "eval_split": config.evaluate.split, "data_md5": data_version.digest, "merge": merge,
     }
+
+
+def _log_merge(uri: str, run_id: str, run_dir: Path, merge: dict) -> None:
+    from tasks.checkpoint_merge import merge_markdown
+
+    (run_dir / "checkpoint_merge.md").write_text(merge_markdown(merge))
+    (run_dir / "checkpoint_merge.json").write_text(json.dumps(merge, indent=1))
+    for name in ("checkpoint_merge.md", "checkpoint_merge.json"):
+        track.log_file(uri, run_id, run_dir / name, "merge")
+    metric = merge["metric"]
+    track.log_metrics(uri, run_id, {f"final_{metric}": merge["final"], f"merged_{metric}": merge["merged"], "chose_merged": float(merge["chosen"] == "merged")}, prefix="merge/")
 
 
 def _log_plots(uri: str, run_id: str, run_dir: Path) -> None:

@@ -53,6 +53,13 @@ def train_stage(config, base_ref, init_dir: str, run_dir: Path, tracking: dict):
     return train_adapter(config, base_ref, Path(init_dir), run_dir, tracking)
 
 
+@task(name="choose-merged-or-final", retries=0, **STAGE)
+def merge_choice_stage(config, base_ref, trained) -> dict:
+    from tasks.checkpoint_merge import choose_adapter
+
+    return choose_adapter(config, base_ref, trained.adapter_dir, trained.merged_adapter_dir, trained.merge)
+
+
 @task(name="evaluate", retries=0, **STAGE)
 def evaluate_stage(config, base_ref, adapter_dir: str, plots_dir: Path) -> dict:
     from tasks.evaluate import evaluate_adapter

@@ -221,6 +221,14 @@ class AdapterSpec(Strict):
     cache_init: bool = True  # reuse init products across runs with the same base, shape and knobs
 
 
+class CheckpointMerge(Strict):
+    """Metrics-Weighted Averaging of the last `checkpoints` adapters, evaluated beside the final one."""
+
+    checkpoints: int = Field(3, ge=2)
+    penalty: float = Field(1.0, ge=0.0, le=100.0)  # 0: uniform average
+    weight_by: Literal["loss", "steps"] = "loss"
+
+
 class TrainSpec(Strict):
     max_steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
@@ -236,11 +244,28 @@ class TrainSpec(Strict):
     eval_every: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
+    checkpoint_merge: CheckpointMerge | None = None
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainSpec":
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of train.max_steps or train.epochs")
+        return self
+
+    @model_validator(mode="after")
+    def _enough_checkpoints(self) -> "TrainSpec":
+        merge = self.checkpoint_merge
+        if merge and self.max_steps and -(-self.max_steps // self.checkpoint_every) < merge.checkpoints:
+            saved = -(-self.max_steps // self.checkpoint_every)
+            raise ValueError(
+                f"train.checkpoint_merge.checkpoints is {merge.checkpoints} but {self.max_steps} steps with checkpoint_every "
+                f"{self.checkpoint_every} save only {saved}; lower train.checkpoint_every to at most {self.max_steps // merge.checkpoints}"
+            )
+        if merge and merge.weight_by == "loss" and self.log_every > self.checkpoint_every:
+            raise ValueError(
+                f"train.checkpoint_merge weighs checkpoints by training loss, but train.log_every ({self.log_every}) is larger "
+                f"than train.checkpoint_every ({self.checkpoint_every}), so some checkpoints have no loss; lower train.log_every"
+            )
         return self
 
 

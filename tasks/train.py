@@ -10,6 +10,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from tasks.checkpoint_merge import CheckpointSnapshots
 from tasks.errors import ConfigError, TrainingError
 
 
@@ -21,6 +22,8 @@ class TrainResult:
     seconds: float
     samples_per_second: float
     device: str
+    merged_adapter_dir: str | None = None  # train.checkpoint_merge: the MWA candidate beside the final adapter
+    merge: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -30,17 +33,33 @@ def train_adapter(config, base_ref, init_dir: Path, run_dir: Path, tracking: dic
     """Fine-tune from `init_dir`; `tracking` ({"uri", "run_id"}) streams step metrics to MLflow."""
     from adapters import save_trained_adapter
 
-    callbacks = [NonFiniteLossGuard()] + ([StepMetricsLogger(**tracking)] if tracking else [])
+    snapshots = CheckpointSnapshots(config.train.checkpoint_merge.checkpoints) if config.train.checkpoint_merge else None
+    callbacks = [NonFiniteLossGuard()] + ([StepMetricsLogger(**tracking)] if tracking else []) + ([snapshots] if snapshots else [])
     trainer, device = _build_trainer(config, base_ref, init_dir, run_dir, callbacks)
     start = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - start
+    if snapshots:
+        snapshots.take(trainer.model, trainer.state)  # the final weights, if the last step saved no checkpoint
     adapter_dir = save_trained_adapter(trainer.model, run_dir / "adapter", init_dir)
     (run_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    merged_dir, merge = _save_merged(trainer.model, list(snapshots.snapshots), config, run_dir, init_dir) if snapshots else (None, None)
     return TrainResult(
         str(adapter_dir), trainer.state.global_step, float(output.training_loss), seconds,
-        float(output.metrics.get("train_samples_per_second", 0.0)), device,
+        float(output.metrics.get("train_samples_per_second", 0.0)), device, merged_dir, merge,
     )
+
+
+def _save_merged(model, snapshots: list, config, run_dir: Path, init_dir: Path) -> tuple[str, dict]:
+    """After the final adapter is saved (parametrizations folded): load the MWA average and save it too."""
+    from adapters import save_trained_adapter
+    from tasks.checkpoint_merge import load_tensors, merge_report, mwa_weights, weighted_average
+
+    spec = config.train.checkpoint_merge
+    weights = mwa_weights(snapshots, spec.penalty, spec.weight_by)
+    load_tensors(model, weighted_average(snapshots, weights))
+    merged_dir = save_trained_adapter(model, run_dir / "adapter_merged", init_dir)
+    return str(merged_dir), merge_report(snapshots, weights, spec)
 
 
 def train_more(config, base_ref, init_dir: Path, run_dir: Path) -> float:

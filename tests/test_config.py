@@ -81,10 +81,14 @@ def _bad(tmp_path, tiny_bert, cls_data, mutate) -> str:
         (lambda c: c["adapter"].update(init={"method": "lora_ga", "direction": "BA"}), "adapter.init.lora_ga.direction"),
         (lambda c: c["adapter"].update(init={"method": "lora_ga", "batches": 0}), "adapter.init.lora_ga.batches"),
         (lambda c: c["adapter"].update(init={"method": "lora_sb", "update_lr": -1}), "adapter.init.lora_sb.update_lr"),
+        (lambda c: c["train"].update(checkpoint_merge={"checkpoints": 3}), "with checkpoint_every 2 save only 2; lower train.checkpoint_every to at most 1"),
+        (lambda c: c["train"].update(checkpoint_merge={"checkpoints": 2}, log_every=3), "some checkpoints have no loss; lower train.log_every"),
+        (lambda c: c["train"].update(checkpoint_merge={"checkpoints": 1}), "train.checkpoint_merge.checkpoints"),
     ],
     ids=["unknown-key", "wrong-type", "rank-zero", "dropout-range", "unknown-method", "negative-niter",
          "steps-and-epochs", "two-model-sources", "labels-missing", "data-format", "missing-section",
-         "kpm-without-knowledge", "rho-below-1", "tau-zero", "tau-above-1", "ga-direction", "ga-no-batches", "sb-negative-lr"],
+         "kpm-without-knowledge", "rho-below-1", "tau-zero", "tau-above-1", "ga-direction", "ga-no-batches", "sb-negative-lr",
+         "merge-too-few-checkpoints", "merge-unlogged-loss", "merge-one-checkpoint"],
 )
 def test_bad_config_gets_one_clear_error(tmp_path, capsys, tiny_bert, cls_data, mutate, expected):
     err = _check(tmp_path, capsys, _bad(tmp_path, tiny_bert, cls_data, mutate))
