@@ -223,7 +223,7 @@ def render_summary(summary: dict, dirs, seconds: float) -> str:
         f"data md5 (DVC)   {summary['data_md5']}",
         f"init             {init['method']} in {init['seconds']:.2f} s (cache {init['cache']})" + _race_line(init),
         *_init_report_lines(init),
-        f"training         {summary['train']['steps']} steps in {summary['train']['seconds']:.0f} s on {summary['train']['device']}",
+        f"training         {summary['train']['steps']} steps in {summary['train']['seconds']:.0f} s on {summary['train']['device']}" + _launch_note(summary["train"]),
         *_merge_lines(summary.get("merge")),
         f"metrics ({summary['eval_split']})  {metrics}",
         f"registered       {summary['model_name']} version {summary['version']}  alias @{summary['alias']}",
@@ -235,6 +235,13 @@ def render_summary(summary: dict, dirs, seconds: float) -> str:
         f"  {_script('mlflow')} ui --backend-store-uri {summary['tracking_uri']} --port 5000",
         f"  PREFECT_HOME={dirs.prefect_home} {_script('prefect')} server start",
     ])
+
+
+def _launch_note(train: dict) -> str:
+    note = f" × {train['processes']} processes" if train.get("processes", 1) > 1 else ""
+    if train.get("resumed_from"):
+        note += f"; resumed from {Path(train['resumed_from']).name} of the interrupted run"
+    return note
 
 
 def _merge_lines(merge: dict | None) -> list[str]:

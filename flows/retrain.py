@@ -15,6 +15,7 @@ from flows.stages import (
 )
 from tasks.config import load_config
 from tasks.data_io import split_files
+from tasks.hardware import check_hardware
 from tasks.init_adapter import file_md5
 from tasks.promote import unchanged_version
 from tasks.model_io import resolve_base
@@ -29,6 +30,7 @@ def retrain(config_path: str, force: bool = False) -> dict:
     warm.wait()
     quiet_library_noise()  # again here: a served run executes in its own process
     config = load_config(config_path)
+    check_hardware(config)  # again here: a served run skips the CLI's preflight
     dirs = state_dirs()
     uri = config.tracking.mlflow_uri or dirs.default_mlflow_uri()
     track.check_reachable(uri)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -48,9 +48,17 @@ def init_stage(config, base_ref, run_dir: Path, cache_root: Path):
 
 @task(name="train", retries=0, **STAGE)
 def train_stage(config, base_ref, init_dir: str, run_dir: Path, tracking: dict):
+    from tasks.launch import launch_training
+    from tasks.resume import interrupted_checkpoint, mark_finished, resume_key
     from tasks.train import train_adapter
 
-    return train_adapter(config, base_ref, Path(init_dir), run_dir, tracking)
+    resume_from = interrupted_checkpoint(run_dir, resume_key(config, base_ref), config.name)
+    if resume_from:
+        get_run_logger().info(f"resuming the interrupted run's training from {resume_from}")
+    train = launch_training if config.train.launch.mode == "accelerate" else train_adapter
+    result = train(config, base_ref, Path(init_dir), run_dir, tracking, resume_from)
+    mark_finished(run_dir, result.to_dict())
+    return result
 
 
 @task(name="choose-merged-or-final", retries=0, **STAGE)

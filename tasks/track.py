@@ -165,20 +165,24 @@ def _describe_registered_model(mlflow_client, name: str, config, base_ref) -> No
         mlflow_client.update_registered_model(name, description=description)
     except MlflowException:
         mlflow_client.create_registered_model(name, description=description)
-    model_tags = {
-        "task": config.task, "base_model": base_ref.name_or_path, "gate_metric": config.gate_metric(),
-        "aliases": f"{config.registry.staging_alias} = newest registered; {config.registry.production_alias} = passed the promotion gate",
-    }
+    model_tags = {"task": config.task, "base_model": base_label(config, base_ref), "gate_metric": config.gate_metric()}
     if config.data.labels:
         model_tags["labels"] = ", ".join(config.data.labels)
     for key, value in model_tags.items():
         mlflow_client.set_registered_model_tag(name, key, value)
 
 
+def base_label(config, base_ref) -> str:
+    """A name that means something on another machine: the bundled name, the hub id, else the content hash."""
+    if config.model.bundled:
+        return f"bundled:{config.model.bundled}"
+    return f"{config.model.hub_id}@{base_ref.revision}" if config.model.hub_id else base_ref.identity
+
+
 def registered_model_description(config, base_ref) -> str:
     labels = f" over the labels {', '.join(config.data.labels)}" if config.data.labels else ""
     return (
-        f"LoRA adapters for {config.task}{labels} on the base model `{base_ref.name_or_path}`, retrained by the "
+        f"LoRA adapters for {config.task}{labels} on the base model `{base_label(config, base_ref)}`, retrained by the "
         f"adapterflow config `{config.name}`.\n\n"
         f"- `@{config.registry.staging_alias}`: the newest registered version.\n"
         f"- `@{config.registry.production_alias}`: the version serving traffic; it moves only when "

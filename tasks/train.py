@@ -24,29 +24,38 @@ class TrainResult:
     device: str
     merged_adapter_dir: str | None = None  # train.checkpoint_merge: the MWA candidate beside the final adapter
     merge: dict | None = None
+    resumed_from: str | None = None  # the checkpoint an interrupted run's rerun continued from
+    processes: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def train_adapter(config, base_ref, init_dir: Path, run_dir: Path, tracking: dict | None = None) -> TrainResult:
-    """Fine-tune from `init_dir`; `tracking` ({"uri", "run_id"}) streams step metrics to MLflow."""
+def train_adapter(config, base_ref, init_dir: Path, run_dir: Path, tracking: dict | None = None, resume_from: str | None = None) -> TrainResult:
+    """Fine-tune from `init_dir` (or resume a checkpoint); `tracking` ({"uri", "run_id"}) streams step metrics to MLflow.
+
+    Under torch distributed every rank trains and rank 0 alone writes the adapter.
+    """
     from adapters import save_trained_adapter
 
     snapshots = CheckpointSnapshots(config.train.checkpoint_merge.checkpoints) if config.train.checkpoint_merge else None
     callbacks = [NonFiniteLossGuard()] + ([StepMetricsLogger(**tracking)] if tracking else []) + ([snapshots] if snapshots else [])
     trainer, device = _build_trainer(config, base_ref, init_dir, run_dir, callbacks)
     start = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
-    if snapshots:
-        snapshots.take(trainer.model, trainer.state)  # the final weights, if the last step saved no checkpoint
-    adapter_dir = save_trained_adapter(trainer.model, run_dir / "adapter", init_dir)
-    (run_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    merged_dir, merge = _save_merged(trainer.model, list(snapshots.snapshots), config, run_dir, init_dir) if snapshots else (None, None)
+    merged_dir = merge = None
+    if trainer.is_world_process_zero():
+        if snapshots:
+            snapshots.take(trainer.model, trainer.state)  # the final weights, if the last step saved no checkpoint
+        save_trained_adapter(trainer.model, run_dir / "adapter", init_dir)
+        (run_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        if snapshots:
+            merged_dir, merge = _save_merged(trainer.model, list(snapshots.snapshots), config, run_dir, init_dir)
     return TrainResult(
-        str(adapter_dir), trainer.state.global_step, float(output.training_loss), seconds,
+        str(run_dir / "adapter"), trainer.state.global_step, float(output.training_loss), seconds,
         float(output.metrics.get("train_samples_per_second", 0.0)), device, merged_dir, merge,
+        resumed_from=resume_from, processes=trainer.args.world_size,
     )
 
 
@@ -144,6 +153,7 @@ def _training_args(config, run_dir: Path, device: str, quiet: bool = False):
     train = config.train
     length = {"max_steps": train.max_steps} if train.max_steps else {"num_train_epochs": train.epochs}
     evaluate_periodically = {"eval_strategy": "steps", "eval_steps": train.eval_every} if train.eval_every else {"eval_strategy": "no"}
+    precision = resolve_precision(train.precision, device)
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         **length,
@@ -152,7 +162,7 @@ def _training_args(config, run_dir: Path, device: str, quiet: bool = False):
         lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_ratio,
         weight_decay=train.weight_decay,
-        per_device_train_batch_size=train.batch_size,
+        per_device_train_batch_size=train.batch_size // train.launch.processes,  # batch_size is the global batch
         per_device_eval_batch_size=config.evaluate.batch_size,
         gradient_accumulation_steps=train.grad_accumulation,
         seed=train.seed,
@@ -163,18 +173,30 @@ def _training_args(config, run_dir: Path, device: str, quiet: bool = False):
         logging_nan_inf_filter=False,  # the default hides NaN losses from the logs
         report_to=[],
         use_cpu=device == "cpu",
-        bf16=device == "cuda" and _bf16_supported(),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        optim=train.optimizer,
         label_names=["labels"],
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # transformers multiplies the loss by the process count whenever forward takes **kwargs (peft's
+        # does), expecting a token-normalized loss; the classification loss is a per-batch mean, so that
+        # doubled its gradients under DDP. Causal LM losses do use num_items_in_batch.
+        average_tokens_across_devices=config.task == "causal_lm",
+        ddp_find_unused_parameters=False,  # frozen base weights never get gradients; the search costs a graph walk a step
         disable_tqdm=quiet or None,
     )
 
 
-def _bf16_supported() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+def resolve_precision(requested: str, device: str) -> str:
+    """auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU (CPU autocast only when asked)."""
+    if requested != "auto":
+        return requested
+    if device != "cuda":
+        return "fp32"
+    return "bf16" if _bf16_supported() else "fp16"
 
 
 class NonFiniteLossGuard(TrainerCallback):
@@ -206,6 +228,8 @@ class StepMetricsLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         from mlflow.entities import Metric
 
+        if not state.is_world_process_zero:
+            return
         now, step = time.perf_counter(), state.global_step
         values = {_metric_name(k): v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if step > self.last_step and "train/loss" in values:

@@ -74,7 +74,10 @@ def cls_config(model_dir: Path, data: dict[str, Path], **overrides) -> dict:
             "labels": LABELS, "max_length": 24, "checks": {"min_rows": 10},
         },
         "adapter": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"], "init": {"method": "lora"}},
-        "train": {"max_steps": 4, "batch_size": 8, "learning_rate": 0.01, "checkpoint_every": 2, "log_every": 1},
+        # In the flow's process: the accelerate subprocess costs ~10 s of imports per run, paid only by
+        # the tests that exercise it (test_launch.py, the main e2e test).
+        "train": {"max_steps": 4, "batch_size": 8, "learning_rate": 0.01, "checkpoint_every": 2, "log_every": 1,
+                  "launch": {"mode": "in_process"}},
         "evaluate": {"split": "test", "batch_size": 16},
         "registry": {"model_name": "tiny-cls-adapter"},
     }

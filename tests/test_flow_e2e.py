@@ -43,7 +43,7 @@ def test_flow_registers_an_adapter_that_reproduces_the_trained_model(prefect_ser
     from tasks.config import ModelSpec
     from tasks.model_io import load_model, resolve_base
 
-    overrides = {"adapter.init": {"method": "pissa"}, "tracking.system_metrics_seconds": 0.2}
+    overrides = {"adapter.init": {"method": "pissa"}, "tracking.system_metrics_seconds": 0.2, "train.launch": {"mode": "accelerate"}}
     config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **overrides))
     assert main(["run", str(config)]) == 0
     out = capsys.readouterr().out

@@ -1,0 +1,137 @@
+"""Training as a subprocess through `accelerate launch`, one process or several (DDP/FSDP).
+
+Why a subprocess: CUDA memory is released when it ends, an OOM kills it and not the flow, and a
+cancelled flow kills its whole process group. The init products are computed once by the flow and
+read by every rank from the init folder; no rank recomputes a data-driven init.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from tasks import errors
+from tasks.errors import TrainingError
+
+JOB_FILE, RESULT_FILE, ERROR_FILE, LOG_FILE, PID_FILE = "train_job.json", "train_result.json", "train_error.json", "train_process.log", "train.pid"
+KILL_GRACE_SECONDS = 10.0
+
+
+def launch_training(config, base_ref, init_dir: Path, run_dir: Path, tracking: dict | None, resume_from: str | None = None):
+    from tasks.train import TrainResult
+
+    job = _write_job(config, base_ref, init_dir, run_dir, tracking, resume_from)
+    with open(run_dir / LOG_FILE, "ab") as log:
+        process = subprocess.Popen(
+            accelerate_command(config, job), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+    (run_dir / PID_FILE).write_text(str(process.pid))
+    with _group_killed_on_exit(process):
+        code = process.wait()
+    if code != 0:
+        raise _failure(code, run_dir)
+    return TrainResult(**json.loads((run_dir / RESULT_FILE).read_text()))
+
+
+def accelerate_command(config, job: Path) -> list[str]:
+    """`accelerate launch` with every setting on the command line: no accelerate config file is read."""
+    from tasks.train import pick_device, resolve_precision
+
+    launch, device = config.train.launch, pick_device(config.train.device)
+    precision = {"fp32": "no"}.get(resolve_precision(config.train.precision, device), resolve_precision(config.train.precision, device))
+    command = [
+        sys.executable, "-m", "tasks.die_with_parent", sys.executable, "-m", "accelerate.commands.launch",
+        "--num_machines", "1", "--num_processes", str(launch.processes), "--mixed_precision", precision, "--dynamo_backend", "no",
+    ]
+    if launch.strategy == "fsdp" and launch.processes > 1:
+        command += ["--use_fsdp", "--fsdp_use_orig_params", "true", "--fsdp_sharding_strategy", "FULL_SHARD"]
+    elif launch.processes > 1:
+        # torchrun under accelerate's "multi_gpu" launcher; on CPU the Trainer's use_cpu picks gloo
+        # (accelerate's --cpu with several processes means mpirun, which is not installed).
+        command.append("--multi_gpu")
+    elif device == "cpu":
+        command.append("--cpu")
+    if launch.processes > 1:
+        command += ["--main_process_port", str(launch.main_port or _free_port())]
+    return command + ["-m", "tasks.train_worker", str(job)]
+
+
+def _write_job(config, base_ref, init_dir: Path, run_dir: Path, tracking: dict | None, resume_from: str | None) -> Path:
+    from dataclasses import asdict
+
+    job = run_dir / JOB_FILE
+    for stale in (RESULT_FILE, ERROR_FILE):
+        (run_dir / stale).unlink(missing_ok=True)
+    job.write_text(json.dumps({
+        "config": config.model_dump(mode="json"), "base_ref": asdict(base_ref), "init_dir": str(init_dir),
+        "run_dir": str(run_dir), "tracking": tracking, "resume_from": resume_from,
+    }, indent=1))
+    return job
+
+
+@contextmanager
+def _group_killed_on_exit(process: subprocess.Popen):
+    """Ctrl-C, a cancel (SIGTERM to the flow) or any error here kills every training process."""
+    previous = _raise_on_sigterm()
+    try:
+        yield
+    except BaseException:
+        _kill_group(process)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm():
+    if threading.current_thread() is not threading.main_thread():
+        return None  # signals reach only the main thread; die_with_parent still covers a killed flow
+
+    def cancelled(signum, frame):
+        raise TrainingError("training was cancelled (SIGTERM); the training processes were stopped and nothing was registered.")
+
+    return signal.signal(signal.SIGTERM, cancelled)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(KILL_GRACE_SECONDS)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _failure(code: int, run_dir: Path) -> Exception:
+    """The worker's own error when it wrote one; otherwise how the process ended and its last lines."""
+    error_file = run_dir / ERROR_FILE
+    if error_file.exists():
+        error = json.loads(error_file.read_text())
+        kind = getattr(errors, error["type"], TrainingError)
+        return kind(error["message"]) if isinstance(kind, type) and issubclass(kind, errors.AdapterflowError) else TrainingError(error["message"])
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    if code in (-signal.SIGKILL, 137):
+        how += " (out of memory? the kernel's OOM killer sends SIGKILL)"
+    tail = "\n".join((run_dir / LOG_FILE).read_text(errors="replace").splitlines()[-15:])
+    return TrainingError(
+        f"the training process {how}. Nothing was registered. A rerun of the same config resumes from the last "
+        f"checkpoint. Log: {run_dir / LOG_FILE}; its last lines:\n{tail}"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -1,0 +1,59 @@
+"""One training process started by `accelerate launch` (see tasks/launch.py): `python -m tasks.train_worker JOB`.
+
+Every rank trains; rank 0 alone saves the adapter and writes the result, or the error a user can
+act on, for the flow to read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+
+def main(job_path: str) -> int:
+    from tasks.die_with_parent import die_with_parent
+
+    die_with_parent()  # the launcher dies with the flow; the workers die with the launcher
+    job = json.loads(Path(job_path).read_text())
+    run_dir = Path(job["run_dir"])
+    try:
+        result = _train(job)
+    except Exception as err:
+        if _is_user_error(err):
+            _write_if_rank_zero(run_dir / "train_error.json", {"type": type(err).__name__, "message": str(err)})
+            print(f"error: {err}", file=sys.stderr)
+            return 3
+        raise
+    _write_if_rank_zero(run_dir / "train_result.json", asdict(result))
+    return 0
+
+
+def _train(job: dict):
+    from tasks.config import RunConfig
+    from tasks.model_io import BaseModelRef
+    from tasks.state import quiet_library_noise
+    from tasks.train import train_adapter
+
+    quiet_library_noise()
+    config = RunConfig.model_validate(job["config"])
+    base_ref = BaseModelRef(**job["base_ref"])
+    return train_adapter(config, base_ref, Path(job["init_dir"]), Path(job["run_dir"]), job["tracking"], job["resume_from"])
+
+
+def _is_user_error(err: Exception) -> bool:
+    from adapters.errors import InitError
+    from tasks.errors import AdapterflowError
+
+    return isinstance(err, (AdapterflowError, InitError))
+
+
+def _write_if_rank_zero(path: Path, payload: dict) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        path.write_text(json.dumps(payload, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

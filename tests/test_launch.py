@@ -1,0 +1,112 @@
+"""Training through `accelerate launch`: a killed process registers nothing and its rerun resumes; DDP matches one process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, cls_config, write_config
+
+pytestmark = pytest.mark.e2e
+ACCELERATE = {"mode": "accelerate"}
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _first_complete_checkpoint(home: Path):
+    return next(iter(home.glob("runs/*/checkpoints/checkpoint-*/trainer_state.json")), None)
+
+
+def test_killed_training_registers_nothing_and_the_rerun_resumes_from_the_last_checkpoint(prefect_server, tmp_path, tiny_bert, cls_data):
+    from mlflow.tracking import MlflowClient
+    from prefect.settings import PREFECT_API_URL
+
+    home = tmp_path / "state"
+    overrides = {"train.launch": ACCELERATE, "train.max_steps": 200, "train.checkpoint_every": 10, "train.threads": 1}
+    config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **overrides))
+    env = dict(os.environ, ADAPTERFLOW_HOME=str(home), PREFECT_API_URL=PREFECT_API_URL.value() or "")
+    command = [sys.executable, "-m", "flows.cli", "run", str(config)]
+    flow = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        checkpoint = _wait_for(lambda: _first_complete_checkpoint(home), 240, "the first checkpoint")
+        training_group = int((checkpoint.parents[2] / "train.pid").read_text())
+        os.killpg(training_group, signal.SIGKILL)
+        out, err = flow.communicate(timeout=120)
+    finally:
+        flow.kill()
+    assert flow.returncode == 4, err
+    assert "the training process was killed by signal 9" in err and "resumes from the last checkpoint" in err
+    uri = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    assert not client.search_registered_models()
+    assert [r.info.status for r in client.search_runs([client.get_experiment_by_name("tiny-cls").experiment_id])] == ["FAILED"]
+
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    resumed_step = int(rerun.stdout.split("resumed from checkpoint-")[1].split()[0])
+    assert 10 <= resumed_step < 200 and "training         200 steps" in rerun.stdout
+    version = client.get_model_version_by_alias("tiny-cls-adapter", "staging")
+    logged_steps = [m.step for m in client.get_metric_history(version.run_id, "train/loss")]
+    assert min(logged_steps) == resumed_step + 1 and max(logged_steps) == 200  # only the remaining steps trained
+
+
+def _trained_adapter(tmp_path, tiny_bert, cls_data, processes: int, init_dir: Path, name: str) -> dict:
+    from safetensors.torch import load_file
+
+    from tasks.config import RunConfig
+    from tasks.launch import launch_training
+    from tasks.model_io import resolve_base
+
+    overrides = {"train.launch": {**ACCELERATE, "processes": processes}, "train.max_steps": 4, "train.batch_size": 8, "train.threads": 1}
+    config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **overrides))
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    result = launch_training(config, resolve_base(config.model), init_dir, run_dir, None)
+    assert result.processes == processes and result.steps == 4
+    return load_file(Path(result.adapter_dir) / "adapter_model.safetensors")
+
+
+def _without_dropout(model_dir: Path, folder: Path) -> Path:
+    """The base model's own dropout draws per-process masks: only a dropout-free model can match exactly."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path, tiny_bert, cls_data):
+    from tasks.config import RunConfig
+    from tasks.init_adapter import initialize_adapter
+    from tasks.model_io import resolve_base
+
+    tiny_bert = _without_dropout(tiny_bert, tmp_path / "no-dropout-bert")
+
+    # EVA is data-driven: computed once here, then read by every rank from the init folder.
+    config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "eva"}}))
+    init = initialize_adapter(config, resolve_base(config.model), tmp_path / "init-run")
+    single = _trained_adapter(tmp_path, tiny_bert, cls_data, 1, Path(init.init_dir), "single")
+    ddp = _trained_adapter(tmp_path, tiny_bert, cls_data, 2, Path(init.init_dir), "ddp")
+    assert single.keys() == ddp.keys()
+    for key in single:
+        assert torch.allclose(single[key], ddp[key], rtol=1e-4, atol=1e-5), key
+    initial = __import__("safetensors.torch", fromlist=["load_file"]).load_file(Path(init.init_dir) / "adapter_model.safetensors")
+    assert any(not torch.allclose(single[k], initial[k]) for k in single if "lora_B" in k)  # it trained
