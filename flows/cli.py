@@ -226,6 +226,7 @@ def render_summary(summary: dict, dirs, seconds: float) -> str:
         f"training         {summary['train']['steps']} steps in {summary['train']['seconds']:.0f} s on {summary['train']['device']}" + _launch_note(summary["train"]),
         *_merge_lines(summary.get("merge")),
         f"metrics ({summary['eval_split']})  {metrics}",
+        *_spectral_lines(summary.get("spectral")),
         f"registered       {summary['model_name']} version {summary['version']}  alias @{summary['alias']}",
         *_promotion_lines(summary.get("promotion")),
         f"mlflow run       {summary['run_id']}",
@@ -242,6 +243,13 @@ def _launch_note(train: dict) -> str:
     if train.get("resumed_from"):
         note += f"; resumed from {Path(train['resumed_from']).name} of the interrupted run"
     return note
+
+
+def _spectral_lines(spectral: dict | None) -> list[str]:
+    if spectral is None:
+        return []
+    return [f"intruder dims    {spectral['intruders_total']:.0f} in {spectral['layers_with_intruders']:.0f} layers "
+            f"(lowest best-match similarity {spectral['intruders_min_similarity']:.2f}); table and plot under spectral/ in the run"]
 
 
 def _merge_lines(merge: dict | None) -> list[str]:

@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.stages import (
-    evaluate_stage, init_stage, merge_choice_stage, open_run_stage, promote_stage, register_stage, train_stage, validate_stage, version_stage,
+    evaluate_stage, init_stage, merge_choice_stage, open_run_stage, promote_stage, register_stage, spectral_stage, train_stage, validate_stage, version_stage,
 )
 from tasks.config import load_config
 from tasks.data_io import split_files
@@ -85,11 +85,14 @@ def _train_and_register(config, base_ref, run_dir: Path, cache_root: Path, uri: 
         _log_merge(uri, run_id, run_dir, merge)
     metrics = _timed(timings, "evaluate", evaluate_stage, config, base_ref, adapter_dir, run_dir / "plots")
     _log_plots(uri, run_id, run_dir)
+    spectral = _spectral(config, base_ref, adapter_dir, run_dir, uri, run_id, timings)
     data_version = versioning.result()
     track.log_data_version(config, uri, run_id, data_version)
     track.log_metrics(uri, run_id, metrics, prefix=f"{config.evaluate.split}/")
     tags = _version_tags(train_config, base_ref, data_version, init.method, metrics, trained)
     description = _version_description(train_config, init.method, metrics, trained, data_version)
+    if spectral:
+        tags["intruder_dimensions"] = f"{spectral['intruders_total']:.0f}"
     if merge:
         tags["checkpoint_merge"] = f"{merge['chosen']} ({merge['metric']} on validation: merged {merge['merged']:.4f}, final {merge['final']:.4f})"
     version = _timed(timings, "register", register_stage, config, uri, run_id, adapter_dir, base_ref, tags, description)
@@ -98,8 +101,18 @@ def _train_and_register(config, base_ref, run_dir: Path, cache_root: Path, uri: 
         "promotion": promotion,
         "name": config.name, "run_id": run_id, "init": init.to_dict(), "train": trained.to_dict(), "metrics": metrics,
         "model_name": config.registry.model_name, "version": version, "alias": config.registry.staging_alias,
-        "eval_split": config.evaluate.split, "data_md5": data_version.digest, "merge": merge,
+        "eval_split": config.evaluate.split, "data_md5": data_version.digest, "merge": merge, "spectral": spectral,
     }
+
+
+def _spectral(config, base_ref, adapter_dir: str, run_dir: Path, uri: str, run_id: str, timings: dict) -> dict | None:
+    if config.evaluate.intruders is None:
+        return None
+    report = _timed(timings, "spectral", spectral_stage, config, base_ref, adapter_dir, run_dir / "spectral")
+    for path in report["files"]:
+        track.log_file(uri, run_id, Path(path), "spectral")
+    track.log_metrics(uri, run_id, report["summary"], prefix="spectral/")
+    return report["summary"]
 
 
 def _log_merge(uri: str, run_id: str, run_dir: Path, merge: dict) -> None:

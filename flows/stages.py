@@ -76,6 +76,13 @@ def evaluate_stage(config, base_ref, adapter_dir: str, plots_dir: Path) -> dict:
     return evaluate_adapter(config, base_ref, Path(adapter_dir), config.evaluate.split, plots_dir)
 
 
+@task(name="spectral-report", retries=0, **STAGE)
+def spectral_stage(config, base_ref, adapter_dir: str, out_dir: Path) -> dict:
+    from tasks.spectral_report import write_spectral_report
+
+    return write_spectral_report(config, base_ref, Path(adapter_dir), out_dir)
+
+
 @task(name="register", retries=0, **STAGE)
 def register_stage(config, uri: str, run_id: str, adapter_dir: str, base_ref, tags: dict, description: str) -> str:
     from tasks.track import register_adapter

@@ -311,10 +311,18 @@ class GenerationEval(Strict):
     max_new_tokens: int = Field(32, ge=1, le=4096)
 
 
+class IntruderSpec(Strict):
+    """The spectral report: top-k singular vectors of W + s·BA unlike every singular vector of W."""
+
+    top_k: int = Field(10, ge=1, le=4096)
+    threshold: float = Field(0.5, gt=0.0, le=1.0)
+
+
 class EvaluateSpec(Strict):
     split: Literal["validation", "test"] = "test"
     batch_size: int = Field(64, ge=1)
     generation: GenerationEval | None = None
+    intruders: IntruderSpec | None = IntruderSpec()  # null turns the spectral report off
 
 
 class RegistrySpec(Strict):
@@ -341,6 +349,9 @@ class PromotionSpec(Strict):
     metric: str | None = None  # default: accuracy (classification) or eval_loss (causal LM)
     min_improvement: float = Field(0.0, ge=0.0)  # over production; a first version must beat the bare base
     forgetting: ForgettingCheck | None = None
+    # Within tie_margin of production on the metric, the candidate must have fewer intruder dimensions.
+    tie_breaker: Literal["intruder_dimensions"] | None = None
+    tie_margin: float = Field(0.0, ge=0.0)
 
 
 class ScheduleSpec(Strict):
@@ -379,6 +390,12 @@ class RunConfig(Strict):
     promotion: PromotionSpec = PromotionSpec()
     schedule: ScheduleSpec | None = None
     tracking: TrackingSpec = TrackingSpec()
+
+    @model_validator(mode="after")
+    def _tie_breaker_needs_its_report(self) -> "RunConfig":
+        if self.promotion.tie_breaker == "intruder_dimensions" and self.evaluate.intruders is None:
+            raise ValueError("promotion.tie_breaker intruder_dimensions needs evaluate.intruders (its top_k and threshold); remove 'intruders: null'")
+        return self
 
     @model_validator(mode="after")
     def _task_fits_data(self) -> "RunConfig":

@@ -33,6 +33,7 @@ class Decision:
     incumbent_value: float
     reason: str
     forgetting: dict | None = None
+    tie_break: dict | None = None  # intruder dimensions of both, when the metric tied
 
 
 def promote(name: str, uri: str, lock_dir: Path, staging: str = "staging", production: str = "production") -> Decision:
@@ -225,19 +226,39 @@ def _judge(mlflow_client, name: str, config, candidate, incumbent: str | None) -
         champion = _adapter_dir(mlflow_client, name, incumbent, Path(tmp) / "incumbent") if incumbent else None
         ours, theirs = _scores(config, base_ref, challenger, champion, config.evaluate.split)
         forgetting = _forgetting(config, base_ref, challenger, champion) if gate.forgetting else None
-    metric = config.gate_metric()
-    improvement = oriented(metric, ours[metric] - theirs[metric])
+        metric = config.gate_metric()
+        improvement = oriented(metric, ours[metric] - theirs[metric])
+        tie = _intruder_tie_break(config, base_ref, challenger, champion, improvement) if champion else None
+    promoted, reason = _verdict(config, improvement, ours[metric], theirs[metric], incumbent, forgetting, tie)
+    return Decision(promoted, candidate.version, incumbent, metric, ours[metric], theirs[metric], reason, forgetting, tie)
+
+
+def _verdict(config, improvement: float, ours: float, theirs: float, incumbent, forgetting, tie) -> tuple[bool, str]:
+    gate, metric = config.promotion, config.gate_metric()
     against = f"version {incumbent}" if incumbent else "the base model without adapter"
     if incumbent is None and improvement <= 0:
-        reason = f"{metric} {ours[metric]:.4f} does not beat {against} ({theirs[metric]:.4f})"
-    elif improvement < gate.min_improvement:
-        reason = f"{metric} improves by {improvement:+.4f} over {against}, less than promotion.min_improvement {gate.min_improvement}"
-    elif forgetting and forgetting["drop"] > gate.forgetting.tolerance:
-        reason = f"forgetting set: {metric} drops by {forgetting['drop']:.4f} vs {against}, more than tolerance {gate.forgetting.tolerance}"
-    else:
-        reason = f"{metric} {ours[metric]:.4f} vs {theirs[metric]:.4f} ({against}): improvement {improvement:+.4f} >= {gate.min_improvement}"
-        return Decision(True, candidate.version, incumbent, metric, ours[metric], theirs[metric], reason, forgetting)
-    return Decision(False, candidate.version, incumbent, metric, ours[metric], theirs[metric], reason, forgetting)
+        return False, f"{metric} {ours:.4f} does not beat {against} ({theirs:.4f})"
+    if forgetting and forgetting["drop"] > gate.forgetting.tolerance:
+        return False, f"forgetting set: {metric} drops by {forgetting['drop']:.4f} vs {against}, more than tolerance {gate.forgetting.tolerance}"
+    if tie is not None:
+        fewer = tie["candidate"] < tie["incumbent"]
+        return fewer, (
+            f"{metric} {ours:.4f} vs {theirs:.4f} ({against}) is a tie (within promotion.tie_margin {gate.tie_margin}); "
+            f"intruder dimensions {tie['candidate']} vs {tie['incumbent']}: {'fewer, promoted' if fewer else 'not fewer, production stays'}"
+        )
+    if improvement < gate.min_improvement:
+        return False, f"{metric} improves by {improvement:+.4f} over {against}, less than promotion.min_improvement {gate.min_improvement}"
+    return True, f"{metric} {ours:.4f} vs {theirs:.4f} ({against}): improvement {improvement:+.4f} >= {gate.min_improvement}"
+
+
+def _intruder_tie_break(config, base_ref, challenger: Path, champion: Path, improvement: float) -> dict | None:
+    """On a metric tie, count both adapters' intruder dimensions now (the incumbent may predate the report)."""
+    gate = config.promotion
+    if gate.tie_breaker != "intruder_dimensions" or abs(improvement) > gate.tie_margin:
+        return None
+    from tasks.spectral_report import intruders_total
+
+    return {"candidate": intruders_total(config, base_ref, challenger), "incumbent": intruders_total(config, base_ref, champion)}
 
 
 def oriented(metric: str, difference: float) -> float:
@@ -295,6 +316,8 @@ def _record(mlflow_client, name: str, action: str, decision: Decision, versions:
     }
     if decision.forgetting:
         event["forgetting"] = decision.forgetting
+    if decision.tie_break:
+        event["intruder_dimensions"] = decision.tie_break
     _tag_event(mlflow_client, name, event, versions)
 
 

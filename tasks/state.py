@@ -60,7 +60,13 @@ class StateDirs:
         return self.root / "cache" / "init"
 
     def default_mlflow_uri(self) -> str:
-        return f"sqlite:///{self.mlflow_db}"
+        """The user's MLFLOW_TRACKING_URI (as MLflow's own tools read it), else the local SQLite store."""
+        return USER_MLFLOW_URI or f"sqlite:///{self.mlflow_db}"
+
+
+# Read once, at import: mlflow.set_tracking_uri() writes this variable, so a later read in the same
+# process would see the URI of whichever run registered last, not the user's choice.
+USER_MLFLOW_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def state_dirs() -> StateDirs:

@@ -24,7 +24,9 @@ def client(uri: str):
 def open_run(config, uri: str, artifacts_root: Path, validation_files: dict, base_ref) -> str:
     """Create the run with params, the resolved config and the validation report."""
     mlflow_client = client(uri)
-    experiment_id = _experiment_id(mlflow_client, config.experiment_name(), artifacts_root)
+    # A server stores artifacts in its own artifact store (S3, ...): a local folder would stay on this machine.
+    local_root = None if is_server(uri) else artifacts_root
+    experiment_id = _experiment_id(mlflow_client, config.experiment_name(), local_root)
     tags = {"adapterflow.config_hash": config.digest(), "adapterflow.base_model": base_ref.identity, "mlflow.source.git.commit": git_commit()}
     run = mlflow_client.create_run(experiment_id, run_name=f"{config.name}-{config.adapter.init.method}", tags=tags)
     run_id = run.info.run_id
@@ -229,6 +231,10 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "databricks"))
 
 
 def check_reachable(uri: str) -> None:

@@ -68,6 +68,9 @@ def test_flow_registers_an_adapter_that_reproduces_the_trained_model(prefect_ser
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "init")}
     assert {"init/init_report.json", "init/init_spectrum.png"} <= logged
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/confusion_matrix.png", "plots/loss_curves.png"}
+    spectral = {a.path for a in client.list_artifacts(run.info.run_id, "spectral")}
+    assert spectral == {"spectral/intruder_dimensions.md", "spectral/intruder_dimensions.png"}
+    assert tags["intruder_dimensions"] == f"{run.data.metrics['spectral/intruders_total']:.0f}"
     train_md5 = hashlib.md5(cls_data["train"].read_bytes()).hexdigest()
     assert run.inputs.dataset_inputs[0].dataset.digest == train_md5
 
