@@ -48,7 +48,14 @@ def main(config_path: str, out_dir: str) -> None:
         per_device_eval_batch_size=cfg["evaluate"]["batch_size"],
     )
     trainer = Trainer(model=model, args=args, train_dataset=load("train"), data_collator=DataCollatorWithPadding(tokenizer))
-    trainer.train()
+    output = trainer.train()
+    if "--train-only" in sys.argv:  # bench/throughput.py: training speed and peak memory, nothing else
+        import json
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"samples_per_second": output.metrics["train_samples_per_second"], "seconds": output.metrics["train_runtime"], "peak_memory_mb": peak}))
+        return
     model.save_pretrained(f"{out_dir}/adapter")
     predictions = trainer.predict(load("test"))
     accuracy = float((np.argmax(predictions.predictions, -1) == predictions.label_ids).mean())

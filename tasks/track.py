@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -120,11 +121,17 @@ def register_adapter(config, uri: str, run_id: str, adapter_dir: Path, base_ref,
     Moving the alias is the last step: a crash anywhere before it leaves the alias where it was,
     and the half-registered version keeps the tag `adapterflow.registration: incomplete`.
     """
+    # MLflow's SQL registry looks the logged model up through the process-wide URI, so it is set
+    # for the whole registration, then put back.
+    with _fluent_tracking_uri(uri):
+        return _register(config, uri, run_id, adapter_dir, base_ref, tags, description)
+
+
+def _register(config, uri: str, run_id: str, adapter_dir: Path, base_ref, tags: dict[str, str], description: str) -> str:
     import mlflow
 
     from tasks.pyfunc_adapter import LoraAdapterModel
 
-    mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="adapter", python_model=LoraAdapterModel(), artifacts={"adapter": str(adapter_dir)},
@@ -142,6 +149,24 @@ def register_adapter(config, uri: str, run_id: str, adapter_dir: Path, base_ref,
     mlflow_client.set_model_version_tag(name, version.version, REGISTRATION_TAG, "complete")
     mlflow_client.set_registered_model_alias(name, config.registry.staging_alias, version.version)
     return str(version.version)
+
+
+@contextmanager
+def _fluent_tracking_uri(uri: str):
+    """log_model only exists in MLflow's fluent API, whose URI is process-wide and also written to
+    MLFLOW_TRACKING_URI (inherited by every later subprocess): both are put back afterwards."""
+    import mlflow
+
+    previous_env, previous_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def _wait_until_ready(mlflow_client, name: str, version: str, timeout: float = 300.0) -> None:

@@ -26,6 +26,7 @@ class TrainResult:
     merge: dict | None = None
     resumed_from: str | None = None  # the checkpoint an interrupted run's rerun continued from
     processes: int = 1
+    peak_memory_mb: float = 0.0  # this process: CUDA memory allocated on a GPU, resident memory on CPU
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,8 +56,18 @@ def train_adapter(config, base_ref, init_dir: Path, run_dir: Path, tracking: dic
     return TrainResult(
         str(run_dir / "adapter"), trainer.state.global_step, float(output.training_loss), seconds,
         float(output.metrics.get("train_samples_per_second", 0.0)), device, merged_dir, merge,
-        resumed_from=resume_from, processes=trainer.args.world_size,
+        resumed_from=resume_from, processes=trainer.args.world_size, peak_memory_mb=peak_memory_mb(device),
     )
+
+
+def peak_memory_mb(device: str) -> float:
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _save_merged(model, snapshots: list, config, run_dir: Path, init_dir: Path) -> tuple[str, dict]:

@@ -24,6 +24,14 @@ from tasks.state import prepare_environment  # noqa: E402
 prepare_environment(offline=True)
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """A test's own mlflow.set_tracking_uri() must not reach the next test's subprocesses."""
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     from tasks.tiny_models import make_tiny_bert

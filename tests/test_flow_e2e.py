@@ -74,7 +74,8 @@ def test_flow_registers_an_adapter_that_reproduces_the_trained_model(prefect_ser
     train_md5 = hashlib.md5(cls_data["train"].read_bytes()).hexdigest()
     assert run.inputs.dataset_inputs[0].dataset.digest == train_md5
 
-    downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/{version.version}", dst_path=str(tmp_path / "dl"), tracking_uri=uri))
+    source = client.get_model_version_download_uri(MODEL_NAME, version.version)
+    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp_path / "dl"), tracking_uri=uri))
     ref = resolve_base(ModelSpec(path=str(tiny_bert)))
     probe = {"input_ids": torch.randint(5, 2000, (3, 12), generator=torch.Generator().manual_seed(0))}
     registered = PeftModel.from_pretrained(load_model(ref, "sequence_classification", ["games", "science", "sound"]), str(downloaded / "artifacts" / "adapter"))

@@ -1,0 +1,94 @@
+"""Training throughput and peak memory: the flow's train step vs a plain transformers + peft Trainer script.
+
+Both train the same config (same model, data, LoRA, batch, steps) in fresh processes, alternating,
+best of N. Throughput is the Trainer's own samples/s (model loading and start-up excluded) times the
+mean tokens per training sample; peak memory is each training process's own peak (resident memory
+on CPU, CUDA memory allocated on a GPU). Targets: throughput >= 0.97x, peak memory <= 1.0x.
+
+Usage: python bench/throughput.py [--config configs/demo.yaml] [--steps 40] [--repeats 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_json(command: list[str], env: dict) -> dict:
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def bench_config(source: Path, steps: int, folder: Path) -> Path:
+    """The config with max_steps set and no mid-run checkpoint (both sides save the same, at the end)."""
+    config = yaml.safe_load(source.read_text())
+    config["train"].update(max_steps=steps, checkpoint_every=steps)
+    for split in ("train", "validation", "test"):
+        if config["data"].get(split):
+            config["data"][split] = str((source.parent / config["data"][split]).resolve())
+    path = folder / "throughput.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def tokens_per_sample(config_path: Path) -> float:
+    import pandas as pd
+
+    from tasks.config import load_config
+    from tasks.model_io import load_tokenizer, resolve_base
+
+    config = load_config(config_path)
+    tokenizer = load_tokenizer(resolve_base(config.model))
+    texts = pd.read_csv(config.data.train)[config.data.text_field].astype(str).tolist()
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=config.data.max_length)["input_ids"]]
+    return sum(lengths) / len(lengths)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads on both sides (1 on a busy machine)")
+    args = parser.parse_args()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    with tempfile.TemporaryDirectory() as tmp:
+        config = bench_config(ROOT / args.config, args.steps, Path(tmp))
+        tokens = tokens_per_sample(config)
+        plain, ours = [], []
+        for repeat in range(args.repeats):
+            plain.append(run_json([sys.executable, "bench/plain_demo.py", str(config), f"{tmp}/plain{repeat}", "--train-only"], env))
+            ours.append(run_json([sys.executable, "bench/flow_train_step.py", str(config), f"{tmp}/flow{repeat}"], env))
+    report(plain, ours, tokens, args)
+
+
+def report(plain: list[dict], ours: list[dict], tokens: float, args) -> None:
+    best_plain = max(r["samples_per_second"] for r in plain) * tokens
+    best_ours = max(r["samples_per_second"] for r in ours) * tokens
+    peak_plain = min(r["peak_memory_mb"] for r in plain)
+    peak_ours = min(r["peak_memory_mb"] for r in ours)
+    device = ours[0]["device"]
+    print(f"config {args.config}, {args.steps} steps, best of {args.repeats}, device {device}, {tokens:.1f} tokens/sample")
+    print(f"{'':34} {'tokens/s':>10} {'peak MB':>10}")
+    print(f"{'plain transformers + peft Trainer':34} {best_plain:10.1f} {peak_plain:10.0f}")
+    print(f"{'adapterflow train step':34} {best_ours:10.1f} {peak_ours:10.0f}")
+    print(f"ratio: throughput {best_ours / best_plain:.3f}x (target >= 0.97), peak memory {peak_ours / peak_plain:.3f}x (target <= 1.0)")
+    print("all runs tokens/s  plain: " + ", ".join(f"{r['samples_per_second'] * tokens:.0f}" for r in plain)
+          + "  ours: " + ", ".join(f"{r['samples_per_second'] * tokens:.0f}" for r in ours))
+
+
+if __name__ == "__main__":
+    main()
