@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -153,20 +152,13 @@ def _register(config, uri: str, run_id: str, adapter_dir: Path, base_ref, tags: 
 
 @contextmanager
 def _fluent_tracking_uri(uri: str):
-    """log_model only exists in MLflow's fluent API, whose URI is process-wide and also written to
-    MLFLOW_TRACKING_URI (inherited by every later subprocess): both are put back afterwards."""
-    import mlflow
+    """log_model exists only in MLflow's fluent API, whose URI is process-wide and is also written to
+    MLFLOW_TRACKING_URI (inherited by later subprocesses). MLflow's own `_use_tracking_uri` puts both
+    back exactly as they were (unset stays unset); private, but public set_tracking_uri cannot unset."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    previous_env, previous_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with _use_tracking_uri(uri):
         yield
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def _wait_until_ready(mlflow_client, name: str, version: str, timeout: float = 300.0) -> None:

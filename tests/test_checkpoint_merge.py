@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +88,11 @@ def test_flow_registers_the_better_of_merged_and_final_and_records_the_choice(pr
     assert chosen in {"merged", "final"} and run.data.metrics["merge/chose_merged"] == float(chosen == "merged")
     final, merged_score = run.data.metrics["merge/final_accuracy"], run.data.metrics["merge/merged_accuracy"]
     assert chosen == ("merged" if merged_score > final else "final")
-    registered = client.download_artifacts(run.info.run_id, "adapter/artifacts/adapter/adapter_model.safetensors", str(tmp_path / "reg"))
+    import mlflow
+
+    source = client.get_model_version_download_uri("tiny-cls-adapter", version.version)
+    registered = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp_path / "reg"), tracking_uri=uri))
+    registered = registered / "artifacts" / "adapter" / "adapter_model.safetensors"
     expected_dir = "adapter_merged" if chosen == "merged" else "adapter"
     assert load_file(registered).keys() == load_file(run_dir / expected_dir / "adapter_model.safetensors").keys()
     assert all(torch.equal(v, load_file(run_dir / expected_dir / "adapter_model.safetensors")[k]) for k, v in load_file(registered).items())

@@ -88,8 +88,10 @@ def test_flow_registers_an_adapter_that_reproduces_the_trained_model(prefect_ser
 
     import pandas as pd
 
-    mlflow.set_registry_uri(uri)
-    served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@staging")
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(uri):  # as a serving process would set it; models:/ resolves through it
+        served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@staging")
     assert set(served.predict(pd.DataFrame({"text": ["audio mixer volume", "puzzle board game"]}))) <= {"games", "science", "sound"}
 
 
