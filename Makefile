@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH ?= torch==2.13.0
 QUIET := 2>&1 | { grep -v -e '^WARNING: Location' -e 'is ignored: it is neither' || true; }
 
-.PHONY: install demo test test-fast bench clean-state
+.PHONY: install demo test test-fast bench gpu-check clean-state
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,6 +31,11 @@ test-fast: install
 
 bench: install
 	$(PY) bench/overhead.py
+
+# On a machine with CUDA: the GPU-only tests (bf16/fp16, QLoRA through the launcher, LoftQ) and the GPU throughput rows.
+gpu-check: install
+	$(VENV)/bin/pytest -q -m gpu -rs
+	$(PY) bench/throughput.py --gpu
 
 clean-state:
 	rm -rf .adapterflow

@@ -6,6 +6,7 @@ mean tokens per training sample; peak memory is each training process's own peak
 on CPU, CUDA memory allocated on a GPU). Targets: throughput >= 0.97x, peak memory <= 1.0x.
 
 Usage: python bench/throughput.py [--config configs/demo.yaml] [--steps 40] [--repeats 3] [--threads N]
+       python bench/throughput.py --gpu   # a config-built ~1 B Llama, SFT data, bf16 and 4-bit NF4 (needs CUDA)
 """
 
 from __future__ import annotations
@@ -43,16 +44,14 @@ def bench_config(source: Path, steps: int, folder: Path) -> Path:
 
 
 def tokens_per_sample(config_path: Path) -> float:
-    import pandas as pd
-
+    """Mean tokens per training sample, encoded the way the flow encodes them."""
     from tasks.config import load_config
+    from tasks.encode import encode_split
     from tasks.model_io import load_tokenizer, resolve_base
 
     config = load_config(config_path)
-    tokenizer = load_tokenizer(resolve_base(config.model))
-    texts = pd.read_csv(config.data.train)[config.data.text_field].astype(str).tolist()
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=config.data.max_length)["input_ids"]]
-    return sum(lengths) / len(lengths)
+    encoded = encode_split(config, load_tokenizer(resolve_base(config.model)), "train")
+    return sum(len(ids) for ids in encoded["input_ids"]) / len(encoded)
 
 
 def main() -> None:
@@ -61,7 +60,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads on both sides (1 on a busy machine)")
+    parser.add_argument("--gpu", action="store_true", help="the GPU rows: ~1 B Llama in bf16 and in 4-bit")
     args = parser.parse_args()
+    if args.gpu:
+        return gpu_rows(args)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -88,6 +90,46 @@ def report(plain: list[dict], ours: list[dict], tokens: float, args) -> None:
     print(f"ratio: throughput {best_ours / best_plain:.3f}x (target >= 0.97), peak memory {peak_ours / peak_plain:.3f}x (target <= 1.0)")
     print("all runs tokens/s  plain: " + ", ".join(f"{r['samples_per_second'] * tokens:.0f}" for r in plain)
           + "  ours: " + ", ".join(f"{r['samples_per_second'] * tokens:.0f}" for r in ours))
+
+
+GPU_LLAMA = {"hidden": 2048, "layers": 22}  # ~1.0 B parameters with the tiny models' tokenizer (30,522 tokens)
+
+
+def gpu_rows(args) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("--gpu needs CUDA; none is visible here. Run it on a GPU machine: make gpu-check")
+    from tasks.tiny_models import make_tiny_llama
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_tiny_llama(Path(tmp) / "llama-1b", **GPU_LLAMA)
+        for quantization in (None, "nf4"):
+            config = gpu_config(Path(tmp), model_dir, quantization, args.steps)
+            tokens = tokens_per_sample(config)
+            plain, ours = [], []
+            for repeat in range(args.repeats):
+                plain.append(run_json([sys.executable, "bench/plain_causal.py", str(config), f"{tmp}/plain{repeat}"], env))
+                ours.append(run_json([sys.executable, "bench/flow_train_step.py", str(config), f"{tmp}/flow{repeat}-{quantization}"], env))
+            args.config = f"Llama ~1 B, {quantization or 'bf16'}"
+            report(plain, ours, tokens, args)
+
+
+def gpu_config(folder: Path, model_dir: Path, quantization: str | None, steps: int) -> Path:
+    sft = ROOT / "data" / "sft"
+    config = {
+        "name": "throughput-gpu", "task": "causal_lm",
+        "model": {"path": str(model_dir), "dtype": "bfloat16", **({"quantization": quantization} if quantization else {})},
+        "data": {"train": str(sft / "train.jsonl"), "validation": str(sft / "validation.jsonl"), "prompt_field": "prompt",
+                 "response_field": "response", "max_length": 256, "checks": {"min_rows": 20, "max_text_chars": 400, "max_duplicate_rate": 0.05}},
+        "adapter": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "init": {"method": "lora"}},
+        "train": {"max_steps": steps, "learning_rate": 2e-4, "batch_size": 8, "checkpoint_every": steps, "log_every": 5, "precision": "bf16"},
+        "evaluate": {"split": "validation"}, "registry": {"model_name": "throughput-gpu"},
+    }
+    path = folder / f"gpu-{quantization or 'bf16'}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 if __name__ == "__main__":

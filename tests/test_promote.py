@@ -105,6 +105,10 @@ def test_registry_commands_name_the_problem(tmp_path):
     assert result.returncode == 5 and "no registered model named 'no-such-model'" in result.stderr
     result = run_cli("status", "x", "--tracking-uri", "http://127.0.0.1:9", home=home)
     assert result.returncode == 5 and "cannot be reached" in result.stderr
+    _client(home).create_registered_model("never-trained")
+    result = run_cli("promote", "never-trained", home=home)
+    assert result.returncode == 5 and "has no version with alias @staging; run a retrain first" in result.stderr
+    assert _client(home).get_registered_model("never-trained").aliases == {}
 
 
 def test_promote_auto_runs_the_gate_at_the_end_of_the_flow(prefect_server, home, tmp_path, tiny_bert, cls_data, capsys):

@@ -1,0 +1,52 @@
+"""Causal-LM SFT written the plain way: transformers + peft (+ bitsandbytes) Trainer, no pipeline.
+
+Reads the same config as the flow; for bench/throughput.py --gpu. Prints training speed and peak
+CUDA memory as JSON. Usage: python bench/plain_causal.py CONFIG OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pandas as pd
+import torch
+import yaml
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed,
+)
+
+
+def main(config_path: str, out_dir: str) -> None:
+    cfg = yaml.safe_load(open(config_path))
+    train, lora, data = cfg["train"], cfg["adapter"], cfg["data"]
+    set_seed(train.get("seed", 42))
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model"]["path"])
+    quantization = cfg["model"].get("quantization")
+    kwargs = {"dtype": torch.bfloat16}
+    if quantization:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(cfg["model"]["path"], **kwargs)
+    if quantization:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora.get("dropout", 0.0),
+                                             target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+    frame = pd.read_json(data["train"], lines=True)
+    texts = [f"{p} {r}{tokenizer.eos_token}" for p, r in zip(frame[data["prompt_field"]], frame[data["response_field"]])]
+    dataset = Dataset.from_dict(tokenizer(texts, truncation=True, max_length=data["max_length"]))
+    args = TrainingArguments(
+        output_dir=out_dir, max_steps=train["max_steps"], learning_rate=train["learning_rate"], per_device_train_batch_size=train["batch_size"],
+        save_strategy="steps", save_steps=train["checkpoint_every"], logging_steps=train["log_every"], report_to=[], bf16=True,
+        optim=train.get("optimizer", "adamw_torch"),
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    output = trainer.train()
+    print(json.dumps({"samples_per_second": output.metrics["train_samples_per_second"], "seconds": output.metrics["train_runtime"],
+                      "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
