@@ -92,6 +92,9 @@ def preflight(config_path: str):
         raise DataError(f"evaluate.generation.file not found: {config.evaluate.generation.file}")
     resolve_base(config.model)
     check_hardware(config)
+    from tasks.track import check_servers
+
+    check_servers(config)
     if config.schedule is not None:
         check_schedule(config.schedule)
     if config.adapter.init.method == "auto":

@@ -94,3 +94,27 @@ def test_loftq_initializes_a_4bit_base_on_cuda(tmp_path, tiny_bert, cls_data):
     config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "loftq"}, "model.quantization": "nf4"}))
     init = initialize_adapter(config, resolve_base(config.model), tmp_path / "init")
     assert init.method == "loftq" and Path(init.init_dir, "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "env, tracking, expected",
+    [
+        ({"PREFECT_API_URL": "http://127.0.0.1:9/api"}, {}, "the Prefect API at http://127.0.0.1:9/api (PREFECT_API_URL) cannot be reached"),
+        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, {"dvc_remote": "s3://bucket/dvc"}, "the S3 endpoint http://127.0.0.1:9 of tracking.dvc_remote"),
+    ],
+    ids=["prefect-api", "s3-endpoint"],
+)
+def test_a_server_that_does_not_answer_fails_the_run_before_training(tiny_bert, cls_data, tmp_path, env, tracking, expected):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    config = write_config(tmp_path / "c.yaml", cls_config(tiny_bert, cls_data, tracking=tracking))
+    environment = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # only the dead server under test
+    environment.update(ADAPTERFLOW_HOME=str(tmp_path / "state"), **env)
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(config)], cwd=ROOT, env=environment,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 5 and expected in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "state" / "runs").exists()
