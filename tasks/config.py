@@ -268,8 +268,9 @@ class TrainSpec(Strict):
     # auto: bf16 on GPUs that have it, else fp16 on GPUs, fp32 on CPU. bf16 on CPU is CPU autocast.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
-    # Names as in transformers' `optim`; the 8-bit and paged ones are bitsandbytes', paged needs CUDA.
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw_torch"
+    # Names as in transformers' `optim` (whose default, fused AdamW, is ours); the 8-bit and paged
+    # ones are bitsandbytes', paged needs CUDA.
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw_torch_fused"
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainSpec":
