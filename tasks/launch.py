@@ -46,7 +46,8 @@ def accelerate_command(config, job: Path) -> list[str]:
     from tasks.train import pick_device, resolve_precision
 
     launch, device = config.train.launch, pick_device(config.train.device)
-    precision = {"fp32": "no"}.get(resolve_precision(config.train.precision, device), resolve_precision(config.train.precision, device))
+    precision = resolve_precision(config.train.precision, device)
+    precision = "no" if precision == "fp32" else precision  # accelerate's name for full precision
     command = [
         sys.executable, "-m", "tasks.die_with_parent", sys.executable, "-m", "accelerate.commands.launch",
         "--num_machines", "1", "--num_processes", str(launch.processes), "--mixed_precision", precision, "--dynamo_backend", "no",
@@ -119,8 +120,9 @@ def _failure(code: int, run_dir: Path) -> Exception:
     error_file = run_dir / ERROR_FILE
     if error_file.exists():
         error = json.loads(error_file.read_text())
-        kind = getattr(errors, error["type"], TrainingError)
-        return kind(error["message"]) if isinstance(kind, type) and issubclass(kind, errors.AdapterflowError) else TrainingError(error["message"])
+        kind = getattr(errors, error["type"], None)  # adapters' InitError maps to tasks' InitError by name
+        known = isinstance(kind, type) and issubclass(kind, errors.AdapterflowError)
+        return (kind if known else TrainingError)(error["message"])
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
     if code in (-signal.SIGKILL, 137):
         how += " (out of memory? the kernel's OOM killer sends SIGKILL)"
