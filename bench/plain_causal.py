@@ -1,7 +1,8 @@
 """Causal-LM SFT written the plain way: transformers + peft (+ bitsandbytes) Trainer, no pipeline.
 
-Reads the same config as the flow; for bench/throughput.py --gpu. Prints training speed and peak
-CUDA memory as JSON. Usage: python bench/plain_causal.py CONFIG OUT_DIR
+Reads the same config as the flow and tokenizes as the flow does (no special tokens, EOS after the
+response); for bench/throughput.py --gpu. Prints training speed and peak memory (CUDA allocated, or
+resident on CPU) as JSON. Usage: python bench/plain_causal.py CONFIG OUT_DIR
 """
 
 from __future__ import annotations
@@ -36,16 +37,25 @@ def main(config_path: str, out_dir: str) -> None:
                                              target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
     frame = pd.read_json(data["train"], lines=True)
     texts = [f"{p} {r}{tokenizer.eos_token}" for p, r in zip(frame[data["prompt_field"]], frame[data["response_field"]])]
-    dataset = Dataset.from_dict(tokenizer(texts, truncation=True, max_length=data["max_length"]))
+    dataset = Dataset.from_dict(tokenizer(texts, truncation=True, max_length=data["max_length"], add_special_tokens=False))
     args = TrainingArguments(
         output_dir=out_dir, max_steps=train["max_steps"], learning_rate=train["learning_rate"], per_device_train_batch_size=train["batch_size"],
-        save_strategy="steps", save_steps=train["checkpoint_every"], logging_steps=train["log_every"], report_to=[], bf16=True,
+        save_strategy="steps", save_steps=train["checkpoint_every"], logging_steps=train["log_every"], report_to=[], bf16=True, use_cpu=not torch.cuda.is_available(),
         optim=train.get("optimizer", "adamw_torch"),
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     output = trainer.train()
+    tokens = sum(map(len, dataset["input_ids"])) / len(dataset)  # bench/throughput.py checks both sides train the same tokens
     print(json.dumps({"samples_per_second": output.metrics["train_samples_per_second"], "seconds": output.metrics["train_runtime"],
-                      "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20}))
+                      "peak_memory_mb": peak_memory_mb(), "tokens_per_sample": tokens}))
+
+
+def peak_memory_mb() -> float:
+    import resource
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ on CPU, CUDA memory allocated on a GPU). Targets: throughput >= 0.97x, peak memo
 
 Usage: python bench/throughput.py [--config configs/demo.yaml] [--steps 40] [--repeats 3] [--threads N]
        python bench/throughput.py --gpu   # a config-built ~1 B Llama, SFT data, bf16 and 4-bit NF4 (needs CUDA)
+       python bench/throughput.py --gpu --dry-run   # the same rows on CPU with a tiny Llama, 2 steps: checks
+                                                    # the GPU bench works before a GPU is rented (numbers mean nothing)
 """
 
 from __future__ import annotations
@@ -62,7 +64,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads on both sides (1 on a busy machine)")
     parser.add_argument("--gpu", action="store_true", help="the GPU rows: ~1 B Llama in bf16 and in 4-bit")
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu: a tiny Llama on CPU, 2 steps, 1 repeat")
+    parser.add_argument("--rows", default="bf16,nf4", help="with --gpu: which base precisions to measure (bf16, nf4)")
     args = parser.parse_args()
+    if args.dry_run:
+        args.steps, args.repeats = 2, 1
     if args.gpu:
         return gpu_rows(args)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -97,26 +103,29 @@ def report(plain: list[dict], ours: list[dict], tokens: float, args) -> None:
 
 
 GPU_LLAMA = {"hidden": 2048, "layers": 22}  # ~1.0 B parameters with the tiny models' tokenizer (30,522 tokens)
+DRY_RUN_LLAMA = {"hidden": 64, "layers": 2}
 
 
 def gpu_rows(args) -> None:
     import torch
 
-    if not torch.cuda.is_available():
-        sys.exit("--gpu needs CUDA; none is visible here. Run it on a GPU machine: make gpu-check")
+    if not torch.cuda.is_available() and not args.dry_run:
+        sys.exit("--gpu needs CUDA; none is visible here. Run it on a GPU machine (make gpu-check), or add --dry-run to check it on CPU")
     from tasks.tiny_models import make_tiny_llama
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_tiny_llama(Path(tmp) / "llama-1b", **GPU_LLAMA)
-        for quantization in (None, "nf4"):
+        model_dir = make_tiny_llama(Path(tmp) / "llama", **(DRY_RUN_LLAMA if args.dry_run else GPU_LLAMA))
+        for quantization in [None if row == "bf16" else row for row in args.rows.split(",")]:
             config = gpu_config(Path(tmp), model_dir, quantization, args.steps)
             tokens = tokens_per_sample(config)
             plain, ours = [], []
             for repeat in range(args.repeats):
                 plain.append(run_json([sys.executable, "bench/plain_causal.py", str(config), f"{tmp}/plain{repeat}"], env))
                 ours.append(run_json([sys.executable, "bench/flow_train_step.py", str(config), f"{tmp}/flow{repeat}-{quantization}"], env))
-            args.config = f"Llama ~1 B, {quantization or 'bf16'}"
+            if abs(plain[0]["tokens_per_sample"] - tokens) > 0.01 * tokens:
+                sys.exit(f"the plain script trains {plain[0]['tokens_per_sample']:.1f} tokens/sample and the flow {tokens:.1f}: not comparable")
+            args.config = f"{'tiny Llama (dry run)' if args.dry_run else 'Llama ~1 B'}, {quantization or 'bf16'}"
             report(plain, ours, tokens, args)
 
 
@@ -127,8 +136,9 @@ def gpu_config(folder: Path, model_dir: Path, quantization: str | None, steps: i
         "model": {"path": str(model_dir), "dtype": "bfloat16", **({"quantization": quantization} if quantization else {})},
         "data": {"train": str(sft / "train.jsonl"), "validation": str(sft / "validation.jsonl"), "prompt_field": "prompt",
                  "response_field": "response", "max_length": 256, "checks": {"min_rows": 20, "max_text_chars": 400, "max_duplicate_rate": 0.05}},
-        "adapter": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "init": {"method": "lora"}},
-        "train": {"max_steps": steps, "learning_rate": 2e-4, "batch_size": 8, "checkpoint_every": steps, "log_every": 5, "precision": "bf16"},
+        "adapter": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "init": {"method": "lora"}},
+        "train": {"max_steps": steps, "learning_rate": 2e-4, "batch_size": 8, "checkpoint_every": steps, "log_every": min(5, steps), "precision": "bf16",
+                  "optimizer": "adamw_torch_fused"},  # named: the plain script reads it from here too
         "evaluate": {"split": "validation"}, "registry": {"model_name": "throughput-gpu"},
     }
     path = folder / f"gpu-{quantization or 'bf16'}.yaml"
