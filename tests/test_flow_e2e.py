@@ -138,7 +138,8 @@ def test_causal_lm_smoke_run_with_response_only_loss(prefect_server, state, tmp_
         "data": {"train": str(files["train"]), "validation": str(files["validation"]), "max_length": 32,
                  "checks": {"min_rows": 5, "max_duplicate_rate": 0.5}},
         "adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "train": {"max_steps": 3, "batch_size": 8, "checkpoint_every": 3, "log_every": 1},
+        # In the flow's process: the causal path through the launcher runs in tests/test_bench.py.
+        "train": {"max_steps": 3, "batch_size": 8, "checkpoint_every": 3, "log_every": 1, "launch": {"mode": "in_process"}},
         "evaluate": {"split": "validation", "generation": {"file": str(generation), "max_new_tokens": 4}},
         "registry": {"model_name": "tiny-sft-adapter"},
     }
