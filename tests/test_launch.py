@@ -37,7 +37,7 @@ def test_killed_training_registers_nothing_and_the_rerun_resumes_from_the_last_c
     from prefect.settings import PREFECT_API_URL
 
     home = tmp_path / "state"
-    overrides = {"train.launch": ACCELERATE, "train.max_steps": 60, "train.checkpoint_every": 10, "train.threads": 1}
+    overrides = {"train.launch": ACCELERATE, "train.max_steps": 200, "train.checkpoint_every": 10, "train.threads": 1}
     config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **overrides))
     env = dict(os.environ, ADAPTERFLOW_HOME=str(home), PREFECT_API_URL=PREFECT_API_URL.value() or "")
     command = [sys.executable, "-m", "flows.cli", "run", str(config)]
@@ -59,10 +59,10 @@ def test_killed_training_registers_nothing_and_the_rerun_resumes_from_the_last_c
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     resumed_step = int(rerun.stdout.split("resumed from checkpoint-")[1].split()[0])
-    assert 10 <= resumed_step < 60 and "training         60 steps" in rerun.stdout
+    assert 10 <= resumed_step < 200 and "training         200 steps" in rerun.stdout
     version = client.get_model_version_by_alias("tiny-cls-adapter", "staging")
     logged_steps = [m.step for m in client.get_metric_history(version.run_id, "train/loss")]
-    assert min(logged_steps) == resumed_step + 1 and max(logged_steps) == 60  # only the remaining steps trained
+    assert min(logged_steps) == resumed_step + 1 and max(logged_steps) == 200  # only the remaining steps trained
 
 
 def _trained_adapter(tmp_path, tiny_bert, cls_data, processes: int, init_dir: Path, name: str) -> dict:
