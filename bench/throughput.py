@@ -1,9 +1,10 @@
 """Training throughput and peak memory: the flow's train step vs a plain transformers + peft Trainer script.
 
 Both train the same config (same model, data, LoRA, batch, steps) in fresh processes, alternating,
-best of N (and the median of the alternating pairs' ratios). Throughput is the Trainer's own samples/s (model loading and start-up excluded) times the
-mean tokens per training sample; peak memory is each training process's own peak (resident memory
-on CPU, CUDA memory allocated on a GPU). Targets: throughput >= 0.97x, peak memory <= 1.0x.
+best of N (and the median of the alternating pairs' ratios). Throughput is the Trainer's own
+samples/s (model loading and start-up excluded) times the mean tokens per training sample; peak
+memory is each training process's own peak (resident memory on CPU, CUDA memory allocated on a GPU).
+Targets: throughput >= 0.97x, peak memory <= 1.0x.
 
 Usage: python bench/throughput.py [--config configs/demo.yaml] [--steps 40] [--repeats 3] [--threads N]
        python bench/throughput.py --gpu   # a config-built ~1 B Llama, SFT data, bf16 and 4-bit NF4 (needs CUDA)

@@ -34,7 +34,7 @@ def retrain(config_path: str, force: bool = False) -> dict:
     dirs = state_dirs()
     uri = config.tracking.mlflow_uri or dirs.default_mlflow_uri()
     track.check_reachable(uri)
-    track.check_servers(config)
+    track.check_servers(config)  # again here too, for served runs
     unchanged = None if force else unchanged_version(config, uri)
     if unchanged:
         get_run_logger().info(f"skipped: {config.registry.model_name} version {unchanged[1]} (@{unchanged[0]}) was trained on this exact config and data")

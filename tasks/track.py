@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -265,8 +266,6 @@ def check_reachable(uri: str) -> None:
 
 def check_servers(config) -> None:
     """Every server the run will talk to answers, before any training: Prefect API, S3 endpoint of the DVC remote."""
-    import os
-
     prefect_api = os.environ.get("PREFECT_API_URL")
     if prefect_api:
         _check_answers(prefect_api.rstrip("/") + "/health", f"the Prefect API at {prefect_api} (PREFECT_API_URL)",
