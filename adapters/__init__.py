@@ -1,12 +1,12 @@
 """The adapter initializer library: pure torch/peft, never imports prefect or mlflow."""
 
-from adapters.context import InitContext
-from adapters.errors import InitError
-from adapters.initialize import initialize
-from adapters.products import apply_init, export_init, save_trained_adapter
-from adapters.registry import Initializer, get_initializer, register, registered_names
-from adapters.report import InitReport
-from adapters.settings import LoraSettings
+from adapterflow.adapters.context import InitContext
+from adapterflow.errors import InitError
+from adapterflow.adapters.initialize import initialize
+from adapterflow.adapters.products import apply_init, export_init, save_trained_adapter
+from adapterflow.adapters.registry import Initializer, get_initializer, register, registered_names
+from adapterflow.adapters.report import InitReport
+from adapterflow.adapters.settings import LoraSettings
 
 __all__ = [
     "InitContext", "InitError", "InitReport", "Initializer", "LoraSettings", "apply_init", "export_init",

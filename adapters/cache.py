@@ -14,7 +14,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-from adapters.errors import InitError
+from adapterflow.digests import file_digest
+from adapterflow.errors import InitError
 
 MANIFEST = "manifest.json"
 PRODUCTS = "init"
@@ -64,11 +65,3 @@ class InitCache:
 
 def _sha256(path: Path) -> str:
     return file_digest(path, "sha256")
-
-
-def file_digest(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

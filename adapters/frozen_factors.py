@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils import parametrize
 
-from adapters.layers import lora_layers
+from adapterflow.adapters.layers import lora_layers
 
 
 class FixedLeftFactor(torch.nn.Module):

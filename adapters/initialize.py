@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from adapters.context import InitContext
-from adapters.errors import InitError
-from adapters.invariants import check_outputs_preserved, model_outputs
-from adapters.registry import get_initializer
-from adapters.report import InitReport
-from adapters.settings import LoraSettings
+from adapterflow.adapters.context import InitContext
+from adapterflow.errors import InitError
+from adapterflow.adapters.invariants import check_outputs_preserved, model_outputs
+from adapterflow.adapters.registry import get_initializer
+from adapterflow.adapters.report import InitReport
+from adapterflow.adapters.settings import LoraSettings
 
 
 def initialize(model, settings: LoraSettings, method: str, context: InitContext):

@@ -12,10 +12,10 @@ from typing import Callable
 
 import torch
 
-from adapters.frozen_factors import fold_middle, train_middle_only
-from adapters.errors import InitError
-from adapters.layers import delta_factors, lora_layers, short_name
-from adapters.quantized import is_quantized, store_weight
+from adapterflow.adapters.frozen_factors import fold_middle, train_middle_only
+from adapterflow.errors import InitError
+from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
+from adapterflow.adapters.quantized import is_quantized, store_weight
 
 META_FILE = "adapterflow_init.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -23,7 +23,7 @@ METHOD_SUBCONFIGS = ("eva_config", "corda_config", "lora_ga_config", "loftq_conf
 
 
 def export_init(peft_model, folder: Path, method: str) -> Path:
-    from adapters.registry import get_initializer
+    from adapterflow.adapters.registry import get_initializer
 
     initializer = get_initializer(method)
     config = peft_model.peft_config["default"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from adapters.errors import InitError
+from adapterflow.errors import InitError
 
 FAMILIES = ("random", "svd", "gradient", "variance")
 
@@ -53,4 +53,4 @@ def registered_names() -> list[str]:
 
 
 def _load_builtin_methods() -> None:
-    import adapters.methods  # noqa: F401  (registers on import)
+    import adapterflow.adapters.methods  # noqa: F401  (registers on import)

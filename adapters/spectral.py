@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from adapters.layers import delta_factors, lora_layers, short_name
-from adapters.quantized import dequantized_weight, is_quantized
+from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
+from adapterflow.adapters.quantized import dequantized_weight, is_quantized
 
 # k = 10 as in the paper: the top directions carry most of a layer's energy, so that is where an
 # overwrite costs the most. threshold = 0.5: a vector that merely rotates within a near-degenerate

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters.layers import lora_layers, short_name
+from adapterflow.adapters.layers import lora_layers, short_name
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def parse_args() -> argparse.Namespace:
 
 def run_config(base, method: str, lr: float, args):
     """The demo config with this run's method and training knobs (RunConfig is frozen: dump, edit, validate)."""
-    from tasks.config import RunConfig
+    from adapterflow.tasks.config import RunConfig
 
     raw = base.model_dump()  # paths are already absolute: load_config resolved them
     raw["adapter"]["init"] = {"method": method, **INIT_KNOBS.get(method, {})}
@@ -92,9 +92,9 @@ def eval_curve(train_log: Path) -> list[dict]:
 
 def train_one(config, ref, run_dir: Path, cache_root: Path) -> dict:
     """Init (cached), train, evaluate on test: one point of the sweep."""
-    from tasks.evaluate import evaluate_adapter
-    from tasks.init_adapter import initialize_adapter
-    from tasks.train import train_adapter
+    from adapterflow.tasks.evaluate import evaluate_adapter
+    from adapterflow.tasks.init_adapter import initialize_adapter
+    from adapterflow.tasks.train import train_adapter
 
     run_dir.mkdir(parents=True, exist_ok=True)
     with quiet(run_dir / "output.log"):
@@ -269,8 +269,8 @@ def save(args, summary: dict, runs: list[dict], wall: float) -> Path:
 def main() -> None:
     import torch
 
-    from tasks.config import load_config
-    from tasks.model_io import resolve_base
+    from adapterflow.tasks.config import load_config
+    from adapterflow.tasks.model_io import resolve_base
 
     args = parse_args()
     logging.getLogger("datasets").setLevel(logging.ERROR)

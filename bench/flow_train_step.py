@@ -11,11 +11,11 @@ from pathlib import Path
 
 
 def main(config_path: str, out_dir: str) -> None:
-    from tasks.config import load_config
-    from tasks.init_adapter import initialize_adapter
-    from tasks.launch import launch_training
-    from tasks.model_io import resolve_base
-    from tasks.state import prepare_environment
+    from adapterflow.tasks.config import load_config
+    from adapterflow.tasks.init_adapter import initialize_adapter
+    from adapterflow.tasks.launch import launch_training
+    from adapterflow.tasks.model_io import resolve_base
+    from adapterflow.tasks.state import prepare_environment
 
     prepare_environment(offline=True)
     config = load_config(config_path)

@@ -26,14 +26,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from adapters import InitContext, LoraSettings, initialize  # noqa: E402
-from adapters.layers import delta_factors, lora_layers  # noqa: E402
+from adapterflow.adapters import InitContext, LoraSettings, initialize  # noqa: E402
+from adapterflow.adapters.layers import delta_factors, lora_layers  # noqa: E402
 
 
 def minilm():
     from transformers import AutoModelForSequenceClassification
 
-    from tasks.model_io import bundled_folder
+    from adapterflow.tasks.model_io import bundled_folder
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(str(bundled_folder("minilm")), num_labels=8)
@@ -129,7 +129,7 @@ def peft_eva(model, settings, batches):
 
 
 def bench_eva(r):
-    from adapters.methods.basic import ranks_of
+    from adapterflow.adapters.methods.basic import ranks_of
 
     base, targets, task_type = minilm()
     settings = LoraSettings(r=r, alpha=2 * r, dropout=0.0, target_modules=targets, task_type=task_type, knobs={"rho": 2.0, "tau": 0.99})
@@ -173,7 +173,7 @@ def peft_lora_ga(model, settings, batches, wrap=True):
 
 def factor_residual(peft_model, gradients) -> float:
     """Largest singular-vector residual of B's columns and A's rows against the gradients G."""
-    from adapters.methods.gradient import singular_vector_residual
+    from adapterflow.adapters.methods.gradient import singular_vector_residual
 
     worst = 0.0
     for name, module in lora_layers(peft_model):
@@ -209,9 +209,9 @@ def bench_lora_ga(r):
 def bench_cache(r):
     import yaml
 
-    from tasks.config import load_config
-    from tasks.init_adapter import initialize_adapter
-    from tasks.model_io import resolve_base
+    from adapterflow.tasks.config import load_config
+    from adapterflow.tasks.init_adapter import initialize_adapter
+    from adapterflow.tasks.model_io import resolve_base
 
     root = Path(__file__).resolve().parents[1]
     raw = yaml.safe_load((root / "configs" / "demo.yaml").read_text())

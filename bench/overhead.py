@@ -37,13 +37,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, ADAPTERFLOW_HOME=f"{tmp}/state", HF_HUB_OFFLINE="1", PREFECT_HOME=f"{tmp}/state/prefect")
         env.pop("PREFECT_API_URL", None)
-        cold, _ = timed([sys.executable, "-m", "flows.cli", "run", args.config], env)  # fresh state: DBs created
+        cold, _ = timed([sys.executable, "-m", "adapterflow.flows.cli", "run", args.config], env)  # fresh state: DBs created
         plain, warm = [], []
         for repeat in range(args.repeats):
             seconds, plain_out = timed([sys.executable, "bench/plain_demo.py", args.config, f"{tmp}/plain{repeat}"], env)
             plain.append(seconds)
             # A retrain on the warm state; --force, or it would skip (same config and data as @staging).
-            seconds, flow_out = timed([sys.executable, "-m", "flows.cli", "run", args.config, "--force"], env)
+            seconds, flow_out = timed([sys.executable, "-m", "adapterflow.flows.cli", "run", args.config, "--force"], env)
             warm.append(seconds)
     report(cold, plain, warm, plain_out, flow_out)
 

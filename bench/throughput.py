@@ -49,9 +49,9 @@ def bench_config(source: Path, steps: int, folder: Path) -> Path:
 
 def tokens_per_sample(config_path: Path) -> float:
     """Mean tokens per training sample, encoded the way the flow encodes them."""
-    from tasks.config import load_config
-    from tasks.encode import encode_split
-    from tasks.model_io import load_tokenizer, resolve_base
+    from adapterflow.tasks.config import load_config
+    from adapterflow.tasks.encode import encode_split
+    from adapterflow.tasks.model_io import load_tokenizer, resolve_base
 
     config = load_config(config_path)
     encoded = encode_split(config, load_tokenizer(resolve_base(config.model)), "train")
@@ -112,7 +112,7 @@ def gpu_rows(args) -> None:
 
     if not torch.cuda.is_available() and not args.dry_run:
         sys.exit("--gpu needs CUDA; none is visible here. Run it on a GPU machine (make gpu-check), or add --dry-run to check it on CPU")
-    from tasks.tiny_models import make_tiny_llama
+    from adapterflow.tasks.tiny_models import make_tiny_llama
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with tempfile.TemporaryDirectory() as tmp:

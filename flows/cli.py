@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.errors import AdapterflowError, ConfigError
-from tasks.state import prepare_environment, quiet_library_noise
+from adapterflow.errors import AdapterflowError, ConfigError
+from adapterflow.tasks.state import prepare_environment, quiet_library_noise
 
 
 
@@ -21,12 +21,6 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(err), err.exit_code)
     except KeyboardInterrupt:
         return _fail("interrupted; nothing was registered.", 130)
-    except Exception as err:
-        from adapters.errors import InitError
-
-        if isinstance(err, InitError):
-            return _fail(str(err), err.exit_code)
-        raise
 
 
 def _fail(message: str, code: int) -> int:
@@ -78,11 +72,11 @@ def cmd_check(args) -> int:
 
 def preflight(config_path: str):
     """Everything checkable without loading a model: config, files, model path."""
-    from tasks.config import load_config
-    from tasks.data_io import split_files
-    from tasks.errors import DataError
-    from tasks.hardware import check_hardware
-    from tasks.model_io import resolve_base
+    from adapterflow.tasks.config import load_config
+    from adapterflow.tasks.data_io import split_files
+    from adapterflow.errors import DataError
+    from adapterflow.tasks.hardware import check_hardware
+    from adapterflow.tasks.model_io import resolve_base
 
     config = load_config(config_path)
     for split, path in split_files(config.data).items():
@@ -92,13 +86,13 @@ def preflight(config_path: str):
         raise DataError(f"evaluate.generation.file not found: {config.evaluate.generation.file}")
     resolve_base(config.model)
     check_hardware(config)
-    from tasks.track import check_servers
+    from adapterflow.tasks.track import check_servers
 
     check_servers(config)
     if config.schedule is not None:
         check_schedule(config.schedule)
     if config.adapter.init.method == "auto":
-        from tasks.race import race_plan
+        from adapterflow.tasks.race import race_plan
 
         race_plan(config)  # a budget too small for the contenders fails here, before any compute
     return config
@@ -108,8 +102,8 @@ def cmd_run(args) -> int:
     config = preflight(args.config)
     dirs = prepare_environment(offline=config.model.hub_id is None)
     start = time.perf_counter()
-    from flows import warm
-    from flows.retrain import retrain
+    from adapterflow.flows import warm
+    from adapterflow.flows.retrain import retrain
 
     warm.start()
 
@@ -139,7 +133,7 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"{args.config} has no schedule section; add e.g. schedule: {{cron: '0 3 * * *'}} to serve it.")
     schedule = check_schedule(config.schedule)
     prepare_environment(offline=config.model.hub_id is None)
-    from flows.retrain import retrain
+    from adapterflow.flows.retrain import retrain
 
     _quiet_user_errors_in_prefect_logs()
     quiet_library_noise()
@@ -195,10 +189,8 @@ class _DropUserErrors(logging.Filter):
     """The CLI prints a user error once, as one message: keep its traceback off the console."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from adapters.errors import InitError
-
         error = record.exc_info[1] if record.exc_info else None
-        return not isinstance(error, (AdapterflowError, InitError)) and not _mentions_user_error(record)
+        return not isinstance(error, AdapterflowError) and not _mentions_user_error(record)
 
 
 def _mentions_user_error(record: logging.LogRecord) -> bool:
@@ -304,7 +296,7 @@ def _registry_target(args) -> tuple[str, Path]:
 
 
 def cmd_promote(args) -> int:
-    from tasks.promote import promote
+    from adapterflow.tasks.promote import promote
 
     uri, locks = _registry_target(args)
     decision = promote(args.model_name, uri, locks, args.staging_alias, args.production_alias)
@@ -316,7 +308,7 @@ def cmd_promote(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    from tasks.promote import rollback
+    from adapterflow.tasks.promote import rollback
 
     uri, locks = _registry_target(args)
     current, previous = rollback(args.model_name, uri, locks, args.production_alias)
@@ -325,7 +317,7 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from tasks.promote import status
+    from adapterflow.tasks.promote import status
 
     uri, _ = _registry_target(args)
     print(render_status(args.model_name, status(args.model_name, uri)))
@@ -335,7 +327,7 @@ def cmd_status(args) -> int:
 def cmd_lineage(args) -> int:
     import yaml
 
-    from tasks.promote import lineage
+    from adapterflow.tasks.promote import lineage
 
     uri, _ = _registry_target(args)
     info = lineage(args.model_name, args.version, uri)
@@ -380,7 +372,7 @@ def render_status(name: str, state: dict) -> str:
 
 def cmd_make_tiny_model(args) -> int:
     prepare_environment(offline=True)
-    from tasks.tiny_models import make_tiny_bert, make_tiny_llama
+    from adapterflow.tasks.tiny_models import make_tiny_bert, make_tiny_llama
 
     maker = make_tiny_bert if args.arch == "bert" else make_tiny_llama
     print(f"wrote tiny {args.arch} to {maker(Path(args.out))}")

@@ -10,18 +10,18 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.stages import (
+from adapterflow.flows.stages import (
     evaluate_stage, init_stage, merge_choice_stage, open_run_stage, promote_stage, register_stage, spectral_stage, train_stage, validate_stage, version_stage,
 )
-from tasks.config import load_config
-from tasks.data_io import split_files
-from tasks.hardware import check_hardware
-from tasks.init_adapter import file_md5
-from tasks.promote import unchanged_version
-from tasks.model_io import resolve_base
-from tasks.state import quiet_library_noise, state_dirs
-from flows import warm
-from tasks import track
+from adapterflow.tasks.config import load_config
+from adapterflow.tasks.data_io import split_files
+from adapterflow.tasks.hardware import check_hardware
+from adapterflow.digests import file_md5
+from adapterflow.tasks.promote import unchanged_version
+from adapterflow.tasks.model_io import resolve_base
+from adapterflow.tasks.state import quiet_library_noise, state_dirs
+from adapterflow.flows import warm
+from adapterflow.tasks import track
 
 
 @flow(name="adapterflow-retrain", log_prints=False, validate_parameters=False)
@@ -117,7 +117,7 @@ def _spectral(config, base_ref, adapter_dir: str, run_dir: Path, uri: str, run_i
 
 
 def _log_merge(uri: str, run_id: str, run_dir: Path, merge: dict) -> None:
-    from tasks.checkpoint_merge import merge_markdown
+    from adapterflow.tasks.checkpoint_merge import merge_markdown
 
     (run_dir / "checkpoint_merge.md").write_text(merge_markdown(merge))
     (run_dir / "checkpoint_merge.json").write_text(json.dumps(merge, indent=1))
@@ -128,7 +128,7 @@ def _log_merge(uri: str, run_id: str, run_dir: Path, merge: dict) -> None:
 
 
 def _log_plots(uri: str, run_id: str, run_dir: Path) -> None:
-    from tasks.run_plots import plot_loss_curves
+    from adapterflow.tasks.run_plots import plot_loss_curves
 
     plot_loss_curves(run_dir / "train_log.json", run_dir / "plots" / "loss_curves.png")
     for path in sorted((run_dir / "plots").glob("*.png")):
@@ -137,7 +137,7 @@ def _log_plots(uri: str, run_id: str, run_dir: Path) -> None:
 
 def _auto_promotion(config, uri: str, timings: dict) -> dict:
     """The gate after registration; a refusal or a registry conflict leaves the new version at staging."""
-    from tasks.errors import RegistryError
+    from adapterflow.errors import RegistryError
 
     try:
         decision = _timed(timings, "promote", promote_stage, config, uri, state_dirs().root / "locks")

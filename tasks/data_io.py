@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.errors import DataError
+from adapterflow.errors import DataError
 
 
 def read_split(path: str, split: str) -> pd.DataFrame:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from tasks.data_io import read_split
-from tasks.errors import DataError
+from adapterflow.tasks.data_io import read_split
+from adapterflow.errors import DataError
 
 
 def evaluate_adapter(config, base_ref, adapter_dir: Path | None, split: str, plots_dir: Path | None = None) -> dict[str, float]:
@@ -17,8 +17,8 @@ def evaluate_adapter(config, base_ref, adapter_dir: Path | None, split: str, plo
     import torch
     from transformers import set_seed
 
-    from tasks.encode import encode_split
-    from tasks.model_io import load_model, load_tokenizer
+    from adapterflow.tasks.encode import encode_split
+    from adapterflow.tasks.model_io import load_model, load_tokenizer
 
     set_seed(config.train.seed)  # a bare base's classifier head is random: keep it reproducible
     tokenizer = load_tokenizer(base_ref)
@@ -42,7 +42,7 @@ def evaluate_adapter(config, base_ref, adapter_dir: Path | None, split: str, plo
 def _batches(dataset, config, tokenizer):
     from torch.utils.data import DataLoader
 
-    from tasks.encode import collator
+    from adapterflow.tasks.encode import collator
 
     return DataLoader(dataset, batch_size=config.evaluate.batch_size, collate_fn=collator(config, tokenizer))
 
@@ -59,7 +59,7 @@ def _classification_metrics(model, dataset, config, tokenizer, plots_dir: Path |
         labels += batch["labels"].tolist()
     classes = list(range(len(config.data.labels)))
     if plots_dir is not None:
-        from tasks.run_plots import plot_confusion_matrix
+        from adapterflow.tasks.run_plots import plot_confusion_matrix
 
         plot_confusion_matrix(labels, predictions, config.data.labels, plots_dir / "confusion_matrix.png")
     return {

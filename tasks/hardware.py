@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.errors import ConfigError
+from adapterflow.errors import ConfigError
 
 
 NO_CUDA = "train.device is 'cuda' but no CUDA device is visible. Use train.device: auto (or cpu)."

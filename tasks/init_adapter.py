@@ -7,6 +7,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from adapterflow.digests import file_md5
+
 PROBE_TEXTS = ["A short probe sentence for checking the adapter.", "Another probe, a little longer than the first one is."]
 TASK_TYPES = {"sequence_classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 
@@ -28,7 +30,7 @@ class InitOutcome:
 
 
 def lora_settings(config):
-    from adapters import LoraSettings
+    from adapterflow.adapters import LoraSettings
 
     knobs = config.adapter.init.model_dump(exclude={"method"})
     if config.adapter.init.method == "lora_sb" and knobs["update_lr"] is None:
@@ -54,7 +56,7 @@ def first_step_lr(config) -> float:
 def total_steps(config) -> int:
     import math
 
-    from tasks.data_io import read_split
+    from adapterflow.tasks.data_io import read_split
 
     if config.train.max_steps:
         return config.train.max_steps
@@ -66,8 +68,8 @@ def initialize_adapter(config, base_ref, run_dir: Path, cache_root: Path | None 
     """Products from the init cache when their key matches, otherwise computed (and stored)."""
     if config.adapter.init.method == "auto":
         return _race_winner(config, base_ref, run_dir, cache_root)
-    from adapters.cache import InitCache
-    from tasks.init_plots import plot_spectra
+    from adapterflow.adapters.cache import InitCache
+    from adapterflow.tasks.init_plots import plot_spectra
 
     start = time.perf_counter()
     init_dir, report_path = run_dir / "init", run_dir / "init_report.json"
@@ -86,7 +88,7 @@ def initialize_adapter(config, base_ref, run_dir: Path, cache_root: Path | None 
 
 
 def _race_winner(config, base_ref, run_dir: Path, cache_root: Path | None) -> InitOutcome:
-    from tasks.race import race_markdown, run_race
+    from adapterflow.tasks.race import race_markdown, run_race
 
     start = time.perf_counter()
     race = run_race(config, base_ref, run_dir, cache_root)
@@ -108,7 +110,7 @@ def cache_key_parts(config, base_ref) -> dict:
     """Everything the init products depend on; the seed fixes the new classifier head."""
     from importlib.metadata import version
 
-    from adapters import get_initializer
+    from adapterflow.adapters import get_initializer
 
     parts = {
         "base": base_ref.identity, "dtype": config.model.dtype, "quantization": config.model.quantization, "task": config.task, "labels": config.data.labels,
@@ -126,16 +128,9 @@ def cache_key_parts(config, base_ref) -> dict:
     return parts
 
 
-def file_md5(path: Path) -> str:
-    """The same digest DVC records for a file."""
-    from adapters.cache import file_digest
-
-    return file_digest(path, "md5")
-
-
 def calibration_data(config, tokenizer):
     """CorDA hooks expect one sample per forward; gradient methods need labels; EVA takes inputs only."""
-    from adapters import get_initializer
+    from adapterflow.adapters import get_initializer
 
     if config.adapter.init.method == "corda":
         return calibration_samples(config, tokenizer)
@@ -146,19 +141,19 @@ def calibration_samples(config, tokenizer) -> list[dict]:
     """Single unpadded samples: the task's train texts (IPM) or the knowledge file's (KPM)."""
     import torch
 
-    from tasks.data_io import read_split
+    from adapterflow.tasks.data_io import read_split
 
     init = config.adapter.init
     if init.mode == "kpm":
         frame = read_split(init.knowledge, "adapter.init.knowledge")
         if init.knowledge_field not in frame.columns:
-            from tasks.errors import DataError
+            from adapterflow.errors import DataError
 
             raise DataError(f"adapter.init.knowledge {init.knowledge} has no column {init.knowledge_field!r}; set adapter.init.knowledge_field.")
         texts = frame[init.knowledge_field].astype(str).tolist()
         rows = [tokenizer(t, truncation=True, max_length=config.data.max_length) for t in texts]
     else:
-        from tasks.encode import encode_split
+        from adapterflow.tasks.encode import encode_split
 
         rows = list(encode_split(config, tokenizer, "train"))
     rows = rows[: init.samples]
@@ -170,7 +165,7 @@ def calibration_batches(config, tokenizer, labelled: bool = False):
     import torch
     from torch.utils.data import DataLoader
 
-    from tasks.encode import collator, encode_split
+    from adapterflow.tasks.encode import collator, encode_split
 
     dataset = encode_split(config, tokenizer, "train")
     if not labelled:
@@ -184,8 +179,8 @@ def calibration_batches(config, tokenizer, labelled: bool = False):
 def _compute(config, base_ref, init_dir: Path) -> dict:
     from transformers import set_seed
 
-    from adapters import InitContext, export_init, get_initializer, initialize
-    from tasks.model_io import load_model, load_tokenizer
+    from adapterflow.adapters import InitContext, export_init, get_initializer, initialize
+    from adapterflow.tasks.model_io import load_model, load_tokenizer
 
     if config.train.threads:  # the SVDs and calibration passes use the same thread budget as training
         import torch
@@ -207,7 +202,7 @@ def _compute(config, base_ref, init_dir: Path) -> dict:
 
 def runs_in_full_precision(method: str) -> bool:
     """Base-rewriting methods decompose W itself (QPiSSA); gradient methods take gradients of a full-precision copy."""
-    from adapters import get_initializer
+    from adapterflow.adapters import get_initializer
 
     initializer = get_initializer(method)
     return initializer.mutates_base or initializer.needs_grad

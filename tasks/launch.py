@@ -17,21 +17,21 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks import errors
-from tasks.errors import TrainingError
+from adapterflow import errors
+from adapterflow.errors import TrainingError
 
 JOB_FILE, RESULT_FILE, ERROR_FILE, LOG_FILE, PID_FILE = "train_job.json", "train_result.json", "train_error.json", "train_process.log", "train.pid"
 KILL_GRACE_SECONDS = 10.0
 
 
 def launch_training(config, base_ref, init_dir: Path, run_dir: Path, tracking: dict | None, resume_from: str | None = None):
-    from tasks.train import TrainResult
+    from adapterflow.tasks.train import TrainResult
 
     job = _write_job(config, base_ref, init_dir, run_dir, tracking, resume_from)
     with open(run_dir / LOG_FILE, "ab") as log:
         process = subprocess.Popen(
             accelerate_command(config, job), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=run_dir,
         )
     (run_dir / PID_FILE).write_text(str(process.pid))
     with _group_killed_on_exit(process):
@@ -43,13 +43,13 @@ def launch_training(config, base_ref, init_dir: Path, run_dir: Path, tracking: d
 
 def accelerate_command(config, job: Path) -> list[str]:
     """`accelerate launch` with every setting on the command line: no accelerate config file is read."""
-    from tasks.train import pick_device, resolve_precision
+    from adapterflow.tasks.train import pick_device, resolve_precision
 
     launch, device = config.train.launch, pick_device(config.train.device)
     precision = resolve_precision(config.train.precision, device)
     precision = "no" if precision == "fp32" else precision  # accelerate's name for full precision
     command = [
-        sys.executable, "-m", "tasks.die_with_parent", sys.executable, "-m", "accelerate.commands.launch",
+        sys.executable, "-m", "adapterflow.tasks.die_with_parent", sys.executable, "-m", "accelerate.commands.launch",
         "--num_machines", "1", "--num_processes", str(launch.processes), "--mixed_precision", precision, "--dynamo_backend", "no",
     ]
     if launch.strategy == "fsdp" and launch.processes > 1:
@@ -62,7 +62,7 @@ def accelerate_command(config, job: Path) -> list[str]:
         command.append("--cpu")
     if launch.processes > 1:
         command += ["--main_process_port", str(launch.main_port or _free_port())]
-    return command + ["-m", "tasks.train_worker", str(job)]
+    return command + ["-m", "adapterflow.tasks.train_worker", str(job)]
 
 
 def _write_job(config, base_ref, init_dir: Path, run_dir: Path, tracking: dict | None, resume_from: str | None) -> Path:
@@ -120,7 +120,7 @@ def _failure(code: int, run_dir: Path) -> Exception:
     error_file = run_dir / ERROR_FILE
     if error_file.exists():
         error = json.loads(error_file.read_text())
-        kind = getattr(errors, error["type"], None)  # adapters' InitError maps to tasks' InitError by name
+        kind = getattr(errors, error["type"], None)
         known = isinstance(kind, type) and issubclass(kind, errors.AdapterflowError)
         return (kind if known else TrainingError)(error["message"])
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"

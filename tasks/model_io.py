@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.errors import ModelError
+from adapterflow.errors import ModelError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
 
@@ -36,7 +36,7 @@ def resolve_base(model_spec) -> BaseModelRef:
 def bundled_folder(name: str) -> Path:
     from importlib import resources
 
-    from tasks.config import BUNDLED_MODELS
+    from adapterflow.tasks.config import BUNDLED_MODELS
 
     package = BUNDLED_MODELS[name]
     try:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.errors import RegistryError
+from adapterflow.errors import RegistryError
 
 EVENT_PREFIX = "adapterflow.event."
 HISTORY_TAG = "adapterflow.production_history"
@@ -38,7 +38,7 @@ class Decision:
 
 def promote(name: str, uri: str, lock_dir: Path, staging: str = "staging", production: str = "production") -> Decision:
     """Evaluate staging vs production (or the bare base) and move production when the gate passes."""
-    from tasks.track import check_reachable, client
+    from adapterflow.tasks.track import check_reachable, client
 
     check_reachable(uri)
     mlflow_client = client(uri)
@@ -58,7 +58,7 @@ def promote(name: str, uri: str, lock_dir: Path, staging: str = "staging", produ
 
 def rollback(name: str, uri: str, lock_dir: Path, production: str = "production") -> tuple[str, str]:
     """Point production back at the version it held before; returns (from, to)."""
-    from tasks.track import check_reachable, client
+    from adapterflow.tasks.track import check_reachable, client
 
     check_reachable(uri)
     mlflow_client = client(uri)
@@ -81,7 +81,7 @@ def rollback(name: str, uri: str, lock_dir: Path, production: str = "production"
 
 def status(name: str, uri: str) -> dict:
     """Aliases, versions with their metric tags, and the promotion history, oldest first."""
-    from tasks.track import check_reachable, client
+    from adapterflow.tasks.track import check_reachable, client
 
     check_reachable(uri)
     mlflow_client = client(uri)
@@ -101,7 +101,7 @@ def status(name: str, uri: str) -> dict:
 
 def lineage(name: str, version: str, uri: str) -> dict:
     """Where a version came from: data, code, config, init, metrics, and the comparisons it went through."""
-    from tasks.track import check_reachable, client
+    from adapterflow.tasks.track import check_reachable, client
 
     check_reachable(uri)
     mlflow_client = client(uri)
@@ -128,9 +128,9 @@ def unchanged_version(config, uri: str) -> tuple[str, str] | None:
     """(alias, version) of a staging/production version trained on this exact config and data, if any."""
     from mlflow.exceptions import MlflowException
 
-    from tasks.data_io import split_files
-    from tasks.init_adapter import file_md5
-    from tasks.track import client
+    from adapterflow.tasks.data_io import split_files
+    from adapterflow.digests import file_md5
+    from adapterflow.tasks.track import client
 
     mlflow_client, registry = client(uri), config.registry
     try:
@@ -192,7 +192,7 @@ def version_config(mlflow_client, version):
     """The resolved run config a version was trained with (logged with its run)."""
     import yaml
 
-    from tasks.config import RunConfig
+    from adapterflow.tasks.config import RunConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow_client.download_artifacts(version.run_id, "config.resolved.yaml", tmp)
@@ -216,7 +216,7 @@ def _adapter_dir(mlflow_client, name: str, version: str, folder: Path) -> Path:
 
 
 def _judge(mlflow_client, name: str, config, candidate, incumbent: str | None) -> Decision:
-    from tasks.model_io import resolve_base
+    from adapterflow.tasks.model_io import resolve_base
 
     gate = config.promotion
     _check_frozen_split(config, candidate)
@@ -256,19 +256,19 @@ def _intruder_tie_break(config, base_ref, challenger: Path, champion: Path, impr
     gate = config.promotion
     if gate.tie_breaker != "intruder_dimensions" or abs(improvement) > gate.tie_margin:
         return None
-    from tasks.spectral_report import intruders_total
+    from adapterflow.tasks.spectral_report import intruders_total
 
     return {"candidate": intruders_total(config, base_ref, challenger), "incumbent": intruders_total(config, base_ref, champion)}
 
 
 def oriented(metric: str, difference: float) -> float:
-    from tasks.config import LOWER_IS_BETTER
+    from adapterflow.tasks.config import LOWER_IS_BETTER
 
     return -difference if metric in LOWER_IS_BETTER else difference
 
 
 def _scores(config, base_ref, challenger: Path, champion: Path | None, split: str) -> tuple[dict, dict]:
-    from tasks.evaluate import evaluate_adapter
+    from adapterflow.tasks.evaluate import evaluate_adapter
 
     return evaluate_adapter(config, base_ref, challenger, split), evaluate_adapter(config, base_ref, champion, split)
 
@@ -283,7 +283,7 @@ def _forgetting(config, base_ref, challenger: Path, champion: Path | None) -> di
 
 
 def _check_frozen_split(config, candidate) -> None:
-    from tasks.init_adapter import file_md5
+    from adapterflow.digests import file_md5
 
     split = config.evaluate.split
     recorded = candidate.tags.get(f"data.{split}_md5")

@@ -14,7 +14,7 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from peft import PeftModel
 
-        from tasks.model_io import BaseModelRef, load_model, load_tokenizer
+        from adapterflow.tasks.model_io import BaseModelRef, load_model, load_tokenizer
 
         cfg = context.model_config
         ref = BaseModelRef(_base_location(cfg), cfg.get("revision"), cfg["identity"], cfg["source"])
@@ -44,7 +44,7 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
 
 def _base_location(cfg: dict) -> str:
     if cfg["source"] == "bundled":
-        from tasks.model_io import bundled_folder
+        from adapterflow.tasks.model_io import bundled_folder
 
         return str(bundled_folder(cfg["bundled"]))
     return cfg["name_or_path"]

@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tasks.errors import ConfigError
+from adapterflow.errors import ConfigError
 
 
 @dataclass
@@ -47,7 +47,7 @@ def halving_schedule(contenders: int, budget_steps: int) -> list[tuple[int, int]
 
 def race_plan(config) -> list[tuple[int, int]]:
     """The schedule, or a ConfigError naming the fix when the budget cannot give every contender a step."""
-    from tasks.init_adapter import total_steps
+    from adapterflow.tasks.init_adapter import total_steps
 
     init = config.adapter.init
     contenders = len(init.candidates) * len(init.lr_multipliers)
@@ -66,7 +66,7 @@ def race_plan(config) -> list[tuple[int, int]]:
 
 def run_race(config, base_ref, run_dir: Path, cache_root: Path | None) -> dict:
     """Race the contenders; returns the winner's init outcome, its LR and the race table."""
-    from tasks.init_adapter import initialize_adapter
+    from adapterflow.tasks.init_adapter import initialize_adapter
 
     schedule = race_plan(config)
     init = config.adapter.init
@@ -105,7 +105,7 @@ def _arm_config(config, contender: Contender, steps: int = 1):
 
 def _advance(config, base_ref, contender: Contender, steps: int, init_dir: str, race_dir: Path) -> None:
     """Train `steps` more steps (resuming the contender's checkpoint), then score it on validation loss."""
-    from tasks.train import train_more
+    from adapterflow.tasks.train import train_more
 
     contender.steps += steps
     arm_config = _arm_config(config, contender, contender.steps)

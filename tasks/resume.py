@@ -9,8 +9,8 @@ KEY_FILE, RESULT_FILE = "resume_key.json", "train_result.json"
 
 
 def resume_key(config, base_ref) -> dict:
-    from tasks.data_io import split_files
-    from tasks.init_adapter import file_md5
+    from adapterflow.tasks.data_io import split_files
+    from adapterflow.digests import file_md5
 
     data = {split: file_md5(Path(path)) for split, path in split_files(config.data).items()}
     return {"config_hash": config.digest(), "data_md5": data, "base": base_ref.identity}

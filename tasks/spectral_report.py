@@ -8,8 +8,8 @@ from pathlib import Path
 def intruder_rows(config, base_ref, adapter_dir: Path):
     from peft import PeftModel
 
-    from adapters.spectral import intruder_report
-    from tasks.model_io import load_model
+    from adapterflow.adapters.spectral import intruder_report
+    from adapterflow.tasks.model_io import load_model
 
     model = load_model(base_ref, config.task, config.data.labels, config.model.dtype, config.model.quantization)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
@@ -19,7 +19,7 @@ def intruder_rows(config, base_ref, adapter_dir: Path):
 
 def write_spectral_report(config, base_ref, adapter_dir: Path, out_dir: Path) -> dict:
     """Markdown table, bar plot and summary numbers; the numbers become run metrics and a version tag."""
-    from adapters.spectral import intruder_markdown, plot_intruders, summarize
+    from adapterflow.adapters.spectral import intruder_markdown, plot_intruders, summarize
 
     rows = intruder_rows(config, base_ref, adapter_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ CHAT_TEMPLATE = (
 def _tokenizer():
     from transformers import AutoTokenizer
 
-    from tasks.model_io import bundled_folder
+    from adapterflow.tasks.model_io import bundled_folder
 
     return AutoTokenizer.from_pretrained(str(bundled_folder("minilm")))
 

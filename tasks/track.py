@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from tasks.config import flatten
-from tasks.errors import RegistryError
+from adapterflow.tasks.config import flatten
+from adapterflow.errors import RegistryError
 
 MAX_PARAMS_PER_BATCH = 100
 
@@ -70,7 +70,7 @@ def _log_dataset(mlflow_client, run_id: str, config, data_version) -> None:
     import mlflow.data
     from mlflow.entities import DatasetInput, InputTag
 
-    from tasks.data_io import read_split
+    from adapterflow.tasks.data_io import read_split
 
     frame = read_split(data_version.paths["train"], "train")
     dataset = mlflow.data.from_pandas(
@@ -130,7 +130,7 @@ def register_adapter(config, uri: str, run_id: str, adapter_dir: Path, base_ref,
 def _register(config, uri: str, run_id: str, adapter_dir: Path, base_ref, tags: dict[str, str], description: str) -> str:
     import mlflow
 
-    from tasks.pyfunc_adapter import LoraAdapterModel
+    from adapterflow.tasks.pyfunc_adapter import LoraAdapterModel
 
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(

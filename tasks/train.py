@@ -10,8 +10,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from tasks.checkpoint_merge import CheckpointSnapshots
-from tasks.errors import ConfigError, TrainingError
+from adapterflow.tasks.checkpoint_merge import CheckpointSnapshots
+from adapterflow.errors import ConfigError, TrainingError
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def train_adapter(config, base_ref, init_dir: Path, run_dir: Path, tracking: dic
 
     Under torch distributed every rank trains and rank 0 alone writes the adapter.
     """
-    from adapters import save_trained_adapter
+    from adapterflow.adapters import save_trained_adapter
 
     snapshots = CheckpointSnapshots(config.train.checkpoint_merge.checkpoints) if config.train.checkpoint_merge else None
     callbacks = [NonFiniteLossGuard()] + ([StepMetricsLogger(**tracking)] if tracking else []) + ([snapshots] if snapshots else [])
@@ -72,8 +72,8 @@ def peak_memory_mb(device: str) -> float:
 
 def _save_merged(model, snapshots: list, config, run_dir: Path, init_dir: Path) -> tuple[str, dict]:
     """After the final adapter is saved (parametrizations folded): load the MWA average and save it too."""
-    from adapters import save_trained_adapter
-    from tasks.checkpoint_merge import load_tensors, merge_report, mwa_weights, weighted_average
+    from adapterflow.adapters import save_trained_adapter
+    from adapterflow.tasks.checkpoint_merge import load_tensors, merge_report, mwa_weights, weighted_average
 
     spec = config.train.checkpoint_merge
     weights = mwa_weights(snapshots, spec.penalty, spec.weight_by)
@@ -100,9 +100,9 @@ def _build_trainer(config, base_ref, init_dir: Path, run_dir: Path, callbacks: l
     import torch
     from transformers import Trainer, set_seed
 
-    from adapters import apply_init
-    from tasks.encode import collator, encode_split
-    from tasks.model_io import load_tokenizer
+    from adapterflow.adapters import apply_init
+    from adapterflow.tasks.encode import collator, encode_split
+    from adapterflow.tasks.model_io import load_tokenizer
 
     device = pick_device(config.train.device)
     if config.train.threads:
@@ -135,7 +135,7 @@ def eval_accuracy(prediction) -> dict:
 
 def _base_for_training(config, base_ref):
     """The base model (quantized when configured) and, for a quantized base, its full-precision weights."""
-    from tasks.model_io import full_precision_lookup, load_model
+    from adapterflow.tasks.model_io import full_precision_lookup, load_model
 
     quantization, labels = config.model.quantization, config.data.labels
     model = load_model(base_ref, config.task, labels, config.model.dtype, quantization)
@@ -152,7 +152,7 @@ def pick_device(requested: str) -> str:
 
     available = torch.cuda.is_available()
     if requested == "cuda" and not available:
-        from tasks.hardware import NO_CUDA
+        from adapterflow.tasks.hardware import NO_CUDA
 
         raise ConfigError(NO_CUDA)
     return "cuda" if requested != "cpu" and available else "cpu"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def main(job_path: str) -> int:
-    from tasks.die_with_parent import die_with_parent
+    from adapterflow.tasks.die_with_parent import die_with_parent
 
     die_with_parent()  # the launcher dies with the flow; the workers die with the launcher
     job = json.loads(Path(job_path).read_text())
@@ -32,10 +32,10 @@ def main(job_path: str) -> int:
 
 
 def _train(job: dict):
-    from tasks.config import RunConfig
-    from tasks.model_io import BaseModelRef
-    from tasks.state import quiet_library_noise
-    from tasks.train import train_adapter
+    from adapterflow.tasks.config import RunConfig
+    from adapterflow.tasks.model_io import BaseModelRef
+    from adapterflow.tasks.state import quiet_library_noise
+    from adapterflow.tasks.train import train_adapter
 
     quiet_library_noise()
     config = RunConfig.model_validate(job["config"])
@@ -44,10 +44,9 @@ def _train(job: dict):
 
 
 def _is_user_error(err: Exception) -> bool:
-    from adapters.errors import InitError
-    from tasks.errors import AdapterflowError
+    from adapterflow.errors import AdapterflowError
 
-    return isinstance(err, (AdapterflowError, InitError))
+    return isinstance(err, AdapterflowError)
 
 
 def _write_if_rank_zero(path: Path, payload: dict) -> None:

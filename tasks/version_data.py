@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from tasks.data_io import split_files
-from tasks.errors import DataError
+from adapterflow.tasks.data_io import split_files
+from adapterflow.errors import DataError
 
 REMOTE_NAME = "adapterflow"
 

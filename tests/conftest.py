@@ -19,7 +19,7 @@ WORDS = {
 }
 
 _session_home = Path(os.environ.setdefault("ADAPTERFLOW_HOME", str(Path(__import__("tempfile").mkdtemp(prefix="adapterflow-tests-")))))
-from tasks.state import prepare_environment  # noqa: E402
+from adapterflow.tasks.state import prepare_environment  # noqa: E402
 
 prepare_environment(offline=True)
 
@@ -34,14 +34,14 @@ def _no_leaked_tracking_uri():
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
-    from tasks.tiny_models import make_tiny_bert
+    from adapterflow.tasks.tiny_models import make_tiny_bert
 
     return make_tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    from tasks.tiny_models import make_tiny_llama
+    from adapterflow.tasks.tiny_models import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
@@ -124,4 +124,4 @@ def run_cli(*args: str, home: Path) -> "subprocess.CompletedProcess":
     from prefect.settings import PREFECT_API_URL
 
     env = dict(os.environ, ADAPTERFLOW_HOME=str(home), PREFECT_API_URL=PREFECT_API_URL.value() or "")
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, "-m", "adapterflow.flows.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters import InitContext, InitError, LoraSettings, apply_init, export_init, get_initializer, initialize, registered_names
-from adapters.invariants import check_principal, model_outputs
-from adapters.layers import delta_factors, lora_layers
-from adapters.registry import Initializer, register
-from tasks.config import ModelSpec
-from tasks.model_io import load_model, resolve_base
+from adapterflow.adapters import InitContext, InitError, LoraSettings, apply_init, export_init, get_initializer, initialize, registered_names
+from adapterflow.adapters.invariants import check_principal, model_outputs
+from adapterflow.adapters.layers import delta_factors, lora_layers
+from adapterflow.adapters.registry import Initializer, register
+from adapterflow.tasks.config import ModelSpec
+from adapterflow.tasks.model_io import load_model, resolve_base
 
 ARCHS = {
     "bert": ("sequence_classification", ("query", "value"), "SEQ_CLS"),
@@ -53,7 +53,7 @@ def folders(tiny_bert, tiny_llama):
 def test_init_preserves_outputs_and_adapter_reloads_on_untouched_base(folders, tmp_path, arch, method):
     from peft import PeftModel
 
-    from adapters import save_trained_adapter
+    from adapterflow.adapters import save_trained_adapter
 
     task = ARCHS[arch][0]
     base_out = model_outputs(_model(folders[arch], task), _probe())
@@ -108,7 +108,7 @@ def test_an_initializer_that_changes_outputs_is_refused(tiny_bert):
         peft_model = get_peft_model(model, settings.lora_config("gaussian"))
         for _, module in lora_layers(peft_model):
             torch.nn.init.normal_(module.lora_B["default"].weight)
-        from adapters import InitReport
+        from adapterflow.adapters import InitReport
 
         return peft_model, InitReport(method="broken")
 
@@ -220,7 +220,7 @@ def test_eva_a_rows_span_the_top_activation_directions(tiny_bert):
 def test_eva_check_catches_a_plain_lora_fallback(tiny_bert):
     from peft import get_peft_model
 
-    from adapters.methods.eva import verify_eva
+    from adapterflow.adapters.methods.eva import verify_eva
 
     plain = get_peft_model(_model(tiny_bert, "sequence_classification"), _settings("bert").lora_config(True))
     with pytest.raises(InitError, match="A rows are not orthonormal"):
@@ -250,7 +250,7 @@ def test_corda_depends_on_the_calibration_data_and_is_not_pissa(folders, arch):
 def test_corda_check_catches_a_plain_lora_fallback(tiny_bert):
     from peft import get_peft_model
 
-    from adapters.methods.corda import verify_corda
+    from adapterflow.adapters.methods.corda import verify_corda
 
     plain = get_peft_model(_model(tiny_bert, "sequence_classification"), _settings("bert").lora_config(True))
     with pytest.raises(InitError, match="B·A is zero"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import cls_config, write_config
-from tasks.checkpoint_merge import CheckpointSnapshots, Snapshot, load_tensors, mwa_weights, weighted_average
+from adapterflow.tasks.checkpoint_merge import CheckpointSnapshots, Snapshot, load_tensors, mwa_weights, weighted_average
 
 
 def _snapshots(losses, steps=None):
@@ -32,7 +32,7 @@ def test_lora_sb_merge_averages_the_effective_b_and_keeps_it_in_span_of_b0(tiny_
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from adapters.frozen_factors import fold_middle, train_middle_only
+    from adapterflow.adapters.frozen_factors import fold_middle, train_middle_only
 
     model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3), LoraConfig(r=4, target_modules=["query"]))
     for name, param in model.named_parameters():
@@ -61,7 +61,7 @@ def test_flow_registers_the_better_of_merged_and_final_and_records_the_choice(pr
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
-    from flows.cli import main
+    from adapterflow.flows.cli import main
 
     home = tmp_path / "state"
     monkeypatch.setenv("ADAPTERFLOW_HOME", str(home))

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, cls_config, write_config
-from flows.cli import main
-from tasks.config import load_config
-from tasks.errors import ConfigError
+from adapterflow.flows.cli import main
+from adapterflow.tasks.config import load_config
+from adapterflow.errors import ConfigError
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -113,15 +113,14 @@ def test_missing_config_file(tmp_path):
 
 
 def test_prefect_yaml_deployments_point_at_the_flow_and_valid_configs():
-    import importlib
-
     import yaml
+    from prefect.flows import load_flow_from_entrypoint
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     assert spec["deployments"]
     for deployment in spec["deployments"]:
         path, name = deployment["entrypoint"].split(":")
-        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-        assert getattr(module, name).name == "adapterflow-retrain"
+        # As a Prefect worker loads it: the file by path, from the project folder.
+        assert load_flow_from_entrypoint(f"{ROOT / path}:{name}").name == "adapterflow-retrain"
         load_config(ROOT / deployment["parameters"]["config_path"])
         assert set(deployment["parameters"]) == {"config_path", "force"}

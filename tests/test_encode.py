@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from conftest import write_jsonl
-from tasks.config import RunConfig
-from tasks.encode import IGNORE, encode_split
+from adapterflow.tasks.config import RunConfig
+from adapterflow.tasks.encode import IGNORE, encode_split
 
 
 def _config(tiny_llama, train, **data):
@@ -47,7 +47,7 @@ def test_chat_rows_train_on_every_assistant_turn_only(tiny_llama, tmp_path):
 def test_rows_truncated_before_their_response_are_refused(tiny_llama, tmp_path):
     import pytest
 
-    from tasks.errors import DataError
+    from adapterflow.errors import DataError
 
     train = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "word " * 80, "response": "graphics"}])
     with pytest.raises(DataError, match="no response tokens left within data.max_length=64"):

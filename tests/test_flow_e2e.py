@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import cls_config, run_cli, write_config, write_jsonl
-from flows.cli import main
+from adapterflow.flows.cli import main
 
 pytestmark = pytest.mark.e2e
 MODEL_NAME = "tiny-cls-adapter"
@@ -39,9 +39,9 @@ def test_flow_registers_an_adapter_that_reproduces_the_trained_model(prefect_ser
     from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from adapters import apply_init
-    from tasks.config import ModelSpec
-    from tasks.model_io import load_model, resolve_base
+    from adapterflow.adapters import apply_init
+    from adapterflow.tasks.config import ModelSpec
+    from adapterflow.tasks.model_io import load_model, resolve_base
 
     overrides = {"adapter.init": {"method": "pissa"}, "tracking.system_metrics_seconds": 0.2, "train.launch": {"mode": "accelerate"}}
     config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **overrides))
@@ -112,14 +112,14 @@ def test_failed_data_validation_trains_nothing_and_leaves_the_registry(prefect_s
 
 
 def test_diverged_training_registers_nothing(prefect_server, state, tmp_path, tiny_bert, cls_data, monkeypatch, capsys):
-    import tasks.train
+    from adapterflow.tasks.train import NonFiniteLossGuard
 
-    real_guard = tasks.train.NonFiniteLossGuard.on_log
+    real_guard = NonFiniteLossGuard.on_log
 
     def poisoned(self, args, state_, control, logs=None, **kwargs):
         return real_guard(self, args, state_, control, logs=dict(logs or {}, loss=float("nan")), **kwargs)
 
-    monkeypatch.setattr(tasks.train.NonFiniteLossGuard, "on_log", poisoned)
+    monkeypatch.setattr(NonFiniteLossGuard, "on_log", poisoned)
     config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data))
     assert main(["run", str(config)]) == 4
     assert "training diverged: loss became nan" in capsys.readouterr().err

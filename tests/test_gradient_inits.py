@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters import InitContext, InitError, LoraSettings, apply_init, export_init, initialize, save_trained_adapter
-from adapters.invariants import model_outputs
-from adapters.layers import delta_factors, lora_layers, short_name
-from tasks.config import ModelSpec
-from tasks.model_io import load_model, resolve_base
+from adapterflow.adapters import InitContext, InitError, LoraSettings, apply_init, export_init, initialize, save_trained_adapter
+from adapterflow.adapters.invariants import model_outputs
+from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
+from adapterflow.tasks.config import ModelSpec
+from adapterflow.tasks.model_io import load_model, resolve_base
 
 ARCHS = {
     "bert": ("sequence_classification", ("query", "value"), "SEQ_CLS"),
@@ -133,7 +133,7 @@ def test_lora_ga_conventions_differ_only_in_scaling(folders):
 def test_lora_ga_check_catches_a_plain_lora_fallback(folders):
     from peft import get_peft_model
 
-    from adapters.methods.gradient import verify_lora_ga
+    from adapterflow.adapters.methods.gradient import verify_lora_ga
 
     plain = get_peft_model(_model(folders["bert"], "bert"), _settings("bert").lora_config(True))
     with pytest.raises(InitError, match="no gradient|B is zero"):
@@ -186,9 +186,9 @@ def test_gradient_inits_train_with_the_trainer_and_save_a_plain_adapter(tiny_ber
     from peft import PeftModel
 
     from conftest import cls_config
-    from tasks.config import RunConfig
-    from tasks.init_adapter import initialize_adapter
-    from tasks.train import train_adapter
+    from adapterflow.tasks.config import RunConfig
+    from adapterflow.tasks.init_adapter import initialize_adapter
+    from adapterflow.tasks.train import train_adapter
 
     config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": method, "batches": 2}, "train.warmup_ratio": 0.5}))
     base_ref = resolve_base(config.model)
@@ -209,7 +209,7 @@ def test_gradient_inits_train_with_the_trainer_and_save_a_plain_adapter(tiny_ber
 def test_lora_sb_check_catches_a_plain_lora_fallback(folders):
     from peft import get_peft_model
 
-    from adapters.methods.lora_sb import verify_lora_sb
+    from adapterflow.adapters.methods.lora_sb import verify_lora_sb
 
     plain = get_peft_model(_model(folders["bert"], "bert"), _settings("bert", update_lr=1e-3).lora_config(True))
     with pytest.raises(InitError, match="no gradient was estimated"):

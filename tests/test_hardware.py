@@ -36,17 +36,17 @@ def test_impossible_hardware_requests_are_refused_before_any_compute(tiny_bert, 
 
 
 def test_batch_size_must_split_over_processes(tiny_bert, cls_data):
-    from tasks.config import RunConfig
+    from adapterflow.tasks.config import RunConfig
 
     with pytest.raises(ValueError, match="must split evenly over train.launch.processes"):
         RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"train.batch_size": 9, "train.launch": {"mode": "accelerate", "processes": 2}}))
 
 
 def _train(tmp_path, model_dir, data, overrides) -> dict:
-    from tasks.config import RunConfig
-    from tasks.init_adapter import initialize_adapter
-    from tasks.model_io import resolve_base
-    from tasks.train import train_adapter
+    from adapterflow.tasks.config import RunConfig
+    from adapterflow.tasks.init_adapter import initialize_adapter
+    from adapterflow.tasks.model_io import resolve_base
+    from adapterflow.tasks.train import train_adapter
 
     config = RunConfig.model_validate(cls_config(model_dir, data, **overrides))
     base_ref = resolve_base(config.model)
@@ -68,10 +68,10 @@ def test_bf16_autocast_gradient_checkpointing_and_8bit_adam_train_on_cpu(tmp_pat
 @needs_cuda
 @pytest.mark.parametrize("quantization", [None, "nf4"], ids=["bf16", "qlora-nf4"])
 def test_cuda_training_through_the_launcher_in_mixed_precision(tmp_path, tiny_bert, cls_data, quantization):
-    from tasks.config import RunConfig
-    from tasks.init_adapter import initialize_adapter
-    from tasks.launch import launch_training
-    from tasks.model_io import resolve_base
+    from adapterflow.tasks.config import RunConfig
+    from adapterflow.tasks.init_adapter import initialize_adapter
+    from adapterflow.tasks.launch import launch_training
+    from adapterflow.tasks.model_io import resolve_base
 
     overrides = {"train.launch": {"mode": "accelerate"}, "train.max_steps": 6, "train.optimizer": "paged_adamw_8bit",
                  "train.gradient_checkpointing": True, "adapter.init": {"method": "pissa"}, "model.quantization": quantization}
@@ -87,9 +87,9 @@ def test_cuda_training_through_the_launcher_in_mixed_precision(tmp_path, tiny_be
 @pytest.mark.gpu
 @needs_cuda
 def test_loftq_initializes_a_4bit_base_on_cuda(tmp_path, tiny_bert, cls_data):
-    from tasks.config import RunConfig
-    from tasks.init_adapter import initialize_adapter
-    from tasks.model_io import resolve_base
+    from adapterflow.tasks.config import RunConfig
+    from adapterflow.tasks.init_adapter import initialize_adapter
+    from adapterflow.tasks.model_io import resolve_base
 
     config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "loftq"}, "model.quantization": "nf4"}))
     init = initialize_adapter(config, resolve_base(config.model), tmp_path / "init")
@@ -114,7 +114,7 @@ def test_a_server_that_does_not_answer_fails_the_run_before_training(tiny_bert, 
     config = write_config(tmp_path / "c.yaml", cls_config(tiny_bert, cls_data, tracking=tracking))
     environment = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # only the dead server under test
     environment.update(ADAPTERFLOW_HOME=str(tmp_path / "state"), **env)
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(config)], cwd=ROOT, env=environment,
+    result = subprocess.run([sys.executable, "-m", "adapterflow.flows.cli", "run", str(config)], cwd=ROOT, env=environment,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 5 and expected in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "state" / "runs").exists()

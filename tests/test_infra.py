@@ -250,7 +250,7 @@ def _query(url: str, sql: str, *args) -> tuple:
 
 def _adapterflow(*args: str, env: dict) -> subprocess.CompletedProcess:
     script = Path(sys.executable).parent / "adapterflow"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "adapterflow.flows.cli"]
     return subprocess.run([*command, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.errors import InitError
+from adapterflow.errors import InitError
 from conftest import cls_config
-from tasks.config import RunConfig
-from tasks.init_adapter import initialize_adapter
-from tasks.model_io import resolve_base
+from adapterflow.tasks.config import RunConfig
+from adapterflow.tasks.init_adapter import initialize_adapter
+from adapterflow.tasks.model_io import resolve_base
 
 
 def _init(tiny_bert, cls_data, run_dir, cache, **overrides):

@@ -40,7 +40,7 @@ def test_killed_training_registers_nothing_and_the_rerun_resumes_from_the_last_c
     overrides = {"train.launch": ACCELERATE, "train.max_steps": 200, "train.checkpoint_every": 10, "train.threads": 1}
     config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **overrides))
     env = dict(os.environ, ADAPTERFLOW_HOME=str(home), PREFECT_API_URL=PREFECT_API_URL.value() or "")
-    command = [sys.executable, "-m", "flows.cli", "run", str(config)]
+    command = [sys.executable, "-m", "adapterflow.flows.cli", "run", str(config)]
     flow = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         checkpoint = _wait_for(lambda: _first_complete_checkpoint(home), 240, "the first checkpoint")
@@ -68,9 +68,9 @@ def test_killed_training_registers_nothing_and_the_rerun_resumes_from_the_last_c
 def _trained_adapter(tmp_path, tiny_bert, cls_data, processes: int, init_dir: Path, name: str) -> dict:
     from safetensors.torch import load_file
 
-    from tasks.config import RunConfig
-    from tasks.launch import launch_training
-    from tasks.model_io import resolve_base
+    from adapterflow.tasks.config import RunConfig
+    from adapterflow.tasks.launch import launch_training
+    from adapterflow.tasks.model_io import resolve_base
 
     overrides = {"train.launch": {**ACCELERATE, "processes": processes}, "train.max_steps": 4, "train.batch_size": 8, "train.threads": 1}
     config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **overrides))
@@ -94,9 +94,9 @@ def _without_dropout(model_dir: Path, folder: Path) -> Path:
 
 
 def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path, tiny_bert, cls_data):
-    from tasks.config import RunConfig
-    from tasks.init_adapter import initialize_adapter
-    from tasks.model_io import resolve_base
+    from adapterflow.tasks.config import RunConfig
+    from adapterflow.tasks.init_adapter import initialize_adapter
+    from adapterflow.tasks.model_io import resolve_base
 
     tiny_bert = _without_dropout(tiny_bert, tmp_path / "no-dropout-bert")
 

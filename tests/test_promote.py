@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT, cls_config, run_cli, write_config
-from flows.cli import main
+from adapterflow.flows.cli import main
 
 pytestmark = pytest.mark.e2e
 NAME = "tiny-cls-adapter"
@@ -83,7 +83,7 @@ def test_promotion_lifecycle(prefect_server, home, tmp_path, tiny_bert, cls_data
 
 def _concurrent_promotions(home, count: int) -> list[int]:
     env = dict(os.environ, ADAPTERFLOW_HOME=str(home))
-    processes = [subprocess.Popen([sys.executable, "-m", "flows.cli", "promote", NAME], cwd=ROOT, env=env,
+    processes = [subprocess.Popen([sys.executable, "-m", "adapterflow.flows.cli", "promote", NAME], cwd=ROOT, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(count)]
     results = [p.communicate(timeout=300) for p in processes]
     losers = [err for p, (_, err) in zip(processes, results) if p.returncode == 5]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import cls_config
-from tasks.config import RunConfig
-from tasks.promote import _intruder_tie_break, _verdict
+from adapterflow.tasks.config import RunConfig
+from adapterflow.tasks.promote import _intruder_tie_break, _verdict
 
 
 def _config(tiny_bert, cls_data, **promotion) -> RunConfig:
@@ -29,7 +29,7 @@ def _adapter(tiny_bert, folder, scale: float):
 
 
 def test_a_tie_goes_to_fewer_intruder_dimensions(tiny_bert, cls_data, tmp_path):
-    from tasks.model_io import resolve_base
+    from adapterflow.tasks.model_io import resolve_base
 
     config = _config(tiny_bert, cls_data, tie_breaker="intruder_dimensions", tie_margin=0.01)
     base_ref = resolve_base(config.model)

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from adapters import InitContext, LoraSettings, apply_init, export_init, initialize
-from adapters.layers import delta_factors, lora_layers, short_name
-from adapters.quantized import dequantized_weight
+from adapterflow.adapters import InitContext, LoraSettings, apply_init, export_init, initialize
+from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
+from adapterflow.adapters.quantized import dequantized_weight
 from conftest import cls_config, run_cli, write_config
-from tasks.config import ModelSpec, RunConfig
-from tasks.model_io import full_precision_lookup, load_model, resolve_base
+from adapterflow.tasks.config import ModelSpec, RunConfig
+from adapterflow.tasks.model_io import full_precision_lookup, load_model, resolve_base
 
 TARGETS = ("q_proj", "v_proj")
 
@@ -47,9 +47,9 @@ def _run_config(tiny_bert, cls_data, method, **extra):
 def test_quantized_base_trains_and_registers_a_plain_adapter(tiny_bert, cls_data, tmp_path, method):
     from peft import PeftModel
 
-    from tasks.evaluate import evaluate_adapter
-    from tasks.init_adapter import initialize_adapter
-    from tasks.train import train_adapter
+    from adapterflow.tasks.evaluate import evaluate_adapter
+    from adapterflow.tasks.init_adapter import initialize_adapter
+    from adapterflow.tasks.train import train_adapter
 
     config = _run_config(tiny_bert, cls_data, method, **({"batches": 2} if method == "lora_sb" else {}))
     base_ref = resolve_base(config.model)

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from conftest import cls_config, run_cli, write_config
-from tasks.config import RunConfig
-from tasks.race import halving_schedule
+from adapterflow.tasks.config import RunConfig
+from adapterflow.tasks.race import halving_schedule
 
 
 def test_halving_schedule_spends_the_budget_evenly_and_halves():
@@ -24,8 +24,8 @@ def _auto(tiny_bert, cls_data, **init):
 
 
 def test_race_trains_the_winner_at_its_learning_rate_and_logs_every_contender(tiny_bert, cls_data, tmp_path):
-    from tasks.init_adapter import initialize_adapter
-    from tasks.model_io import resolve_base
+    from adapterflow.tasks.init_adapter import initialize_adapter
+    from adapterflow.tasks.model_io import resolve_base
 
     config = RunConfig.model_validate(_auto(tiny_bert, cls_data, candidates=["lora", "pissa"], lr_multipliers=[0.1, 1.0], budget=0.5))
     outcome = initialize_adapter(config, resolve_base(config.model), tmp_path / "run", tmp_path / "cache")

@@ -66,7 +66,7 @@ def test_scheduled_runs_happen_and_an_unchanged_retrain_skips(tmp_path, tiny_ber
         _wait(lambda: _api(api, "/health"), 180, "the Prefect server")
         overrides = {"train.max_steps": 2, "schedule": {"interval_seconds": 10}}
         config = write_config(tmp_path / "served.yaml", cls_config(tiny_bert, cls_data, **overrides))
-        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(config)], env=env, cwd=ROOT,
+        serve = subprocess.Popen([sys.executable, "-m", "adapterflow.flows.cli", "serve", str(config)], env=env, cwd=ROOT,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         finished = _wait(lambda: _completed(api) if len(_completed(api)) >= 2 else None, 420, "two scheduled runs")
         assert all(run["deployment_id"] for run in finished)

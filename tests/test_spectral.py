@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from adapters.spectral import (
+from adapterflow.adapters.spectral import (
     LayerIntruders, count_intruders, intruder_markdown, intruder_report, plot_intruders, summarize,
 )
 
@@ -115,7 +115,7 @@ def lora_bert(folder):
 
 @torch.no_grad()
 def randomize_lora(model, scale: float, seed: int = 0) -> None:
-    from adapters.layers import lora_layers
+    from adapterflow.adapters.layers import lora_layers
 
     generator = torch.Generator().manual_seed(seed)
     for _, module in lora_layers(model):
@@ -124,7 +124,7 @@ def randomize_lora(model, scale: float, seed: int = 0) -> None:
 
 
 def test_tiny_bert_report_table_plot_and_metrics(tiny_bert, tmp_path):
-    from adapters.layers import lora_layers, short_name
+    from adapterflow.adapters.layers import lora_layers, short_name
 
     model = lora_bert(tiny_bert)
     layer_names = [short_name(name) for name, _ in lora_layers(model)]
@@ -160,10 +160,10 @@ def test_tiny_bert_report_table_plot_and_metrics(tiny_bert, tmp_path):
 def test_a_4bit_base_is_read_dequantized(tiny_bert):
     from peft import LoraConfig, get_peft_model
 
-    from adapters.layers import delta_factors, lora_layers
-    from adapters.quantized import dequantized_weight, is_quantized
-    from tasks.config import ModelSpec
-    from tasks.model_io import load_model, resolve_base
+    from adapterflow.adapters.layers import delta_factors, lora_layers
+    from adapterflow.adapters.quantized import dequantized_weight, is_quantized
+    from adapterflow.tasks.config import ModelSpec
+    from adapterflow.tasks.model_io import load_model, resolve_base
 
     base = load_model(resolve_base(ModelSpec(path=str(tiny_bert))), "sequence_classification", ["a", "b", "c"], "float32", "nf4")
     model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"]))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import cls_config, classification_rows, write_csv, write_jsonl
-from tasks.config import RunConfig
-from tasks.errors import DataError
-from tasks.validate_data import validate_data
+from adapterflow.tasks.config import RunConfig
+from adapterflow.errors import DataError
+from adapterflow.tasks.validate_data import validate_data
 
 
 def _config(model, data, **overrides) -> RunConfig:

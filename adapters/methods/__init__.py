@@ -1,3 +1,3 @@
 """Importing this package registers every built-in initializer."""
 
-from adapters.methods import basic, corda, eva, gradient, loftq, lora_sb, pissa  # noqa: F401
+from adapterflow.adapters.methods import basic, corda, eva, gradient, loftq, lora_sb, pissa  # noqa: F401

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from adapters.layers import lora_layers, short_name
-from adapters.registry import Initializer, register
-from adapters.report import InitReport
+from adapterflow.adapters.layers import lora_layers, short_name
+from adapterflow.adapters.registry import Initializer, register
+from adapterflow.adapters.report import InitReport
 
 
 def peft_builtin(method: str, init_lora_weights):

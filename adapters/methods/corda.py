@@ -7,11 +7,11 @@ assume one sample per forward, so the calibration iterable yields batch-size-1 i
 
 from __future__ import annotations
 
-from adapters.errors import InitError
-from adapters.layers import delta_factors, lora_layers, short_name
-from adapters.methods.basic import ranks_of
-from adapters.registry import Initializer, register
-from adapters.report import InitReport
+from adapterflow.errors import InitError
+from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
+from adapterflow.adapters.methods.basic import ranks_of
+from adapterflow.adapters.registry import Initializer, register
+from adapterflow.adapters.report import InitReport
 
 
 def apply_corda(model, settings, context):

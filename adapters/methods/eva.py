@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from adapters.errors import InitError
-from adapters.layers import delta_factors, lora_layers, short_name
-from adapters.methods.basic import ranks_of
-from adapters.registry import Initializer, register
-from adapters.report import InitReport
+from adapterflow.errors import InitError
+from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
+from adapterflow.adapters.methods.basic import ranks_of
+from adapterflow.adapters.registry import Initializer, register
+from adapterflow.adapters.report import InitReport
 
 ORTHONORMAL_TOL = 1e-3
 

@@ -13,12 +13,12 @@ from itertools import islice
 
 import torch
 
-from adapters.errors import InitError
-from adapters.layers import delta_factors, lora_layers, short_name
-from adapters.methods.basic import ranks_of
-from adapters.registry import Initializer, register
-from adapters.report import InitReport
-from adapters.weight_svd import SvdPlan, decompose
+from adapterflow.errors import InitError
+from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
+from adapterflow.adapters.methods.basic import ranks_of
+from adapterflow.adapters.registry import Initializer, register
+from adapterflow.adapters.report import InitReport
+from adapterflow.adapters.weight_svd import SvdPlan, decompose
 
 GRAD_ATTR = "_peft_loraga_grad"  # where peft's estimator leaves G on each target layer
 KEPT_GRAD = "_adapterflow_init_grad"  # G kept on the LoRA layer for the checks (peft drops its own copy)

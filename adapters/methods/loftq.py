@@ -7,11 +7,11 @@ converted to a plain LoRA delta on the untouched base.
 
 from __future__ import annotations
 
-from adapters.errors import InitError
-from adapters.layers import delta_factors, lora_layers, short_name
-from adapters.methods.basic import ranks_of
-from adapters.registry import Initializer, register
-from adapters.report import InitReport
+from adapterflow.errors import InitError
+from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
+from adapterflow.adapters.methods.basic import ranks_of
+from adapterflow.adapters.registry import Initializer, register
+from adapterflow.adapters.report import InitReport
 
 
 def apply_loftq(model, settings, context):

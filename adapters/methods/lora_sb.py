@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from adapters.errors import InitError
-from adapters.layers import delta_factors, lora_layers, short_name
-from adapters.methods.basic import ranks_of
-from adapters.methods.gradient import drop_gradients, estimate_gradients, kept_gradient, singular_vector_residual
-from adapters.registry import Initializer, register
-from adapters.report import InitReport
-from adapters.weight_svd import SvdPlan, decompose
+from adapterflow.errors import InitError
+from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
+from adapterflow.adapters.methods.basic import ranks_of
+from adapterflow.adapters.methods.gradient import drop_gradients, estimate_gradients, kept_gradient, singular_vector_residual
+from adapterflow.adapters.registry import Initializer, register
+from adapterflow.adapters.report import InitReport
+from adapterflow.adapters.weight_svd import SvdPlan, decompose
 
 FACTOR_TOL = 1e-3
 

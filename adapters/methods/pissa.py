@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from adapters.invariants import check_principal, delta_spectra
-from adapters.methods.basic import ranks_of
-from adapters.registry import Initializer, register
-from adapters.report import InitReport
-from adapters.weight_svd import SvdPlan, apply_weight_svd
+from adapterflow.adapters.invariants import check_principal, delta_spectra
+from adapterflow.adapters.methods.basic import ranks_of
+from adapterflow.adapters.registry import Initializer, register
+from adapterflow.adapters.report import InitReport
+from adapterflow.adapters.weight_svd import SvdPlan, apply_weight_svd
 
 # Full SVD is exactly principal (up to float32). Randomized SVD is approximately so: near a flat
 # part of the spectrum sigma_(r+1) ~ sigma_r, so only a loose ratio is a fair run-time check; it
@@ -56,8 +56,8 @@ def apply_olora(model, settings, context):
 
 
 def max_leak(peft_model) -> float:
-    from adapters.invariants import principal_split
-    from adapters.layers import lora_layers
+    from adapterflow.adapters.invariants import principal_split
+    from adapterflow.adapters.layers import lora_layers
 
     return max(principal_split(module)[0] for _, module in lora_layers(peft_model))
 

@@ -1,4 +1,8 @@
-"""Errors a user can cause. The CLI prints their message alone and exits non-zero."""
+"""Errors a user can cause. The CLI prints their message alone and exits non-zero.
+
+One module for the whole package, below flows/, tasks/ and adapters/, so the initializer library
+raises the same InitError the CLI and the training worker catch.
+"""
 
 
 class AdapterflowError(Exception):
@@ -22,7 +26,7 @@ class ModelError(AdapterflowError):
 
 
 class InitError(AdapterflowError):
-    """An adapter initializer cannot run, or its result fails its invariants."""
+    """An adapter initializer cannot run with these settings, or its result broke an invariant."""
 
 
 class TrainingError(AdapterflowError):

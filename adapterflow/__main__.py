@@ -1,0 +1,7 @@
+"""`python -m adapterflow ...` is the `adapterflow` command."""
+
+import sys
+
+from adapterflow.flows.cli import main
+
+sys.exit(main())
