@@ -91,10 +91,9 @@ def preflight(config_path: str):
     check_servers(config)
     if config.schedule is not None:
         check_schedule(config.schedule)
-    if config.adapter.init.method == "auto":
-        from adapterflow.tasks.race import race_plan
+    from adapterflow.tasks.init_adapter import check_init_plan
 
-        race_plan(config)  # a budget too small for the contenders fails here, before any compute
+    check_init_plan(config)
     return config
 
 

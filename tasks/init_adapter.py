@@ -87,6 +87,14 @@ def initialize_adapter(config, base_ref, run_dir: Path, cache_root: Path | None 
     return InitOutcome(str(init_dir), str(report_path), report["method"], report["seconds"], report["checks"], status, str(plot) if plot else None)
 
 
+def check_init_plan(config) -> None:
+    """What the init stage will need, checked before any compute (an auto race's step budget)."""
+    if config.adapter.init.method == "auto":
+        from adapterflow.tasks.race import race_plan
+
+        race_plan(config)
+
+
 def _race_winner(config, base_ref, run_dir: Path, cache_root: Path | None) -> InitOutcome:
     from adapterflow.tasks.race import race_markdown, run_race
 
