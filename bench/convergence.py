@@ -255,12 +255,20 @@ def plot(args, summary: dict, runs: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def portable(value):
+    """Paths relative to the repository, or just their name: results must not record this machine's folders."""
+    if not isinstance(value, str) or not value.startswith("/"):
+        return value
+    path = Path(value)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
 def save(args, summary: dict, runs: list[dict], wall: float) -> Path:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(args, summary, runs, out)
     rows = [{**{k: v for k, v in row.items() if k != "best"}, "best_lr": row["best"]["lr"] if row["best"] else None} for row in summary["rows"]]
-    record = {"settings": {k: v for k, v in vars(args).items()}, "wall_seconds": wall, "target": summary["target"],
+    record = {"settings": {k: portable(v) for k, v in vars(args).items()}, "wall_seconds": wall, "target": summary["target"],
               "lora_steps": summary["lora_steps"], "summary": rows, "runs": runs}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
     return out

@@ -1,7 +1,7 @@
 """The registered model: an MLflow pyfunc whose artifact is the adapter in standard PEFT format.
 
 Not mlflow.transformers: with a local base it re-initialised q/v/classifier weights on reload
-(STACK.md). Here the adapter folder is stored untouched, so `PeftModel.from_pretrained(base,
+(logits off by ~3e-2 in MLflow 3.17). Here the adapter folder is stored untouched, so `PeftModel.from_pretrained(base,
 <artifacts>/adapter)` works on the untouched base, and `mlflow.pyfunc.load_model` predicts.
 """
 
