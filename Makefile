@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH ?= torch==2.13.0
 QUIET := 2>&1 | { grep -v -e '^WARNING: Location' -e 'is ignored: it is neither' || true; }
 
-.PHONY: install demo test test-fast bench gpu-check clean-state
+.PHONY: install demo test test-fast lint bench gpu-check clean-state
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,11 +23,15 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/adapterflow run configs/demo.yaml
 
-test: install
+test: install lint
 	$(VENV)/bin/pytest -q
 
-test-fast: install
-	$(VENV)/bin/pytest -q -m "not e2e"
+# Everything but the tests marked slow (servers, subprocesses, whole flows): under 2 minutes.
+test-fast: install lint
+	$(VENV)/bin/pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 bench: install
 	$(PY) bench/overhead.py

@@ -207,7 +207,9 @@ def resolve_precision(requested: str, device: str) -> str:
         return requested
     if device != "cuda":
         return "fp32"
-    return "bf16" if _bf16_supported() else "fp16"
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 class NonFiniteLossGuard(TrainerCallback):

@@ -1,10 +1,16 @@
-"""Shared fixtures: an isolated state folder, tiny models built from config, tiny data, one Prefect harness."""
+"""Shared fixtures: an isolated state folder, tiny models built from config, tiny data, one Prefect harness;
+and the process helpers tests that start servers share (free ports, waiting, stopping a process group)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +28,16 @@ _session_home = Path(os.environ.setdefault("ADAPTERFLOW_HOME", str(Path(__import
 from adapterflow.tasks.state import prepare_environment  # noqa: E402
 
 prepare_environment(offline=True)
+
+
+SLOW_FIXTURES = {"prefect_server"}  # a test that starts the Prefect harness pays its ~20 s boot
+
+
+def pytest_collection_modifyitems(items):
+    """Whole-flow tests and tests on the Prefect harness are slow whether or not they say so."""
+    for item in items:
+        if item.get_closest_marker("e2e") or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
@@ -116,12 +132,50 @@ def prefect_server():
         yield
 
 
-def run_cli(*args: str, home: Path) -> "subprocess.CompletedProcess":
+def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess:
     """The CLI as a user runs it: a separate process, against the test Prefect server."""
-    import subprocess
     import sys
 
     from prefect.settings import PREFECT_API_URL
 
     env = dict(os.environ, ADAPTERFLOW_HOME=str(home), PREFECT_API_URL=PREFECT_API_URL.value() or "")
     return subprocess.run([sys.executable, "-m", "adapterflow.flows.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """Distinct free loopback ports: all held open at once while the OS picks them."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll until `predicate()` returns something truthy (an OSError counts as not yet); return it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            found = predicate()
+            if found:
+                return found
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM the process's group (servers fork workers), SIGKILL whatever outlives the grace period."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=grace)
