@@ -16,7 +16,13 @@ import yaml
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
-    AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    DataCollatorForLanguageModeling,
+    Trainer,
+    TrainingArguments,
+    set_seed,
 )
 
 
@@ -39,8 +45,9 @@ def main(config_path: str, out_dir: str) -> None:
     texts = [f"{p} {r}{tokenizer.eos_token}" for p, r in zip(frame[data["prompt_field"]], frame[data["response_field"]])]
     dataset = Dataset.from_dict(tokenizer(texts, truncation=True, max_length=data["max_length"], add_special_tokens=False))
     args = TrainingArguments(
-        output_dir=out_dir, max_steps=train["max_steps"], learning_rate=train["learning_rate"], per_device_train_batch_size=train["batch_size"],
-        save_strategy="steps", save_steps=train["checkpoint_every"], logging_steps=train["log_every"], report_to=[], bf16=True, use_cpu=not torch.cuda.is_available(),
+        output_dir=out_dir, max_steps=train["max_steps"], learning_rate=train["learning_rate"],
+        per_device_train_batch_size=train["batch_size"], save_strategy="steps", save_steps=train["checkpoint_every"],
+        logging_steps=train["log_every"], report_to=[], bf16=True, use_cpu=not torch.cuda.is_available(),
         optim=train.get("optimizer", "adamw_torch"),
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))

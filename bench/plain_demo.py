@@ -17,7 +17,12 @@ import yaml  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments, set_seed,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+    set_seed,
 )
 
 
@@ -33,7 +38,9 @@ def main(config_path: str, out_dir: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels))
     lora = cfg["adapter"]
-    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=lora["target_modules"], task_type="SEQ_CLS"))
+    lora_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                             target_modules=lora["target_modules"], task_type="SEQ_CLS")
+    model = get_peft_model(model, lora_config)
 
     def load(split):
         frame = pd.read_csv(base / cfg["data"][split])
@@ -54,7 +61,9 @@ def main(config_path: str, out_dir: str) -> None:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({"samples_per_second": output.metrics["train_samples_per_second"], "seconds": output.metrics["train_runtime"], "peak_memory_mb": peak}))
+        metrics = output.metrics
+        speed, seconds = metrics["train_samples_per_second"], metrics["train_runtime"]
+        print(json.dumps({"samples_per_second": speed, "seconds": seconds, "peak_memory_mb": peak}))
         return
     model.save_pretrained(f"{out_dir}/adapter")
     predictions = trainer.predict(load("test"))

@@ -125,7 +125,8 @@ def gpu_rows(args) -> None:
                 plain.append(run_json([sys.executable, "bench/plain_causal.py", str(config), f"{tmp}/plain{repeat}"], env))
                 ours.append(run_json([sys.executable, "bench/flow_train_step.py", str(config), f"{tmp}/flow{repeat}-{quantization}"], env))
             if abs(plain[0]["tokens_per_sample"] - tokens) > 0.01 * tokens:
-                sys.exit(f"the plain script trains {plain[0]['tokens_per_sample']:.1f} tokens/sample and the flow {tokens:.1f}: not comparable")
+                sys.exit(f"the plain script trains {plain[0]['tokens_per_sample']:.1f} tokens/sample and the flow {tokens:.1f}: "
+                         "not comparable")
             args.config = f"{'tiny Llama (dry run)' if args.dry_run else 'Llama ~1 B'}, {quantization or 'bf16'}"
             report(plain, ours, tokens, args)
 
@@ -136,10 +137,12 @@ def gpu_config(folder: Path, model_dir: Path, quantization: str | None, steps: i
         "name": "throughput-gpu", "task": "causal_lm",
         "model": {"path": str(model_dir), "dtype": "bfloat16", **({"quantization": quantization} if quantization else {})},
         "data": {"train": str(sft / "train.jsonl"), "validation": str(sft / "validation.jsonl"), "prompt_field": "prompt",
-                 "response_field": "response", "max_length": 256, "checks": {"min_rows": 20, "max_text_chars": 400, "max_duplicate_rate": 0.05}},
-        "adapter": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "init": {"method": "lora"}},
-        "train": {"max_steps": steps, "learning_rate": 2e-4, "batch_size": 8, "checkpoint_every": steps, "log_every": min(5, steps), "precision": "bf16",
-                  "optimizer": "adamw_torch_fused"},  # named: the plain script reads it from here too
+                 "response_field": "response", "max_length": 256,
+                 "checks": {"min_rows": 20, "max_text_chars": 400, "max_duplicate_rate": 0.05}},
+        "adapter": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                    "init": {"method": "lora"}},
+        "train": {"max_steps": steps, "learning_rate": 2e-4, "batch_size": 8, "checkpoint_every": steps, "log_every": min(5, steps),
+                  "precision": "bf16", "optimizer": "adamw_torch_fused"},  # named: the plain script reads it from here too
         "evaluate": {"split": "validation"}, "registry": {"model_name": "throughput-gpu"},
     }
     path = folder / f"gpu-{quantization or 'bf16'}.yaml"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from adapterflow.tasks.data_io import read_split
 from adapterflow.errors import DataError
+from adapterflow.tasks.data_io import read_split
 
 IGNORE = -100  # label id the loss skips (prompt tokens, padding)
 

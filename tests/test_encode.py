@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conftest import write_jsonl
+
 from adapterflow.tasks.config import RunConfig
 from adapterflow.tasks.encode import IGNORE, encode_split
 

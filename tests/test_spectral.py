@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from adapterflow.adapters.spectral import (
-    LayerIntruders, count_intruders, intruder_markdown, intruder_report, plot_intruders, summarize,
+    LayerIntruders,
+    count_intruders,
+    intruder_markdown,
+    intruder_report,
+    plot_intruders,
+    summarize,
 )
 
 THRESHOLD = 0.5
