@@ -1,4 +1,4 @@
-"""`adapterflow` command line: run, check, make-tiny-model."""
+"""`adapterflow` command line: argument parsing and the commands; what they print is in flows/render.py."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from adapterflow.errors import AdapterflowError, ConfigError
+from adapterflow.flows import render
 from adapterflow.tasks.state import prepare_environment, quiet_library_noise
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,9 +72,9 @@ def cmd_check(args) -> int:
 
 def preflight(config_path: str):
     """Everything checkable without loading a model: config, files, model path."""
+    from adapterflow.errors import DataError
     from adapterflow.tasks.config import load_config
     from adapterflow.tasks.data_io import split_files
-    from adapterflow.errors import DataError
     from adapterflow.tasks.hardware import check_hardware
     from adapterflow.tasks.model_io import resolve_base
 
@@ -86,7 +86,7 @@ def preflight(config_path: str):
         raise DataError(f"evaluate.generation.file not found: {config.evaluate.generation.file}")
     resolve_base(config.model)
     check_hardware(config)
-    from adapterflow.tasks.track import check_servers
+    from adapterflow.tasks.server_health import check_servers
 
     check_servers(config)
     if config.schedule is not None:
@@ -113,10 +113,9 @@ def cmd_run(args) -> int:
     finally:
         _stop_ephemeral_prefect_server()
     if summary.get("skipped"):
-        print(f"skipped: {summary['model_name']} version {summary['version']} (@{summary['alias']}) was trained on this exact "
-              "config and data; nothing to retrain. New data (a new DVC version) or a changed config trains; --force retrains anyway.")
+        print(render.skipped_line(summary))
         return 0
-    print(render_summary(summary, dirs, time.perf_counter() - start))
+    render.show(render.summary_rows(summary, dirs, time.perf_counter() - start))
     # The interpreter's final garbage collection walked the whole heap (prefect, mlflow, GE,
     # torch) for ~5 s after every run; frozen objects are skipped and the OS reclaims them.
     import gc
@@ -205,89 +204,6 @@ def _quiet_user_errors_in_prefect_logs() -> None:
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 
-def render_summary(summary: dict, dirs, seconds: float) -> str:
-    metrics = "  ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items())
-    validation = summary["validation"]
-    rows = ", ".join(f"{k} {v}" for k, v in validation["row_counts"].items())
-    init = summary["init"]
-    return "\n".join([
-        "",
-        f"== adapterflow: {summary['name']} done in {seconds:.0f} s ==",
-        f"data validation  passed ({validation['checks']} checks; rows: {rows})",
-        f"data md5 (DVC)   {summary['data_md5']}",
-        f"init             {init['method']} in {init['seconds']:.2f} s (cache {init['cache']})" + _race_line(init),
-        *_init_report_lines(init),
-        f"training         {summary['train']['steps']} steps in {summary['train']['seconds']:.0f} s on {summary['train']['device']}" + _launch_note(summary["train"]),
-        *_merge_lines(summary.get("merge")),
-        f"metrics ({summary['eval_split']})  {metrics}",
-        *_spectral_lines(summary.get("spectral")),
-        f"registered       {summary['model_name']} version {summary['version']}  alias @{summary['alias']}",
-        *_promotion_lines(summary.get("promotion")),
-        f"mlflow run       {summary['run_id']}",
-        "stage seconds    " + "  ".join(f"{k} {v:.1f}" for k, v in summary["timings"].items()),
-        "",
-        "Open the dashboards on this data:",
-        f"  {_script('mlflow')} ui --backend-store-uri {summary['tracking_uri']} --port 5000",
-        f"  PREFECT_HOME={dirs.prefect_home} {_script('prefect')} server start",
-    ])
-
-
-def _launch_note(train: dict) -> str:
-    note = f" × {train['processes']} processes" if train.get("processes", 1) > 1 else ""
-    if train.get("resumed_from"):
-        note += f"; resumed from {Path(train['resumed_from']).name} of the interrupted run"
-    return note
-
-
-def _spectral_lines(spectral: dict | None) -> list[str]:
-    if spectral is None:
-        return []
-    return [f"intruder dims    {spectral['intruders_total']:.0f} in {spectral['layers_with_intruders']:.0f} layers "
-            f"(lowest best-match similarity {spectral['intruders_min_similarity']:.2f}); table and plot under spectral/ in the run"]
-
-
-def _merge_lines(merge: dict | None) -> list[str]:
-    if merge is None:
-        return []
-    steps = ", ".join(f"{c['step']}×{c['weight']:.2f}" for c in merge["checkpoints"])
-    return [f"checkpoint merge {merge['chosen']} registered ({merge['metric']} on validation: merged {merge['merged']:.4f}, final {merge['final']:.4f}; steps×weights {steps})"]
-
-
-def _promotion_lines(promotion: dict | None) -> list[str]:
-    if promotion is None:
-        return []
-    verdict = "promoted to @production" if promotion["promoted"] else "not promoted"
-    return [f"promotion gate   {verdict}: {promotion['reason']}"]
-
-
-def _init_report_lines(init: dict) -> list[str]:
-    """Per-layer ranks, the spectrum plot and, for auto, the race table, from the init report."""
-    import json
-
-    report = json.loads(Path(init["report_path"]).read_text())
-    ranks = list(report.get("ranks", {}).values())
-    lines = [f"init ranks       {min(ranks)}–{max(ranks)} per layer over {len(ranks)} layers (sum {sum(ranks)})"] if ranks else []
-    if "min_explained_variance" in report.get("checks", {}):
-        lines.append(f"init variance    kept components explain ≥ {report['checks']['min_explained_variance']:.3f} of each layer's input variance")
-    if init.get("plot_path"):
-        lines.append(f"init spectrum    {init['plot_path']}")
-    if init.get("race_path"):
-        lines += ["", "auto race (successive halving on validation loss):", Path(init["race_path"]).read_text().rstrip(), ""]
-    return lines
-
-
-def _race_line(init: dict) -> str:
-    if init.get("learning_rate") is None:
-        return ""
-    return f"; won the auto race at lr {init['learning_rate']:g}, table: {init['race_path']}"
-
-
-def _script(name: str) -> str:
-    """The console script installed beside this interpreter, so the command works without activating the venv."""
-    path = Path(sys.executable).parent / name
-    return str(path) if path.exists() else name
-
-
 def _registry_target(args) -> tuple[str, Path]:
     dirs = prepare_environment(offline=True)
     quiet_library_noise()
@@ -299,10 +215,7 @@ def cmd_promote(args) -> int:
 
     uri, locks = _registry_target(args)
     decision = promote(args.model_name, uri, locks, args.staging_alias, args.production_alias)
-    verdict = f"promoted version {decision.candidate} to @{args.production_alias}" if decision.promoted else f"kept @{args.production_alias}: version {decision.candidate} refused"
-    print(f"{args.model_name}: {verdict}\n  {decision.reason}")
-    if decision.forgetting:
-        print(f"  forgetting set {decision.forgetting['file']}: candidate {decision.forgetting['candidate']:.4f}, production {decision.forgetting['incumbent']:.4f}")
+    print("\n".join(render.promotion_lines(args.model_name, decision, args.production_alias)))
     return 0 if decision.promoted else 1
 
 
@@ -316,57 +229,19 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from adapterflow.tasks.promote import status
+    from adapterflow.tasks.registry_queries import status
 
     uri, _ = _registry_target(args)
-    print(render_status(args.model_name, status(args.model_name, uri)))
+    render.show_status(args.model_name, status(args.model_name, uri))
     return 0
 
 
 def cmd_lineage(args) -> int:
-    import yaml
-
-    from adapterflow.tasks.promote import lineage
+    from adapterflow.tasks.registry_queries import lineage
 
     uri, _ = _registry_target(args)
-    info = lineage(args.model_name, args.version, uri)
-    lines = [
-        f"{args.model_name} version {info['version']}  (MLflow run {info['run_id']}, experiment {info['experiment_id']})",
-        f"data md5 (DVC)  {info['data_md5']}",
-        *[f"  {split:<10} {info['data_paths'].get(split, '?')}  md5 {md5}" for split, md5 in sorted(info["data_files"].items())],
-        f"git commit      {info['git_commit']}",
-        f"base model      {info['base_model']}",
-        f"init method     {info['init_method']}",
-        f"config hash     {info['config_hash']}",
-        "metrics         " + "  ".join(f"{k}={v}" for k, v in sorted(info["metrics"].items())),
-        "compared        " + ("; ".join(_comparison(e) for e in info["comparisons"]) or "never (not promoted or refused yet)"),
-        "config:",
-        yaml.safe_dump(info["config"], sort_keys=False).rstrip(),
-    ]
-    print("\n".join(lines))
+    render.show(render.lineage_rows(args.model_name, lineage(args.model_name, args.version, uri)))
     return 0
-
-
-def _comparison(event: dict) -> str:
-    against = f"production v{event['from']}" if event.get("from") else "the base model"
-    scores = f" ({event['metric']} {event['candidate']:.4f} vs {event['incumbent']:.4f})" if "metric" in event else ""
-    return f"{event['when']} {event['action']} against {against}{scores}"
-
-
-def render_status(name: str, state: dict) -> str:
-    aliases = ", ".join(f"@{alias} → v{version}" for alias, version in sorted(state["aliases"].items())) or "none"
-    lines = [f"{name}", f"aliases   {aliases}", "versions"]
-    for version in state["versions"]:
-        tags = version["tags"]
-        metrics = "  ".join(f"{k.removeprefix('metric.')}={v}" for k, v in sorted(tags.items()) if k.startswith("metric."))
-        incomplete = "  (registration incomplete: never staged)" if tags.get("adapterflow.registration") == "incomplete" else ""
-        lines.append(f"  v{version['version']:<4} init {tags.get('init_method', '?'):<8} data {tags.get('data_md5', '?')[:8]}  {metrics}{incomplete}")
-    lines.append("history")
-    for event in state["history"]:
-        lines.append(f"  {event['when']:<26} {event['action']:<9} v{event.get('from')} → v{event['to']}  {event.get('reason', '')}")
-    if not state["history"]:
-        lines.append("  no promotion yet")
-    return "\n".join(lines)
 
 
 def cmd_make_tiny_model(args) -> int:

@@ -1,98 +1,233 @@
-"""Thin Prefect tasks over the plain stage functions in tasks/, each with its retry policy.
+"""The retrain's stages as Prefect tasks: typed inputs and results, each logging what it produces to MLflow.
 
-Deterministic failures (bad data, bad config, divergence) are never retried; only the steps
+Stages pass paths, URIs, digests and small frozen records, never models or data frames. Retry
+policy: deterministic failures (bad data, bad config, divergence) are never retried; only steps
 that talk to storage retry, and registration never does (a retry could register twice).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from adapterflow.tasks.tracking import RunRef, log_files, log_metrics
+
+if TYPE_CHECKING:  # their modules import torch/pandas, which flows/warm.py imports on its thread first
+    from adapterflow.tasks.checkpoint_merge import MergeChoice
+    from adapterflow.tasks.init_adapter import InitOutcome
+    from adapterflow.tasks.registry_tags import VersionTags
+    from adapterflow.tasks.train import TrainResult
+    from adapterflow.tasks.version_data import DataVersion
+
 STAGE = dict(cache_policy=NO_CACHE, persist_result=False)
+STORAGE_RETRIES = dict(retries=2, retry_delay_seconds=2)
+
+
+@dataclass(frozen=True)
+class Validation:
+    files: Mapping[str, str]  # report format -> file
+    row_counts: Mapping[str, int]
+    checks: int
+
+    def to_dict(self) -> dict:
+        return {"files": dict(self.files), "row_counts": dict(self.row_counts), "checks": self.checks}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    split: str
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The adapter about to be registered and what produced it."""
+
+    adapter_dir: str
+    init: InitOutcome
+    trained: TrainResult
+    evaluation: Evaluation
+    spectral: Mapping[str, float] | None = None
+    merge: MergeChoice | None = None
+
+
+@dataclass(frozen=True)
+class Registration:
+    model_name: str
+    version: str
+    alias: str
+
+
+@dataclass(frozen=True)
+class Promotion:
+    promoted: bool
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @task(name="validate-data", retries=0, **STAGE)
-def validate_stage(config, run_dir: Path) -> dict:
+def validate_stage(config, run_dir: Path) -> Validation:
     from adapterflow.tasks.validate_data import validate_data
 
     report = validate_data(config)
     files = report.write(run_dir / "validation")
     create_table_artifact(table=report.as_table(), key="data-validation", description=f"Data validation for {config.name}: passed")
-    return {"files": {k: str(v) for k, v in files.items()}, "row_counts": report.row_counts, "checks": len(report.rows)}
+    return Validation({k: str(v) for k, v in files.items()}, dict(report.row_counts), len(report.rows))
 
 
-@task(name="version-data", retries=2, retry_delay_seconds=2, **STAGE)
-def version_stage(config, repo: Path, default_remote: Path):
+@task(name="open-tracking-run", **STORAGE_RETRIES, **STAGE)
+def open_run_stage(config, uri: str, artifacts_root: Path, validation: Validation, base_ref) -> RunRef:
+    from adapterflow.tasks.tracking import open_run
+
+    return open_run(config, uri, artifacts_root, dict(validation.files), base_ref)
+
+
+@task(name="version-data", **STORAGE_RETRIES, **STAGE)
+def version_stage(config, repo: Path, default_remote: Path, run: RunRef) -> DataVersion:
+    """DVC add + push of the split files; the run gets the digest, the .dvc file and the dataset input."""
+    from adapterflow.tasks.tracking import log_data_version
     from adapterflow.tasks.version_data import version_data
 
-    return version_data(config, repo, default_remote)
-
-
-@task(name="open-tracking-run", retries=2, retry_delay_seconds=2, **STAGE)
-def open_run_stage(config, uri: str, artifacts_root: Path, validation_files: dict, base_ref) -> str:
-    from adapterflow.tasks.track import open_run
-
-    return open_run(config, uri, artifacts_root, validation_files, base_ref)
+    data_version = version_data(config, repo, default_remote)
+    log_data_version(config, run, data_version)
+    return data_version
 
 
 @task(name="initialize-adapter", retries=0, **STAGE)
-def init_stage(config, base_ref, run_dir: Path, cache_root: Path):
+def init_stage(config, base_ref, run_dir: Path, cache_root: Path, run: RunRef) -> InitOutcome:
     from adapterflow.tasks.init_adapter import initialize_adapter
 
-    return initialize_adapter(config, base_ref, run_dir, cache_root)
+    init = initialize_adapter(config, base_ref, run_dir, cache_root)
+    metrics = {"seconds": init.seconds, "cache_hit": float(init.cache == "hit"), **init.checks}
+    if init.learning_rate is not None:
+        metrics["chosen_learning_rate"] = init.learning_rate
+    log_metrics(run, metrics, prefix="init/")
+    log_files(run, [Path(p) for p in (init.report_path, init.plot_path, init.race_path) if p], "init")
+    return init
+
+
+def training_config(config, init: InitOutcome):
+    """auto: the race winner trains at its own learning rate; every other method at the configured one."""
+    if init.learning_rate is None:
+        return config
+    return config.model_copy(update={"train": config.train.model_copy(update={"learning_rate": init.learning_rate})})
 
 
 @task(name="train", retries=0, **STAGE)
-def train_stage(config, base_ref, init_dir: str, run_dir: Path, tracking: dict):
+def train_stage(config, base_ref, init_dir: str, run_dir: Path, run: RunRef, split_md5s: Mapping[str, str]) -> TrainResult:
+    """Resumes an interrupted run of the same config, data and base; logs the loss curves."""
     from adapterflow.tasks.launch import launch_training
     from adapterflow.tasks.resume import interrupted_checkpoint, mark_finished, resume_key
+    from adapterflow.tasks.run_plots import plot_loss_curves
     from adapterflow.tasks.train import train_adapter
 
-    resume_from = interrupted_checkpoint(run_dir, resume_key(config, base_ref), config.name)
+    resume_from = interrupted_checkpoint(run_dir, resume_key(config, base_ref, split_md5s), config.name)
     if resume_from:
         get_run_logger().info(f"resuming the interrupted run's training from {resume_from}")
     train = launch_training if config.train.launch.mode == "accelerate" else train_adapter
-    result = train(config, base_ref, Path(init_dir), run_dir, tracking, resume_from)
+    result = train(config, base_ref, Path(init_dir), run_dir, run.to_dict(), resume_from)
     mark_finished(run_dir, result.to_dict())
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    log_files(run, [p for p in [plot_loss_curves(run_dir / "train_log.json", plots / "loss_curves.png")] if p], "plots")
     return result
 
 
 @task(name="choose-merged-or-final", retries=0, **STAGE)
-def merge_choice_stage(config, base_ref, trained) -> dict:
-    from adapterflow.tasks.checkpoint_merge import choose_adapter
+def merge_choice_stage(config, base_ref, trained: TrainResult, run_dir: Path, run: RunRef) -> MergeChoice:
+    from adapterflow.tasks.checkpoint_merge import choose_adapter, merge_markdown
 
-    return choose_adapter(config, base_ref, trained.adapter_dir, trained.merged_adapter_dir, trained.merge)
+    choice = choose_adapter(config, base_ref, trained.adapter_dir, trained.merged_adapter_dir, trained.merge)
+    (run_dir / "checkpoint_merge.md").write_text(merge_markdown(choice))
+    (run_dir / "checkpoint_merge.json").write_text(json.dumps(choice.to_dict(), indent=1))
+    log_files(run, [run_dir / "checkpoint_merge.md", run_dir / "checkpoint_merge.json"], "merge")
+    metric = choice.metric
+    scores = {f"final_{metric}": choice.final, f"merged_{metric}": choice.merged, "chose_merged": float(choice.chosen == "merged")}
+    log_metrics(run, scores, prefix="merge/")
+    return choice
 
 
 @task(name="evaluate", retries=0, **STAGE)
-def evaluate_stage(config, base_ref, adapter_dir: str, plots_dir: Path) -> dict:
+def evaluate_stage(config, base_ref, adapter_dir: str, run_dir: Path, run: RunRef) -> Evaluation:
+    """The evaluation split's metrics, and a confusion matrix for classification."""
     from adapterflow.tasks.evaluate import evaluate_adapter
 
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    return evaluate_adapter(config, base_ref, Path(adapter_dir), config.evaluate.split, plots_dir)
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    drawn = set(plots.glob("*.png"))  # the loss curves, logged by the train stage
+    split = config.evaluate.split
+    metrics = evaluate_adapter(config, base_ref, Path(adapter_dir), split, plots)
+    log_metrics(run, metrics, prefix=f"{split}/")
+    log_files(run, sorted(set(plots.glob("*.png")) - drawn), "plots")
+    return Evaluation(split, metrics)
 
 
 @task(name="spectral-report", retries=0, **STAGE)
-def spectral_stage(config, base_ref, adapter_dir: str, out_dir: Path) -> dict:
+def spectral_stage(config, base_ref, adapter_dir: str, run_dir: Path, run: RunRef) -> dict[str, float]:
+    """Intruder dimensions of the adapter on its base: table and plot, totals as metrics."""
     from adapterflow.tasks.spectral_report import write_spectral_report
 
-    return write_spectral_report(config, base_ref, Path(adapter_dir), out_dir)
+    report = write_spectral_report(config, base_ref, Path(adapter_dir), run_dir / "spectral")
+    log_files(run, [Path(p) for p in report["files"]], "spectral")
+    log_metrics(run, report["summary"], prefix="spectral/")
+    return report["summary"]
 
 
 @task(name="register", retries=0, **STAGE)
-def register_stage(config, uri: str, run_id: str, adapter_dir: str, base_ref, tags: dict, description: str) -> str:
-    from adapterflow.tasks.track import register_adapter
+def register_stage(
+    config, base_ref, run: RunRef, candidate: Candidate, data_version: DataVersion, split_md5s: Mapping[str, str]
+) -> Registration:
+    """The version with its lineage tags and description, then alias staging."""
+    from adapterflow.tasks.registration import register_adapter, version_description
 
-    return register_adapter(config, uri, run_id, Path(adapter_dir), base_ref, tags, description)
+    tags = _version_tags(config, base_ref, candidate, data_version, split_md5s)
+    description = version_description(tags, candidate.trained.train_loss)
+    version = register_adapter(config, run, Path(candidate.adapter_dir), base_ref, tags, description)
+    return Registration(config.registry.model_name, version, config.registry.staging_alias)
+
+
+def _version_tags(config, base_ref, candidate: Candidate, data_version: DataVersion, split_md5s: Mapping[str, str]) -> VersionTags:
+    from adapterflow.tasks.registry_tags import VersionTags
+    from adapterflow.tasks.tracking import git_commit
+
+    adapter, spectral = config.adapter, candidate.spectral
+    return VersionTags(
+        task=config.task, lora_r=adapter.r, lora_alpha=adapter.alpha, target_modules=tuple(adapter.target_modules),
+        train_steps=candidate.trained.steps, learning_rate=config.train.learning_rate, data_md5=data_version.digest,
+        git_commit=git_commit(), config_hash=config.digest(), init_method=candidate.init.method, base_model=base_ref.identity,
+        base_revision=base_ref.revision or "n/a (local files; identity is a content hash)", eval_split=candidate.evaluation.split,
+        metrics=dict(candidate.evaluation.metrics), split_md5s=dict(split_md5s),
+        intruder_dimensions=round(float(spectral["intruders_total"])) if spectral else None,
+        checkpoint_merge=candidate.merge.tag_text() if candidate.merge else None,
+    )
 
 
 @task(name="promote", retries=0, **STAGE)
-def promote_stage(config, uri: str, lock_dir: Path):
+def promote_stage(config, uri: str, lock_dir: Path) -> Promotion:
+    """promotion.promote auto: the gate after registration; a refusal or a registry conflict leaves the version at staging."""
+    from adapterflow.errors import RegistryError
     from adapterflow.tasks.promote import promote
 
     registry = config.registry
-    return promote(registry.model_name, uri, lock_dir, registry.staging_alias, registry.production_alias)
+    try:
+        decision = promote(registry.model_name, uri, lock_dir, registry.staging_alias, registry.production_alias)
+    except RegistryError as err:
+        return Promotion(False, str(err))
+    return Promotion(decision.promoted, decision.reason)
+
+
+@task(name="close-tracking-run", **STORAGE_RETRIES, **STAGE)
+def close_run_stage(run: RunRef, stage_seconds: Mapping[str, float]) -> None:
+    from adapterflow.tasks.tracking import end_run
+
+    log_metrics(run, stage_seconds, prefix="stage_seconds/")
+    end_run(run, "FINISHED")

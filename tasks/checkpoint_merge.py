@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -96,7 +96,29 @@ def merge_report(snapshots: list[Snapshot], weights: list[float], spec) -> dict:
     }
 
 
-def choose_adapter(config, base_ref, final_dir: str, merged_dir: str, report: dict) -> dict:
+@dataclass(frozen=True)
+class MergeChoice:
+    """Merged or final adapter, judged on validation; the merge report (weights per checkpoint) beside it."""
+
+    method: str
+    weight_by: str
+    penalty: float
+    checkpoints: tuple[dict, ...]  # {"step", "train_loss", "weight"} per merged checkpoint
+    metric: str
+    split: str
+    final: float
+    merged: float
+    chosen: str  # "merged" | "final"
+    adapter_dir: str  # the chosen one, registered
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "checkpoints": list(self.checkpoints)}
+
+    def tag_text(self) -> str:
+        return f"{self.chosen} ({self.metric} on {self.split}: merged {self.merged:.4f}, final {self.final:.4f})"
+
+
+def choose_adapter(config, base_ref, final_dir: str, merged_dir: str, report: dict) -> MergeChoice:
     """Both candidates on the validation split, judged by the gate metric; a tie keeps the final one.
 
     Validation, not the evaluation split: choosing on the split that is reported would bias it.
@@ -108,17 +130,18 @@ def choose_adapter(config, base_ref, final_dir: str, merged_dir: str, report: di
     final = evaluate_adapter(config, base_ref, Path(final_dir), "validation")[metric]
     merged = evaluate_adapter(config, base_ref, Path(merged_dir), "validation")[metric]
     better = merged < final if metric in LOWER_IS_BETTER else merged > final
-    return {
-        **report, "metric": metric, "split": "validation", "final": final, "merged": merged,
-        "chosen": "merged" if better else "final", "adapter_dir": merged_dir if better else final_dir,
-    }
+    return MergeChoice(
+        method=report["method"], weight_by=report["weight_by"], penalty=report["penalty"], checkpoints=tuple(report["checkpoints"]),
+        metric=metric, split="validation", final=final, merged=merged,
+        chosen="merged" if better else "final", adapter_dir=merged_dir if better else final_dir,
+    )
 
 
-def merge_markdown(choice: dict) -> str:
-    rows = "\n".join(f"| {c['step']} | {c['train_loss']:.4f} | {c['weight']:.3f} |" for c in choice["checkpoints"])
+def merge_markdown(choice: MergeChoice) -> str:
+    rows = "\n".join(f"| {c['step']} | {c['train_loss']:.4f} | {c['weight']:.3f} |" for c in choice.checkpoints)
     return (
-        f"# Checkpoint merge ({choice['method']}, by {choice['weight_by']}, penalty {choice['penalty']:g})\n\n"
+        f"# Checkpoint merge ({choice.method}, by {choice.weight_by}, penalty {choice.penalty:g})\n\n"
         f"| step | train loss | weight |\n|---|---|---|\n{rows}\n\n"
-        f"{choice['metric']} on {choice['split']}: merged {choice['merged']:.4f}, final {choice['final']:.4f}. "
-        f"Registered: **{choice['chosen']}**.\n"
+        f"{choice.metric} on {choice.split}: merged {choice.merged:.4f}, final {choice.final:.4f}. "
+        f"Registered: **{choice.chosen}**.\n"
     )

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 KEY_FILE, RESULT_FILE = "resume_key.json", "train_result.json"
 
 
-def resume_key(config, base_ref) -> dict:
-    from adapterflow.tasks.data_io import split_files
-    from adapterflow.digests import file_md5
-
-    data = {split: file_md5(Path(path)) for split, path in split_files(config.data).items()}
-    return {"config_hash": config.digest(), "data_md5": data, "base": base_ref.identity}
+def resume_key(config, base_ref, split_md5s: Mapping[str, str]) -> dict:
+    """What an interrupted run must share with this one to be continued: config, split files, base."""
+    return {"config_hash": config.digest(), "data_md5": dict(split_md5s), "base": base_ref.identity}
 
 
 def interrupted_checkpoint(run_dir: Path, key: dict, name: str) -> str | None:

@@ -7,7 +7,7 @@ import torch
 
 from conftest import cls_config
 from adapterflow.tasks.config import RunConfig
-from adapterflow.tasks.promote import _intruder_tie_break, _verdict
+from adapterflow.tasks.gate import _intruder_tie_break, _verdict
 
 
 def _config(tiny_bert, cls_data, **promotion) -> RunConfig:

@@ -1,0 +1,261 @@
+"""What the CLI prints: rich tables and colour on a terminal, the same lines as plain text when piped.
+
+The plain text is a stable interface (scripts and tests read it); the rich form is free to change.
+A row is (label, value) where the plain line is label + value, (None, text) for a free line, or
+(HEADING, text) for a heading.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.text import Text
+
+Row = tuple[str | None, str]
+HEADING = "=="
+
+
+def show(rows: list[Row]) -> None:
+    """Print rows: a rich grid on a terminal, otherwise the exact plain lines."""
+    if not sys.stdout.isatty():
+        print(plain(rows))
+        return
+    _rich_rows(rows)
+
+
+def plain(rows: list[Row]) -> str:
+    return "\n".join(_plain_line(label, text) for label, text in rows)
+
+
+def _plain_line(label: str | None, text: str) -> str:
+    if label == HEADING:
+        return f"== {text} =="
+    return text if label is None else label + text
+
+
+# --- the run summary ----------------------------------------------------------------------------
+
+
+def summary_rows(summary: dict, dirs, seconds: float) -> list[Row]:
+    metrics = "  ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items())
+    validation, init, train = summary["validation"], summary["init"], summary["train"]
+    rows = ", ".join(f"{k} {v}" for k, v in validation["row_counts"].items())
+    return [
+        (None, ""),
+        (HEADING, f"adapterflow: {summary['name']} done in {seconds:.0f} s"),
+        ("data validation  ", f"passed ({validation['checks']} checks; rows: {rows})"),
+        ("data md5 (DVC)   ", summary["data_md5"]),
+        ("init             ", f"{init['method']} in {init['seconds']:.2f} s (cache {init['cache']})" + _race_note(init)),
+        *_init_report_rows(init),
+        ("training         ", f"{train['steps']} steps in {train['seconds']:.0f} s on {train['device']}" + _launch_note(train)),
+        *_merge_rows(summary.get("merge")),
+        (f"metrics ({summary['eval_split']})  ", metrics),
+        *_spectral_rows(summary.get("spectral")),
+        ("registered       ", f"{summary['model_name']} version {summary['version']}  alias @{summary['alias']}"),
+        *_promotion_rows(summary.get("promotion")),
+        ("mlflow run       ", summary["run_id"]),
+        ("stage seconds    ", "  ".join(f"{k} {v:.1f}" for k, v in summary["timings"].items())),
+        (None, ""),
+        (None, "Open the dashboards on this data:"),
+        (None, f"  {_script('mlflow')} ui --backend-store-uri {summary['tracking_uri']} --port 5000"),
+        (None, f"  PREFECT_HOME={dirs.prefect_home} {_script('prefect')} server start"),
+    ]
+
+
+def skipped_line(summary: dict) -> str:
+    return (f"skipped: {summary['model_name']} version {summary['version']} (@{summary['alias']}) was trained on this exact "
+            "config and data; nothing to retrain. New data (a new DVC version) or a changed config trains; --force retrains anyway.")
+
+
+def _launch_note(train: dict) -> str:
+    note = f" × {train['processes']} processes" if train.get("processes", 1) > 1 else ""
+    if train.get("resumed_from"):
+        note += f"; resumed from {Path(train['resumed_from']).name} of the interrupted run"
+    return note
+
+
+def _spectral_rows(spectral: dict | None) -> list[Row]:
+    if spectral is None:
+        return []
+    return [("intruder dims    ", f"{spectral['intruders_total']:.0f} in {spectral['layers_with_intruders']:.0f} layers "
+             f"(lowest best-match similarity {spectral['intruders_min_similarity']:.2f}); table and plot under spectral/ in the run")]
+
+
+def _merge_rows(merge: dict | None) -> list[Row]:
+    if merge is None:
+        return []
+    steps = ", ".join(f"{c['step']}×{c['weight']:.2f}" for c in merge["checkpoints"])
+    return [("checkpoint merge ", f"{merge['chosen']} registered ({merge['metric']} on validation: merged {merge['merged']:.4f}, "
+             f"final {merge['final']:.4f}; steps×weights {steps})")]
+
+
+def _promotion_rows(promotion: dict | None) -> list[Row]:
+    if promotion is None:
+        return []
+    verdict = "promoted to @production" if promotion["promoted"] else "not promoted"
+    return [("promotion gate   ", f"{verdict}: {promotion['reason']}")]
+
+
+def _init_report_rows(init: dict) -> list[Row]:
+    """Per-layer ranks, the spectrum plot and, for auto, the race table, from the init report."""
+    report = json.loads(Path(init["report_path"]).read_text())
+    ranks = list(report.get("ranks", {}).values())
+    rows: list[Row] = []
+    if ranks:
+        rows.append(("init ranks       ", f"{min(ranks)}–{max(ranks)} per layer over {len(ranks)} layers (sum {sum(ranks)})"))
+    if "min_explained_variance" in report.get("checks", {}):
+        share = report["checks"]["min_explained_variance"]
+        rows.append(("init variance    ", f"kept components explain ≥ {share:.3f} of each layer's input variance"))
+    if init.get("plot_path"):
+        rows.append(("init spectrum    ", init["plot_path"]))
+    if init.get("race_path"):
+        race = Path(init["race_path"]).read_text().rstrip()
+        rows += [(None, ""), (None, "auto race (successive halving on validation loss):"), (None, race), (None, "")]
+    return rows
+
+
+def _race_note(init: dict) -> str:
+    if init.get("learning_rate") is None:
+        return ""
+    return f"; won the auto race at lr {init['learning_rate']:g}, table: {init['race_path']}"
+
+
+def _script(name: str) -> str:
+    """The console script installed beside this interpreter, so the command works without activating the venv."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
+# --- registry commands ----------------------------------------------------------------------------
+
+
+def promotion_lines(model_name: str, decision, production_alias: str) -> list[str]:
+    if decision.promoted:
+        verdict = f"promoted version {decision.candidate} to @{production_alias}"
+    else:
+        verdict = f"kept @{production_alias}: version {decision.candidate} refused"
+    lines = [f"{model_name}: {verdict}", f"  {decision.reason}"]
+    if decision.forgetting:
+        check = decision.forgetting
+        lines.append(f"  forgetting set {check['file']}: candidate {check['candidate']:.4f}, production {check['incumbent']:.4f}")
+    return lines
+
+
+def show_status(name: str, state) -> None:
+    if not sys.stdout.isatty():
+        print(status_text(name, state))
+        return
+    _rich_status(name, state)
+
+
+def status_text(name: str, state) -> str:
+    """state: a registry_queries.ModelStatus."""
+    lines = [f"{name}", f"aliases   {_aliases(state.aliases)}", "versions"]
+    for record in state.versions:
+        init, data, metrics, note = _version_cells(record)
+        lines.append(f"  v{record.version:<4} init {init:<8} data {data}  {metrics}{note and '  ' + note}")
+    lines.append("history")
+    lines += [f"  {e['when']:<26} {e['action']:<9} v{e.get('from')} → v{e['to']}  {e.get('reason', '')}" for e in state.history]
+    if not state.history:
+        lines.append("  no promotion yet")
+    return "\n".join(lines)
+
+
+def lineage_rows(name: str, info) -> list[Row]:
+    """info: a registry_queries.Lineage."""
+    import yaml
+
+    from adapterflow.tasks.registry_tags import metric_text
+
+    tags = info.tags
+    files = [(None, f"  {split:<10} {info.data_paths.get(split, '?')}  md5 {md5}") for split, md5 in sorted(tags.split_md5s.items())]
+    return [
+        (None, f"{name} version {info.version}  (MLflow run {info.run_id}, experiment {info.experiment_id})"),
+        ("data md5 (DVC)  ", f"{tags.data_md5}"),
+        *files,
+        ("git commit      ", f"{tags.git_commit}"),
+        ("base model      ", f"{tags.base_model}"),
+        ("init method     ", f"{tags.init_method}"),
+        ("config hash     ", f"{tags.config_hash}"),
+        ("metrics         ", "  ".join(f"{k}={metric_text(v)}" for k, v in sorted(tags.metrics.items()))),
+        ("compared        ", "; ".join(_comparison(e) for e in info.comparisons) or "never (not promoted or refused yet)"),
+        (None, "config:"),
+        (None, yaml.safe_dump(info.config, sort_keys=False).rstrip()),
+    ]
+
+
+def _comparison(event: dict) -> str:
+    against = f"production v{event['from']}" if event.get("from") else "the base model"
+    scores = f" ({event['metric']} {event['candidate']:.4f} vs {event['incumbent']:.4f})" if "metric" in event else ""
+    return f"{event['when']} {event['action']} against {against}{scores}"
+
+
+def _aliases(aliases) -> str:
+    return ", ".join(f"@{alias} → v{version}" for alias, version in sorted(aliases.items())) or "none"
+
+
+def _version_cells(record) -> tuple[str, str, str, str]:
+    """init method, data md5 (short), metrics, note: one version's row in `status`."""
+    from adapterflow.tasks.registry_tags import INCOMPLETE, metric_text
+
+    tags = record.tags
+    metrics = "  ".join(f"{k}={metric_text(v)}" for k, v in sorted(tags.metrics.items()))
+    note = "(registration incomplete: never staged)" if record.registration == INCOMPLETE else ""
+    return tags.init_method or "?", (tags.data_md5 or "?")[:8], metrics, note
+
+
+# --- rich, on a terminal ----------------------------------------------------------------------------
+
+
+def _console():
+    from rich.console import Console  # imported here: piped output never needs it
+
+    return Console(highlight=False)
+
+
+def _rich_rows(rows: list[Row]) -> None:
+    from rich.table import Table
+
+    console, grid = _console(), None
+    for label, text in rows:
+        if label is None or label == HEADING:
+            if grid is not None:
+                console.print(grid)
+                grid = None
+            if label == HEADING:
+                console.rule(Text(text, style="bold"))
+            else:
+                console.print(text, markup=False)
+            continue
+        if grid is None:
+            grid = Table.grid(padding=(0, 2))
+            grid.add_column(style="bold cyan", no_wrap=True)
+            grid.add_column()
+        grid.add_row(label.strip(), _coloured(label, text))
+    if grid is not None:
+        console.print(grid)
+
+
+def _coloured(label: str, text: str):
+    styles = {"registered": "bold green", "promotion gate": "green" if text.startswith("promoted") else "yellow"}
+    return Text(text, style=styles.get(label.strip(), ""))
+
+
+def _rich_status(name: str, state) -> None:
+    from rich.table import Table
+
+    console = _console()
+    console.print(f"[bold]{name}[/bold]  aliases {_aliases(state.aliases)}")
+    versions = Table("version", "init", "data md5", "metrics", "registration", title="versions", title_justify="left")
+    for record in state.versions:
+        init, data, metrics, note = _version_cells(record)
+        registration = Text("incomplete: never staged", style="red") if note else ""
+        versions.add_row(f"v{record.version}", init, data, metrics.replace("  ", "\n"), registration)
+    console.print(versions)
+    history = Table("when", "action", "from → to", "reason", title="history", title_justify="left")
+    for event in state.history:
+        before = f"v{event['from']}" if event.get("from") else "base"
+        history.add_row(event["when"], event["action"], f"{before} → v{event['to']}", event.get("reason", ""))
+    console.print(history if state.history else "history: no promotion yet")

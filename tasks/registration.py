@@ -1,0 +1,133 @@
+"""Registering a trained adapter: a pyfunc model of its run, a version with its lineage tags, then alias staging."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from adapterflow.errors import RegistryError
+from adapterflow.tasks.registry_tags import COMPLETE, INCOMPLETE, REGISTRATION_TAG, ModelTags, VersionTags
+from adapterflow.tasks.tracking import RunRef, client
+
+
+def register_adapter(config, run: RunRef, adapter_dir: Path, base_ref, tags: VersionTags, description: str = "") -> str:
+    """Log the adapter as a pyfunc model of this run, register it with its tags, point `staging` at it.
+
+    Moving the alias is the last step: a crash anywhere before it leaves the alias where it was,
+    and the half-registered version keeps its registration tag at INCOMPLETE.
+    """
+    # MLflow's SQL registry looks the logged model up through the process-wide URI, so it is set
+    # for the whole registration, then put back.
+    with _fluent_tracking_uri(run.uri):
+        return _register(config, run, adapter_dir, base_ref, tags.to_tags(), description)
+
+
+def _register(config, run: RunRef, adapter_dir: Path, base_ref, tags: dict[str, str], description: str) -> str:
+    import mlflow
+
+    from adapterflow.tasks.pyfunc_adapter import LoraAdapterModel
+
+    with mlflow.start_run(run_id=run.run_id):
+        info = mlflow.pyfunc.log_model(
+            name="adapter", python_model=LoraAdapterModel(), artifacts={"adapter": str(adapter_dir)},
+            model_config=_pyfunc_config(config, base_ref), pip_requirements=_requirements(),
+        )
+    mlflow_client = client(run.uri)
+    name = config.registry.model_name
+    _describe_registered_model(mlflow_client, name, config, base_ref)
+    # Tags go in with the version itself, so a version never exists without its lineage.
+    version = mlflow_client.create_model_version(
+        name, info.model_uri, run_id=run.run_id, tags={**tags, REGISTRATION_TAG: INCOMPLETE}, model_id=info.model_id,
+        description=description or None,
+    )
+    _wait_until_ready(mlflow_client, name, version.version)
+    mlflow_client.set_model_version_tag(name, version.version, REGISTRATION_TAG, COMPLETE)
+    mlflow_client.set_registered_model_alias(name, config.registry.staging_alias, version.version)
+    return str(version.version)
+
+
+@contextmanager
+def _fluent_tracking_uri(uri: str):
+    """log_model exists only in MLflow's fluent API, whose URI is process-wide and is also written to
+    MLFLOW_TRACKING_URI (inherited by later subprocesses). MLflow's own `_use_tracking_uri` puts both
+    back exactly as they were (unset stays unset); private, but public set_tracking_uri cannot unset."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(uri):
+        yield
+
+
+def _wait_until_ready(mlflow_client, name: str, version: str, timeout: float = 300.0) -> None:
+    """A server may copy artifacts asynchronously: the alias must never name a version still copying."""
+    deadline = time.monotonic() + timeout
+    while (status := mlflow_client.get_model_version(name, version).status) == "PENDING_REGISTRATION":
+        if time.monotonic() > deadline:
+            raise RegistryError(f"{name} version {version} is still pending registration after {timeout:.0f} s; no alias was moved.")
+        time.sleep(1.0)
+    if status != "READY":
+        raise RegistryError(f"{name} version {version} failed registration (status {status}); no alias was moved.")
+
+
+def _describe_registered_model(mlflow_client, name: str, config, base_ref) -> None:
+    """Create the model if needed; its description and tags follow the latest config."""
+    from mlflow.exceptions import MlflowException
+
+    description = registered_model_description(config, base_ref)
+    try:
+        mlflow_client.get_registered_model(name)
+        mlflow_client.update_registered_model(name, description=description)
+    except MlflowException:
+        mlflow_client.create_registered_model(name, description=description)
+    labels = tuple(config.data.labels) if config.data.labels else None
+    model_tags = ModelTags(config.task, base_label(config, base_ref), config.gate_metric(), labels)
+    for key, value in model_tags.to_tags().items():
+        mlflow_client.set_registered_model_tag(name, key, value)
+
+
+def base_label(config, base_ref) -> str:
+    """A name that means something on another machine: the bundled name, the hub id, else the content hash."""
+    if config.model.bundled:
+        return f"bundled:{config.model.bundled}"
+    return f"{config.model.hub_id}@{base_ref.revision}" if config.model.hub_id else base_ref.identity
+
+
+def registered_model_description(config, base_ref) -> str:
+    labels = f" over the labels {', '.join(config.data.labels)}" if config.data.labels else ""
+    return (
+        f"LoRA adapters for {config.task}{labels} on the base model `{base_label(config, base_ref)}`, retrained by the "
+        f"adapterflow config `{config.name}`.\n\n"
+        f"- `@{config.registry.staging_alias}`: the newest registered version.\n"
+        f"- `@{config.registry.production_alias}`: the version serving traffic; it moves only when "
+        f"`adapterflow promote {config.registry.model_name}` finds the candidate better on `{config.gate_metric()}` "
+        f"(re-evaluated on the same frozen split).\n"
+        f"- Each version's tags give its data md5 (DVC), git commit, init method and metrics; "
+        f"`adapterflow lineage {config.registry.model_name} VERSION` prints them.\n\n"
+        f"Load a version with plain peft: download its `adapter` artifact folder and call "
+        f"`PeftModel.from_pretrained(base_model, folder)`, or "
+        f"`mlflow.pyfunc.load_model('models:/{config.registry.model_name}@{config.registry.production_alias}')`."
+    )
+
+
+def _pyfunc_config(config, base_ref) -> dict:
+    return {
+        "task": config.task, "labels": config.data.labels, "max_length": config.data.max_length,
+        "source": base_ref.source, "bundled": config.model.bundled, "name_or_path": base_ref.name_or_path,
+        "revision": base_ref.revision, "identity": base_ref.identity,
+    }
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "transformers", "peft", "mlflow")]
+
+
+def version_description(tags: VersionTags, train_loss: float) -> str:
+    """The one-line summary shown on the version's page."""
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in tags.metrics.items())
+    return (
+        f"{tags.init_method} init, r={tags.lora_r}; {tags.train_steps} steps at learning rate {tags.learning_rate:g} "
+        f"(final train loss {train_loss:.4f}). On the {tags.eval_split} split: {scores}. "
+        f"Data: DVC md5 {tags.data_md5}."
+    )

@@ -1,0 +1,99 @@
+"""CLI output: the plain lines scripts read when piped, a rich table on a terminal."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from adapterflow.flows import render
+from adapterflow.tasks.registry_queries import ModelStatus, VersionRecord
+from adapterflow.tasks.registry_tags import VersionTags
+
+
+@pytest.fixture
+def summary(tmp_path) -> dict:
+    report = tmp_path / "init_report.json"
+    report.write_text(json.dumps({"ranks": {"a": 8, "b": 8}, "checks": {}}))
+    return {
+        "name": "demo", "data_md5": "73a8", "run_id": "r1", "tracking_uri": "sqlite:///m.db", "eval_split": "test",
+        "validation": {"checks": 18, "row_counts": {"train": 2696, "test": 544}},
+        "init": {"method": "lora", "seconds": 0.55, "cache": "miss", "report_path": str(report), "learning_rate": None},
+        "train": {"steps": 100, "seconds": 141.2, "device": "cpu", "processes": 1},
+        "metrics": {"accuracy": 0.80882, "macro_f1": 0.8034}, "model_name": "demo-model", "version": "1", "alias": "staging",
+        "promotion": {"promoted": False, "reason": "accuracy 0.8088 does not beat the base"}, "merge": None, "spectral": None,
+        "timings": {"validate": 0.51, "train": 160.44},
+    }
+
+
+def _printed(monkeypatch, tty: bool, show) -> str:
+    out = io.StringIO()
+    out.isatty = lambda: tty
+    monkeypatch.setattr(sys, "stdout", out)
+    show()
+    return out.getvalue()
+
+
+def test_piped_summary_is_the_plain_lines(summary, monkeypatch):
+    dirs = SimpleNamespace(prefect_home="/state/prefect")
+    text = _printed(monkeypatch, False, lambda: render.show(render.summary_rows(summary, dirs, 200.4)))
+    lines = text.splitlines()
+    assert lines[1] == "== adapterflow: demo done in 200 s =="
+    assert lines[2:7] == [
+        "data validation  passed (18 checks; rows: train 2696, test 544)",
+        "data md5 (DVC)   73a8",
+        "init             lora in 0.55 s (cache miss)",
+        "init ranks       8–8 per layer over 2 layers (sum 16)",
+        "training         100 steps in 141 s on cpu",
+    ]
+    assert lines[7:12] == [
+        "metrics (test)  accuracy=0.8088  macro_f1=0.8034",
+        "registered       demo-model version 1  alias @staging",
+        "promotion gate   not promoted: accuracy 0.8088 does not beat the base",
+        "mlflow run       r1",
+        "stage seconds    validate 0.5  train 160.4",
+    ]
+    assert lines[13] == "Open the dashboards on this data:" and lines[-1].startswith("  PREFECT_HOME=/state/prefect ")
+
+
+def test_on_a_terminal_the_summary_is_a_rich_grid(summary, monkeypatch):
+    dirs = SimpleNamespace(prefect_home="/state/prefect")
+    text = _printed(monkeypatch, True, lambda: render.show(render.summary_rows(summary, dirs, 200.4)))
+    assert "\x1b[" in text  # colour
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).rstrip() for line in text.splitlines()]
+    assert re.fullmatch(r"─+ adapterflow: demo done in 200 s ─+", lines[1])  # the heading is a rule, not "== ... =="
+    registered = next(line for line in lines if line.startswith("registered"))
+    assert registered == "registered".ljust(17) + "demo-model version 1  alias @staging"  # widest label + 2 spaces
+
+
+def _status() -> ModelStatus:
+    tags = VersionTags.from_tags({"init_method": "lora", "data_md5": "0123456789ab", "metric.accuracy": "0.5", "metric.eval_loss": "1.25"})
+    event = {"when": "20250101T000000.1Z", "action": "promoted", "from": None, "to": "1", "reason": "better"}
+    return ModelStatus({"staging": "2", "production": "1"}, (VersionRecord("1", tags, "complete"), VersionRecord("2", tags, "incomplete")),
+                       (event,))
+
+
+def test_piped_status_is_the_plain_lines(monkeypatch):
+    text = _printed(monkeypatch, False, lambda: render.show_status("m", _status()))
+    assert text.splitlines() == [
+        "m",
+        "aliases   @production → v1, @staging → v2",
+        "versions",
+        "  v1    init lora     data 01234567  accuracy=0.5  eval_loss=1.25",
+        "  v2    init lora     data 01234567  accuracy=0.5  eval_loss=1.25  (registration incomplete: never staged)",
+        "history",
+        "  20250101T000000.1Z         promoted  vNone → v1  better",
+    ]
+
+
+def test_on_a_terminal_status_is_a_table(monkeypatch):
+    text = _printed(monkeypatch, True, lambda: render.show_status("m", _status()))
+    rows = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in text.splitlines() if "│" in line or "┃" in line]
+    assert any("version" in r and "metrics" in r for r in rows)  # the header row
+    assert any("v2" in r and "accuracy=0.5" in r and "incomplete" in r for r in rows)
+    assert not any("v1" in r and "incomplete" in r for r in rows)
+    assert any("promoted" in r and "base → v1" in r and "better" in r for r in rows)
