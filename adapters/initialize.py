@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from adapterflow.adapters.context import InitContext
 from adapterflow.errors import InitError
-from adapterflow.adapters.invariants import check_outputs_preserved, model_outputs
 from adapterflow.adapters.registry import get_initializer
 from adapterflow.adapters.report import InitReport
 from adapterflow.adapters.settings import LoraSettings
@@ -14,7 +14,10 @@ from adapterflow.adapters.settings import LoraSettings
 
 def initialize(model, settings: LoraSettings, method: str, context: InitContext):
     """Wrap `model` with a LoRA adapter initialized by `method`; returns (peft_model, report)."""
+    from adapterflow.adapters.invariants import check_outputs_preserved, model_outputs
+
     initializer = get_initializer(method)
+    settings = with_init_config(settings, initializer)
     check_targets(model, settings.target_modules, settings.r)
     if initializer.needs_data and context.calibration is None:
         raise InitError(f"init method {method!r} needs calibration data and got none; it will not fall back to plain LoRA.")
@@ -31,6 +34,15 @@ def initialize(model, settings: LoraSettings, method: str, context: InitContext)
         report.checks["max_output_change"] = check_outputs_preserved(method, before, model_outputs(peft_model, context.probe))
     report.check_seconds = time.perf_counter() - start - report.seconds
     return peft_model, report
+
+
+def with_init_config(settings: LoraSettings, initializer) -> LoraSettings:
+    """The settings with the method's config: its defaults when none was given."""
+    if settings.init is None:
+        return replace(settings, init=initializer.default_config())
+    if settings.init.method != initializer.name:
+        raise InitError(f"init method {initializer.name!r} was given the config of {settings.init.method!r}")
+    return settings
 
 
 def check_targets(model, targets: tuple[str, ...], r: int) -> None:

@@ -1,8 +1,12 @@
-"""The LoRA shape every initializer works on, independent of any config library."""
+"""The LoRA shape every initializer works on, with the method's own typed config."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from adapterflow.adapters.registry import InitConfig
 
 
 @dataclass(frozen=True)
@@ -13,7 +17,7 @@ class LoraSettings:
     target_modules: tuple[str, ...]
     task_type: str  # peft TaskType name: "SEQ_CLS" or "CAUSAL_LM"
     modules_to_save: tuple[str, ...] | None = None
-    knobs: dict = field(default_factory=dict)  # the init method's own options
+    init: InitConfig | None = None  # the method's own config; None: its defaults
 
     def lora_config(self, init_lora_weights, **extra):
         from peft import LoraConfig

@@ -1,8 +1,8 @@
 """SVD of the weights: the adapter takes r singular components of W, the base keeps the rest.
 
 Our own, not peft's "pissa_niter_N": that one calls torch.svd_lowrank with q = r, i.e. without
-oversampling, and loses most of its accuracy on slowly decaying spectra (STACK.md: 41% error at
-niter=4). Here q = r + oversampling. MiLoRA (the minor components) is not in peft at all.
+oversampling, and loses most of its accuracy on slowly decaying spectra (bench/init_cost.py
+measures it). Here q = r + oversampling. MiLoRA (the minor components) is not in peft at all.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Honesty: one seed, one small task; losses within ~0.01 are noise-level here. A m
 reach LoRA's loss is printed as "not reached", and its Δ vs LoRA is shown with its sign.
 On a shared machine pass --threads 1: oversubscribed BLAS threads made the full-SVD PiSSA init 10-80x slower.
 Writes a PNG of the curves (best LR solid, other LRs faint) and a JSON of every run next to it.
-Usage: python bench/convergence.py [--methods lora,pissa] [--lrs 5e-4,2e-3,8e-3] [--steps 60]
+Usage: python bench/convergence.py [--methods lora,orthogonal] [--lrs 5e-4,2e-3,8e-3] [--steps 60]
        [--eval-every 10] [--batch-size 16] [--threads N] [--out bench/results/convergence.png]
 """
 
@@ -33,15 +33,30 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")  # the Trainer's progress bar, per run
 
-METHODS = ("lora", "gaussian", "pissa", "milora", "olora", "corda", "eva", "lora_ga", "lora_sb")
-INIT_KNOBS = {"corda": {"samples": 32}, "lora_ga": {"batches": 4}, "lora_sb": {"batches": 4}}  # keep the calibration cheap
+CHEAP_CALIBRATION = {"samples": 32, "batches": 4}  # set wherever a method's config has these knobs
 NO_CHECKPOINTS = 1_000_000  # checkpoint_every past the end: the Trainer then saves only once, at the end
+
+
+def trainable_methods() -> list[str]:
+    """Every method that trains on the demo task as it is: no race, no CUDA or 4-bit base required."""
+    from adapterflow.adapters.registry import initializers
+
+    runnable = [i.name for i in initializers() if not i.is_race and i.cuda_only is None and i.needs_4bit_base is None]
+    return sorted(runnable, key=lambda name: name != "lora")  # LoRA first: it sets the target
+
+
+def cheap_init(method: str) -> dict:
+    from adapterflow.adapters.registry import get_initializer
+
+    fields = get_initializer(method).config.model_fields
+    return {"method": method, **{knob: value for knob, value in CHEAP_CALIBRATION.items() if knob in fields}}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of init methods")
+    methods = trainable_methods()
+    parser.add_argument("--methods", default=",".join(methods), help="comma list of init methods")
     parser.add_argument("--lrs", default="5e-4,2e-3,8e-3", help="comma list of learning rates")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=10)
@@ -52,9 +67,9 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
-    unknown = sorted(set(args.methods) - set(METHODS))
+    unknown = sorted(set(args.methods) - set(methods))
     if unknown:
-        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(methods)}")
     return args
 
 
@@ -63,7 +78,7 @@ def run_config(base, method: str, lr: float, args):
     from adapterflow.tasks.config import RunConfig
 
     raw = base.model_dump()  # paths are already absolute: load_config resolved them
-    raw["adapter"]["init"] = {"method": method, **INIT_KNOBS.get(method, {})}
+    raw["adapter"]["init"] = cheap_init(method)
     raw["train"].update(
         learning_rate=lr, max_steps=args.steps, epochs=None, eval_every=args.eval_every,
         batch_size=args.batch_size, checkpoint_every=NO_CHECKPOINTS, threads=args.threads,

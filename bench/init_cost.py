@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from adapterflow.adapters import InitContext, LoraSettings, initialize  # noqa: E402
+from adapterflow.adapters import InitContext, LoraSettings, get_initializer, initialize  # noqa: E402
 from adapterflow.adapters.layers import delta_factors, lora_layers  # noqa: E402
 
 
@@ -97,7 +98,8 @@ def bench_model(label, build, r):
     ]
     for name, knobs, method, peft_value in rows:
         # Both sides timed on the method alone; our invariant checks are reported apart.
-        runs = [initialize(copy.deepcopy(base), LoraSettings(**{**settings.__dict__, "knobs": knobs}), method, InitContext(probe=probe)) for _ in range(REPEATS)]
+        configured = replace(settings, init=get_initializer(method).config(method=method, **knobs))
+        runs = [initialize(copy.deepcopy(base), configured, method, InitContext(probe=probe)) for _ in range(REPEATS)]
         ours, ours_s = runs[-1], min(run[1].seconds for run in runs)
         err = principal_error(ours[0], originals, r) if method == "pissa" else float("nan")
         if peft_value is None:
@@ -123,7 +125,7 @@ def peft_eva(model, settings, batches):
     from peft import EvaConfig, get_peft_model
     from peft.tuners.lora.eva import initialize_lora_eva_weights
 
-    peft_model = get_peft_model(model, settings.lora_config("eva", eva_config=EvaConfig(**settings.knobs)))
+    peft_model = get_peft_model(model, settings.lora_config("eva", eva_config=EvaConfig(rho=settings.init.rho, tau=settings.init.tau)))
     initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
     return peft_model
 
@@ -132,7 +134,8 @@ def bench_eva(r):
     from adapterflow.adapters.methods.basic import ranks_of
 
     base, targets, task_type = minilm()
-    settings = LoraSettings(r=r, alpha=2 * r, dropout=0.0, target_modules=targets, task_type=task_type, knobs={"rho": 2.0, "tau": 0.99})
+    settings = LoraSettings(r=r, alpha=2 * r, dropout=0.0, target_modules=targets, task_type=task_type,
+                            init=get_initializer("eva").config(method="eva", rho=2.0, tau=0.99))
     batches, probe = eva_batches(), {"input_ids": torch.randint(5, 1000, (2, 16))}
     print(f"\n== EVA on MiniLM, r={r}, targets {list(targets)}, {len(batches)} calibration batches {tuple(batches[0]['input_ids'].shape)} (seeded random tokens), {torch.get_num_threads()} threads ==")
     print(f"{'method':<28}{'ours s':>10}{'peft s':>10}{'ratio':>8}   (ours: method time; its checks apart)")
@@ -189,7 +192,8 @@ def bench_lora_ga(r):
     for module in base.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    settings = LoraSettings(r=r, alpha=2 * r, dropout=0.0, target_modules=targets, task_type=task_type, knobs={"batches": 4})
+    settings = LoraSettings(r=r, alpha=2 * r, dropout=0.0, target_modules=targets, task_type=task_type,
+                            init=get_initializer("lora_ga").config(method="lora_ga", batches=4))
     batches, probe = labelled_batches(), {"input_ids": torch.randint(5, 1000, (2, 16))}
     print(f"\n== LoRA-GA on MiniLM, r={r}, targets {list(targets)}, {len(batches)} labelled batches {tuple(batches[0]['input_ids'].shape)}, {torch.get_num_threads()} threads ==")
     print(f"{'method':<28}{'ours s':>10}{'peft s':>10}{'ratio':>8}   singular-vector residual ours vs peft (0 = exact)")

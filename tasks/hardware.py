@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from adapterflow.adapters import get_initializer
 from adapterflow.errors import ConfigError
 
 
@@ -11,7 +12,7 @@ NO_CUDA = "train.device is 'cuda' but no CUDA device is visible. Use train.devic
 def _asks_for_a_gpu(config) -> bool:
     train = config.train
     return (
-        train.device == "cuda" or config.adapter.init.method == "loftq" or train.precision in ("bf16", "fp16")
+        train.device == "cuda" or _init_needs_cuda(config) or train.precision in ("bf16", "fp16")
         or train.optimizer.startswith("paged_") or train.launch.processes > 1 or train.launch.strategy == "fsdp"
     )
 
@@ -22,7 +23,7 @@ def check_hardware(config) -> None:
     import torch
 
     cuda = torch.cuda.is_available() and config.train.device != "cpu"
-    for problem in (_device_problem, _loftq_problem, _precision_problem, _optimizer_problem, _launch_problem):
+    for problem in (_device_problem, _init_problem, _precision_problem, _optimizer_problem, _launch_problem):
         message = problem(config, cuda, torch)
         if message:
             raise ConfigError(message)
@@ -32,14 +33,16 @@ def _device_problem(config, cuda: bool, torch) -> str | None:
     return NO_CUDA if config.train.device == "cuda" and not torch.cuda.is_available() else None
 
 
-def _loftq_problem(config, cuda: bool, torch) -> str | None:
-    if config.adapter.init.method != "loftq" or cuda:
+def _init_needs_cuda(config) -> bool:
+    return get_initializer(config.adapter.init.method).cuda_only is not None
+
+
+def _init_problem(config, cuda: bool, torch) -> str | None:
+    method = config.adapter.init.method
+    refusal = get_initializer(method).cuda_only
+    if refusal is None or cuda:
         return None
-    return (
-        "adapter.init.method loftq runs only on CUDA (peft quantizes with bitsandbytes' CUDA kernels) and this run "
-        "has no CUDA device. On CPU use method: pissa with model.quantization: nf4 (QPiSSA: decompose in full "
-        "precision, quantize the residual)."
-    )
+    return f"adapter.init.method {method} runs only on CUDA ({refusal.reason}) and this run has no CUDA device. On CPU use {refusal.instead}."
 
 
 def _precision_problem(config, cuda: bool, torch) -> str | None:

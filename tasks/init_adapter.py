@@ -22,8 +22,8 @@ class InitOutcome:
     checks: dict
     cache: str  # "hit" | "miss" | "off"
     plot_path: str | None = None
-    learning_rate: float | None = None  # auto: the race winner's learning rate, used for the real run
-    race_path: str | None = None  # auto: the race table (markdown)
+    learning_rate: float | None = None  # a race's winner's learning rate, used for the real run
+    race_path: str | None = None  # a race's table (markdown)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -32,15 +32,19 @@ class InitOutcome:
 def lora_settings(config):
     from adapterflow.adapters import LoraSettings
 
-    knobs = config.adapter.init.model_dump(exclude={"method"})
-    if config.adapter.init.method == "lora_sb" and knobs["update_lr"] is None:
-        knobs["update_lr"] = first_step_lr(config)
     modules = tuple(config.adapter.modules_to_save) if config.adapter.modules_to_save else None
     return LoraSettings(
         r=config.adapter.r, alpha=config.adapter.alpha, dropout=config.adapter.dropout,
         target_modules=tuple(config.adapter.target_modules), task_type=TASK_TYPES[config.task],
-        modules_to_save=modules, knobs=knobs,
+        modules_to_save=modules, init=init_for_run(config),
     )
+
+
+def init_for_run(config):
+    """The init config with the knobs it leaves to the run (its `run_defaults`) filled in."""
+    init = config.adapter.init
+    missing = {field: source for field, source in init.run_defaults.items() if getattr(init, field) is None}
+    return init.model_copy(update={field: RUN_VALUES[source](config) for field, source in missing.items()})
 
 
 def first_step_lr(config) -> float:
@@ -64,9 +68,18 @@ def total_steps(config) -> int:
     return math.ceil(per_epoch * config.train.epochs)
 
 
+RUN_VALUES = {"first_step_lr": first_step_lr}  # what an init config's run_defaults may name
+
+
+def configured_initializer(config):
+    from adapterflow.adapters import get_initializer
+
+    return get_initializer(config.adapter.init.method)
+
+
 def initialize_adapter(config, base_ref, run_dir: Path, cache_root: Path | None = None) -> InitOutcome:
     """Products from the init cache when their key matches, otherwise computed (and stored)."""
-    if config.adapter.init.method == "auto":
+    if configured_initializer(config).is_race:
         return _race_winner(config, base_ref, run_dir, cache_root)
     from adapterflow.adapters.cache import InitCache
     from adapterflow.tasks.init_plots import plot_spectra
@@ -88,8 +101,8 @@ def initialize_adapter(config, base_ref, run_dir: Path, cache_root: Path | None 
 
 
 def check_init_plan(config) -> None:
-    """What the init stage will need, checked before any compute (an auto race's step budget)."""
-    if config.adapter.init.method == "auto":
+    """What the init stage will need, checked before any compute (a race's step budget)."""
+    if configured_initializer(config).is_race:
         from adapterflow.tasks.race import race_plan
 
         race_plan(config)
@@ -105,7 +118,7 @@ def _race_winner(config, base_ref, run_dir: Path, cache_root: Path | None) -> In
     seconds = time.perf_counter() - start
     race_steps = sum(row["steps"] for row in race["table"])
     report.update(race=race["table"], chosen_learning_rate=winner.learning_rate, seconds=seconds, race_steps=race_steps)
-    report["notes"].append(f"auto: {winner.method} at lr {winner.learning_rate:g} won a race of {len(race['table'])} "
+    report["notes"].append(f"{config.adapter.init.method}: {winner.method} at lr {winner.learning_rate:g} won a race of {len(race['table'])} "
                            f"contenders over {len(race['schedule'])} rounds ({race_steps} training steps in all)")
     report_path, race_path = run_dir / "init_report.json", run_dir / "init_race.md"
     report_path.write_text(json.dumps(report, indent=2))
@@ -118,54 +131,56 @@ def cache_key_parts(config, base_ref) -> dict:
     """Everything the init products depend on; the seed fixes the new classifier head."""
     from importlib.metadata import version
 
-    from adapterflow.adapters import get_initializer
-
     parts = {
         "base": base_ref.identity, "dtype": config.model.dtype, "quantization": config.model.quantization, "task": config.task, "labels": config.data.labels,
         "seed": config.train.seed, "adapter": config.adapter.model_dump(mode="json", exclude={"cache_init"}),
         "peft": version("peft"), "torch": version("torch"),
     }
-    initializer = get_initializer(config.adapter.init.method)
+    initializer, init = configured_initializer(config), config.adapter.init
     if initializer.needs_data:
         parts.update(train_md5=file_md5(Path(config.data.train)), max_length=config.data.max_length, batch_size=config.train.batch_size)
-    if initializer.needs_grad:
-        parts["knobs"] = lora_settings(config).knobs  # LoRA-SB's update_lr derives from the train section
-    knowledge = getattr(config.adapter.init, "knowledge", None)
-    if knowledge:
-        parts["knowledge_md5"] = file_md5(Path(knowledge))
+    if initializer.needs_grad:  # knobs a gradient method leaves to the run derive from the train section
+        parts["knobs"] = init_for_run(config).model_dump(exclude={"method"})
+    for field in init.path_fields:
+        if getattr(init, field):
+            parts[f"{field}_md5"] = file_md5(Path(getattr(init, field)))
     return parts
 
 
 def calibration_data(config, tokenizer):
-    """CorDA hooks expect one sample per forward; gradient methods need labels; EVA takes inputs only."""
-    from adapterflow.adapters import get_initializer
-
-    if config.adapter.init.method == "corda":
+    """In the form the method takes: single samples or batches (labelled for gradient methods)."""
+    initializer = configured_initializer(config)
+    if initializer.calibration == "samples":
         return calibration_samples(config, tokenizer)
-    return calibration_batches(config, tokenizer, labelled=get_initializer(config.adapter.init.method).needs_grad)
+    return calibration_batches(config, tokenizer, labelled=initializer.needs_grad)
 
 
 def calibration_samples(config, tokenizer) -> list[dict]:
-    """Single unpadded samples: the task's train texts (IPM) or the knowledge file's (KPM)."""
+    """Single unpadded samples, from the train split or from the data file the init config names."""
     import torch
 
-    from adapterflow.tasks.data_io import read_split
-
-    init = config.adapter.init
-    if init.mode == "kpm":
-        frame = read_split(init.knowledge, "adapter.init.knowledge")
-        if init.knowledge_field not in frame.columns:
-            from adapterflow.errors import DataError
-
-            raise DataError(f"adapter.init.knowledge {init.knowledge} has no column {init.knowledge_field!r}; set adapter.init.knowledge_field.")
-        texts = frame[init.knowledge_field].astype(str).tolist()
-        rows = [tokenizer(t, truncation=True, max_length=config.data.max_length) for t in texts]
+    source = config.adapter.init.sample_source()
+    if source.file_field:
+        rows = _file_samples(config, tokenizer, source)
     else:
         from adapterflow.tasks.encode import encode_split
 
         rows = list(encode_split(config, tokenizer, "train"))
-    rows = rows[: init.samples]
+    rows = rows[: source.limit]
     return [{"input_ids": torch.tensor([r["input_ids"]]), "attention_mask": torch.tensor([r["attention_mask"]])} for r in rows]
+
+
+def _file_samples(config, tokenizer, source) -> list[dict]:
+    from adapterflow.tasks.data_io import read_split
+
+    init = config.adapter.init
+    path, column = getattr(init, source.file_field), getattr(init, source.text_field)
+    frame = read_split(path, f"adapter.init.{source.file_field}")
+    if column not in frame.columns:
+        from adapterflow.errors import DataError
+
+        raise DataError(f"adapter.init.{source.file_field} {path} has no column {column!r}; set adapter.init.{source.text_field}.")
+    return [tokenizer(text, truncation=True, max_length=config.data.max_length) for text in frame[column].astype(str).tolist()]
 
 
 def calibration_batches(config, tokenizer, labelled: bool = False):
@@ -187,7 +202,7 @@ def calibration_batches(config, tokenizer, labelled: bool = False):
 def _compute(config, base_ref, init_dir: Path) -> dict:
     from transformers import set_seed
 
-    from adapterflow.adapters import InitContext, export_init, get_initializer, initialize
+    from adapterflow.adapters import InitContext, export_init, initialize
     from adapterflow.tasks.model_io import load_model, load_tokenizer
 
     if config.train.threads:  # the SVDs and calibration passes use the same thread budget as training
@@ -200,7 +215,7 @@ def _compute(config, base_ref, init_dir: Path) -> dict:
     in_full_precision = bool(config.model.quantization) and runs_in_full_precision(method)
     model = load_model(base_ref, config.task, config.data.labels, config.model.dtype, None if in_full_precision else config.model.quantization)
     probe = tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt")
-    calibration = calibration_data(config, tokenizer) if get_initializer(method).needs_data else None
+    calibration = calibration_data(config, tokenizer) if configured_initializer(config).needs_data else None
     peft_model, report = initialize(model, lora_settings(config), method, InitContext(probe=dict(probe), calibration=calibration))
     export_init(peft_model, init_dir, method)
     if in_full_precision:
@@ -209,8 +224,7 @@ def _compute(config, base_ref, init_dir: Path) -> dict:
 
 
 def runs_in_full_precision(method: str) -> bool:
-    """Base-rewriting methods decompose W itself (QPiSSA); gradient methods take gradients of a full-precision copy."""
+    """Methods that cannot work on quantized weights (decomposing W, taking its gradient) get the full-precision base."""
     from adapterflow.adapters import get_initializer
 
-    initializer = get_initializer(method)
-    return initializer.mutates_base or initializer.needs_grad
+    return not get_initializer(method).supports_quantized

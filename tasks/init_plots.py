@@ -4,18 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SPECTRUM_LABELS = {  # what each method's report.spectra holds
-    "eva": "explained-variance ratio of kept component",
-    "lora_ga": "singular value of the mean gradient G",
-    "lora_sb": "singular value of the first update -lr·sign(G)",
-}
-
-
 def plot_spectra(spectra: dict[str, list[float]], method: str, path: Path) -> Path | None:
     """One line per layer (log scale); None when the method has no spectrum (random inits)."""
     if not spectra or not any(spectra.values()):
         return None
     import matplotlib
+
+    from adapterflow.adapters import get_initializer
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -24,7 +19,7 @@ def plot_spectra(spectra: dict[str, list[float]], method: str, path: Path) -> Pa
     for layer, values in spectra.items():
         if values:
             axis.plot(range(1, len(values) + 1), values, alpha=0.6, linewidth=1, label=layer if len(spectra) <= 8 else None)
-    axis.set(yscale="log", xlabel="component", ylabel=SPECTRUM_LABELS.get(method, "singular value of s·B·A"), title=f"{method}: spectrum per layer at init")
+    axis.set(yscale="log", xlabel="component", ylabel=get_initializer(method).spectrum_label, title=f"{method}: spectrum per layer at init")
     if len(spectra) <= 8:
         axis.legend(fontsize=6)
     figure.tight_layout()

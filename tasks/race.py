@@ -1,4 +1,4 @@
-"""`init.method: auto`: successive halving among (init method, learning rate) contenders.
+"""The race initializer (its `is_race` flag): successive halving among (init method, learning rate) contenders.
 
 Every candidate gets its own small LR sweep, so the race compares methods at their own good LR:
 data-driven inits lose much of their edge over LoRA once the LR is tuned per method. The whole
@@ -56,7 +56,7 @@ def race_plan(config) -> list[tuple[int, int]]:
     if schedule[0][1] < 1:
         needed = math.ceil(len(schedule) * contenders / init.budget)
         raise ConfigError(
-            f"adapter.init auto: {contenders} contenders ({len(init.candidates)} candidates × {len(init.lr_multipliers)} "
+            f"adapter.init {init.method}: {contenders} contenders ({len(init.candidates)} candidates × {len(init.lr_multipliers)} "
             f"learning rates) need at least {len(schedule) * contenders} race steps, but budget {init.budget} × "
             f"{total_steps(config)} training steps gives {budget_steps}. Raise train.max_steps to {needed} or more, "
             "raise adapter.init.budget, or list fewer candidates / lr_multipliers."

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from adapterflow.adapters import InitContext, InitError, LoraSettings, apply_init, export_init, get_initializer, initialize, registered_names
 from adapterflow.adapters.invariants import check_principal, model_outputs
 from adapterflow.adapters.layers import delta_factors, lora_layers
-from adapterflow.adapters.registry import Initializer, register
+from adapterflow.adapters.registry import InitConfig, Initializer, register, registered
 from adapterflow.tasks.config import ModelSpec
 from adapterflow.tasks.model_io import load_model, resolve_base
 
@@ -16,7 +18,7 @@ ARCHS = {
     "bert": ("sequence_classification", ("query", "value"), "SEQ_CLS"),
     "llama": ("causal_lm", ("q_proj", "v_proj"), "CAUSAL_LM"),
 }
-METHODS = ["lora", "gaussian", "pissa", "milora", "olora", "eva", "corda"]
+METHODS = ["lora", "gaussian", "orthogonal", "pissa", "milora", "olora", "eva", "corda"]
 
 
 def _model(folder, task):
@@ -24,9 +26,10 @@ def _model(folder, task):
     return load_model(resolve_base(ModelSpec(path=str(folder))), task, ["a", "b", "c"])
 
 
-def _settings(arch, **knobs):
+def _settings(arch, method=None, **knobs):
     _, targets, task_type = ARCHS[arch]
-    return LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=targets, task_type=task_type, knobs=knobs)
+    init = get_initializer(method).config(method=method, **knobs) if method else None
+    return LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=targets, task_type=task_type, init=init)
 
 
 def _probe():
@@ -112,9 +115,85 @@ def test_an_initializer_that_changes_outputs_is_refused(tiny_bert):
 
         return peft_model, InitReport(method="broken")
 
-    register(Initializer("broken-test", "random", False, False, False, True, True, broken))
-    with pytest.raises(InitError, match="changed the model's outputs"):
+    with registered(_throwaway("broken-test", apply=broken)), pytest.raises(InitError, match="changed the model's outputs"):
         initialize(_model(tiny_bert, "sequence_classification"), _settings("bert"), "broken-test", InitContext(probe=_probe()))
+    assert "broken-test" not in registered_names()
+
+
+def _throwaway(name: str, **flags) -> Initializer:
+    """An initializer for one test, with a config class whose tag is its name."""
+    from typing import Literal
+
+    from pydantic import create_model
+
+    config = create_model(f"Throwaway_{name}", __base__=InitConfig, method=(Literal[name], ...))
+    defaults = dict(family="random", config=config, apply=lambda *a: None, mutates_base=False, needs_data=False,
+                    needs_grad=False, supports_quantized=True, preserves_outputs=True)
+    return Initializer(name=name, **{**defaults, **flags})
+
+
+def test_initializer_fields_are_keyword_only():
+    with pytest.raises(TypeError):
+        Initializer("positional", "random", InitConfig, None)  # noqa: the point is that this fails
+
+
+def test_registration_checks_the_config_tag_and_apply():
+    with pytest.raises(ValueError, match=r"needs `method: Literal\['other'\]`"):
+        register(dataclasses.replace(_throwaway("tagged-wrong"), name="other"))
+    with pytest.raises(ValueError, match="a race has no apply"):
+        register(_throwaway("race-with-apply", is_race=True))
+    with pytest.raises(ValueError, match="family must be one of"):
+        register(_throwaway("no-family", family="magic"))
+    assert not {"other", "race-with-apply", "no-family"} & set(registered_names())
+
+
+def test_registered_removes_the_initializer_even_when_the_block_fails():
+    with pytest.raises(RuntimeError), registered(_throwaway("short-lived")):
+        assert get_initializer("short-lived").name == "short-lived"
+        raise RuntimeError
+    with pytest.raises(InitError, match="unknown init method 'short-lived'"):
+        get_initializer("short-lived")
+
+
+def test_every_method_module_registers_on_import():
+    import pkgutil
+
+    import adapterflow.adapters.methods as methods
+
+    modules = {m.name for m in pkgutil.iter_modules(methods.__path__)}
+    assert {"orthogonal", "race", "basic", "pissa"} <= modules
+    assert {"orthogonal", "auto", "lora", "pissa", "milora", "olora", "loftq"} <= set(registered_names())
+    assert get_initializer("orthogonal").config.__module__ == "adapterflow.adapters.methods.orthogonal"
+
+
+def test_a_method_given_another_methods_config_is_refused(tiny_bert):
+    with pytest.raises(InitError, match="init method 'pissa' was given the config of 'eva'"):
+        initialize(_model(tiny_bert, "sequence_classification"), _settings("bert", "eva"), "pissa", InitContext(probe=_probe()))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_orthogonal_starts_with_nonzero_factors_whose_product_is_zero(folders, arch):
+    peft_model, report = initialize(_model(folders[arch], ARCHS[arch][0]), _settings(arch), "orthogonal", InitContext(probe=_probe()))
+    assert report.checks["max_output_change"] <= 1e-5
+    for _, module in lora_layers(peft_model):
+        b, a, _ = delta_factors(module)
+        assert b.norm() > 1e-2 and a.norm() > 1e-2  # not peft's B = 0 (plain LoRA)
+        assert (b @ a).abs().max() < 1e-6 * b.norm() * a.norm()
+
+
+def test_orthogonal_refuses_an_odd_rank(tiny_bert):
+    settings = LoraSettings(r=3, alpha=8, dropout=0.0, target_modules=("query",), task_type="SEQ_CLS")
+    with pytest.raises(InitError, match="init method 'orthogonal' failed: .*rank to be even"):
+        initialize(_model(tiny_bert, "sequence_classification"), settings, "orthogonal", InitContext(probe=_probe()))
+
+
+def test_readme_shows_the_orthogonal_initializer_verbatim():
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Adding an initializer", 1)[1]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert block == (ROOT / "adapters" / "methods" / "orthogonal.py").read_text()
 
 
 def test_registry_refuses_duplicates_and_unknown_names():
@@ -126,8 +205,7 @@ def test_registry_refuses_duplicates_and_unknown_names():
 
 
 def test_data_hungry_method_without_data_fails_loudly(tiny_bert):
-    register(Initializer("needs-data-test", "variance", False, True, False, True, True, lambda *a: None))
-    with pytest.raises(InitError, match="needs calibration data and got none"):
+    with registered(_throwaway("needs-data-test", needs_data=True)), pytest.raises(InitError, match="needs calibration data and got none"):
         initialize(_model(tiny_bert, "sequence_classification"), _settings("bert"), "needs-data-test", InitContext(probe=_probe()))
 
 
@@ -179,7 +257,7 @@ def test_oversampling_makes_randomized_pissa_accurate(tiny_llama):
     from peft import get_peft_model
 
     reference = {n: m.weight.detach().clone() for n, m in _slow_spectrum_model(tiny_llama).named_modules() if n.endswith(("q_proj", "v_proj"))}
-    ours, report = initialize(_slow_spectrum_model(tiny_llama), _settings("llama", niter=4, oversampling=16), "pissa", InitContext(probe=_probe()))
+    ours, report = initialize(_slow_spectrum_model(tiny_llama), _settings("llama", "pissa", niter=4, oversampling=16), "pissa", InitContext(probe=_probe()))
     torch.manual_seed(0)
     peft_q_equals_r = get_peft_model(_slow_spectrum_model(tiny_llama), _settings("llama").lora_config("pissa_niter_4"))
     assert "oversampling=16" in report.notes[0]
@@ -208,7 +286,7 @@ def test_eva_a_rows_span_the_top_activation_directions(tiny_bert):
     model = _model(tiny_bert, "sequence_classification")
     layer = "bert.encoder.layer.1.attention.self.value"
     captured = _layer_inputs(model, layer)
-    peft_model, report = initialize(model, _settings("bert", rho=1.0), "eva", InitContext(probe=_probe(), calibration=_calibration()))
+    peft_model, report = initialize(model, _settings("bert", "eva", rho=1.0), "eva", InitContext(probe=_probe(), calibration=_calibration()))
     assert sum(report.ranks.values()) == 4 * len(report.ranks) and report.checks["max_a_orthonormality_error"] < 1e-3
     activations = torch.cat(captured)
     _, _, vh = torch.linalg.svd(activations - activations.mean(0), full_matrices=False)
@@ -224,7 +302,7 @@ def test_eva_check_catches_a_plain_lora_fallback(tiny_bert):
 
     plain = get_peft_model(_model(tiny_bert, "sequence_classification"), _settings("bert").lora_config(True))
     with pytest.raises(InitError, match="A rows are not orthonormal"):
-        verify_eva(plain, _settings("bert"))
+        verify_eva(plain, _settings("bert", "eva"))
 
 
 def test_eva_on_a_target_with_2d_inputs_is_a_clear_error(tiny_bert):
@@ -254,7 +332,7 @@ def test_corda_check_catches_a_plain_lora_fallback(tiny_bert):
 
     plain = get_peft_model(_model(tiny_bert, "sequence_classification"), _settings("bert").lora_config(True))
     with pytest.raises(InitError, match="B·A is zero"):
-        verify_corda(plain, _settings("bert"))
+        verify_corda(plain, _settings("bert", "corda"))
 
 
 def test_eva_reports_the_explained_variance_of_the_kept_components(tiny_bert):

@@ -124,3 +124,95 @@ def test_prefect_yaml_deployments_point_at_the_flow_and_valid_configs():
         assert load_flow_from_entrypoint(f"{ROOT / path}:{name}").name == "adapterflow-retrain"
         load_config(ROOT / deployment["parameters"]["config_path"])
         assert set(deployment["parameters"]) == {"config_path", "force"}
+
+
+def _throwaway_method(**flags):
+    """A registered method `throwaway` with one knob, in the schema for the `with` block only."""
+    import contextlib
+    from typing import Literal
+
+    from pydantic import Field
+
+    from adapterflow.adapters.registry import InitConfig, Initializer, registered
+    from adapterflow.tasks.config import build_init_schema
+
+    class ThrowawayInit(InitConfig):
+        method: Literal["throwaway"]
+        knob: int = Field(3, ge=1)
+
+    initializer = Initializer(name="throwaway", family="random", config=ThrowawayInit, apply=lambda *a: None, mutates_base=False,
+                              needs_data=False, needs_grad=False, supports_quantized=True, preserves_outputs=True, **flags)
+
+    @contextlib.contextmanager
+    def scope():
+        try:
+            with registered(initializer):
+                build_init_schema()
+                yield initializer
+        finally:
+            build_init_schema()
+
+    return scope()
+
+
+def test_a_registered_method_joins_the_schema_and_leaves_it_when_unregistered(tmp_path, capsys, tiny_bert, cls_data):
+    from adapterflow.tasks.config import RunConfig
+
+    throwaway = cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "throwaway", "knob": 5}})
+    race = cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "auto", "candidates": ["lora", "throwaway"]}})
+    with _throwaway_method():
+        assert RunConfig.model_validate(throwaway).adapter.init.knob == 5
+        assert [c.method for c in RunConfig.model_validate(race).adapter.init.candidates] == ["lora", "throwaway"]
+        assert "adapter.init.throwaway.knob" in _check(tmp_path, capsys, _bad(tmp_path, tiny_bert, cls_data, lambda c: c["adapter"].update(init={"method": "throwaway", "knob": 0})))
+    err = _check(tmp_path, capsys, _bad(tmp_path, tiny_bert, cls_data, lambda c: c["adapter"].update(init={"method": "throwaway"})))
+    assert "unknown init method 'throwaway'; choose one of: auto, corda" in err
+    with pytest.raises(Exception, match="does not match any of the expected tags"):
+        RunConfig.model_validate(race)
+
+
+def test_a_method_that_needs_a_4bit_base_is_refused_on_another(tiny_bert, cls_data):
+    from pydantic import ValidationError
+
+    from adapterflow.tasks.config import RunConfig
+
+    with _throwaway_method(needs_4bit_base="method lora for an unquantized base"):
+        with pytest.raises(ValidationError, match="adapter.init.method throwaway initializes for a 4-bit base, but model.quantization "
+                                                  "is 'int8'; set model.quantization: nf4, or use method lora for an unquantized base"):
+            RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "throwaway"}, "model.quantization": "int8"}))
+        nf4 = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "throwaway"}, "model.quantization": "nf4"}))
+        assert nf4.model.quantization == "nf4"
+
+
+def test_the_default_race_and_init_dump_as_before(tiny_bert, cls_data):
+    """The config digest hashes this dump: registry-built defaults must dump exactly as the old literal ones."""
+    from adapterflow.tasks.config import RunConfig
+
+    config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "auto"}}))
+    assert config.model_dump(mode="json")["adapter"]["init"] == {
+        "method": "auto", "lr_multipliers": [0.5, 1.0, 2.0], "budget": 0.15, "candidates": [
+            {"method": "lora"},
+            {"method": "pissa", "niter": None, "oversampling": 24},
+            {"method": "eva", "rho": 2.0, "tau": 0.99, "whiten": False},
+            {"method": "lora_ga", "batches": 8, "direction": "ArB2r", "scale": "stable", "stable_gamma": 16.0, "convention": "reference"},
+        ],
+    }
+    plain = cls_config(tiny_bert, cls_data)
+    plain["adapter"].pop("init", None)
+    assert RunConfig.model_validate(plain).adapter.init.model_dump() == {"method": "lora"}
+
+
+def test_data_file_knobs_resolve_against_the_config_folder_and_need_a_data_suffix(tmp_path, capsys, tiny_bert, cls_data):
+    config = cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "corda", "mode": "kpm", "knowledge": "facts.csv"}})
+    loaded = load_config(write_config(tmp_path / "c.yaml", config))
+    assert loaded.adapter.init.knowledge == str((tmp_path / "facts.csv").resolve())
+    err = _check(tmp_path, capsys, _bad(tmp_path, tiny_bert, cls_data, lambda c: c["adapter"].update(init={"method": "corda", "knowledge": "facts.txt"})))
+    assert "adapter.init.knowledge must end in one of .csv, .jsonl, .json, .parquet" in err
+
+
+def test_check_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = f"from adapterflow.tasks.config import load_config; load_config({str(ROOT / 'configs' / 'demo.yaml')!r}); import sys; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr[-2000:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterflow.adapters import InitContext, InitError, LoraSettings, apply_init, export_init, initialize, save_trained_adapter
+from adapterflow.adapters import InitContext, InitError, LoraSettings, apply_init, export_init, get_initializer, initialize, save_trained_adapter
 from adapterflow.adapters.invariants import model_outputs
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.tasks.config import ModelSpec
@@ -33,9 +33,10 @@ def _model(folder, arch):
     return model
 
 
-def _settings(arch, **knobs):
+def _settings(arch, method=None, **knobs):
     _, targets, task_type = ARCHS[arch]
-    return LoraSettings(r=R, alpha=ALPHA, dropout=0.0, target_modules=targets, task_type=task_type, knobs=knobs)
+    init = get_initializer(method).config(method=method, **knobs) if method else None
+    return LoraSettings(r=R, alpha=ALPHA, dropout=0.0, target_modules=targets, task_type=task_type, init=init)
 
 
 def _batches(arch, count=3):
@@ -53,7 +54,7 @@ def _probe():
 
 
 def _init(folders, arch, method, **knobs):
-    return initialize(_model(folders[arch], arch), _settings(arch, **knobs), method, InitContext(probe=_probe(), calibration=_batches(arch)))
+    return initialize(_model(folders[arch], arch), _settings(arch, method, **knobs), method, InitContext(probe=_probe(), calibration=_batches(arch)))
 
 
 def _mean_gradients(model, batches) -> dict[str, torch.Tensor]:
@@ -137,7 +138,7 @@ def test_lora_ga_check_catches_a_plain_lora_fallback(folders):
 
     plain = get_peft_model(_model(folders["bert"], "bert"), _settings("bert").lora_config(True))
     with pytest.raises(InitError, match="no gradient|B is zero"):
-        verify_lora_ga(plain, _settings("bert"))
+        verify_lora_ga(plain, _settings("bert", "lora_ga"))
 
 
 def test_gradient_init_without_labels_fails_loudly(folders):
@@ -211,6 +212,6 @@ def test_lora_sb_check_catches_a_plain_lora_fallback(folders):
 
     from adapterflow.adapters.methods.lora_sb import verify_lora_sb
 
-    plain = get_peft_model(_model(folders["bert"], "bert"), _settings("bert", update_lr=1e-3).lora_config(True))
+    plain = get_peft_model(_model(folders["bert"], "bert"), _settings("bert").lora_config(True))
     with pytest.raises(InitError, match="no gradient was estimated"):
-        verify_lora_sb(plain, _settings("bert", update_lr=1e-3))
+        verify_lora_sb(plain, _settings("bert", "lora_sb", update_lr=1e-3))

@@ -66,3 +66,18 @@ def test_data_driven_init_is_keyed_by_the_train_data(tiny_bert, cls_data, tmp_pa
     assert first.checks["rank_budget"] == 4 * 4 and _init(tiny_bert, cls_data, tmp_path / "run2", tmp_path / "cache", **eva).cache == "hit"
     write_csv(cls_data["train"], classification_rows(48, 99))
     assert _init(tiny_bert, cls_data, tmp_path / "run3", tmp_path / "cache", **eva).cache == "miss"
+
+
+def test_the_key_holds_data_file_digests_and_knobs_the_run_fills_in(tiny_bert, cls_data, tmp_path):
+    from adapterflow.digests import file_md5
+    from adapterflow.tasks.init_adapter import cache_key_parts, first_step_lr
+
+    knowledge = tmp_path / "facts.csv"
+    knowledge.write_text("text\nthe sky is blue\n")
+    corda = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "corda", "mode": "kpm", "knowledge": str(knowledge)}}))
+    ref = resolve_base(corda.model)
+    assert cache_key_parts(corda, ref)["knowledge_md5"] == file_md5(knowledge)
+    assert "knobs" not in cache_key_parts(corda, ref)  # no gradients: the adapter section already holds every knob
+    sb = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "lora_sb"}, "train.warmup_ratio": 0.5}))
+    assert cache_key_parts(sb, ref)["knobs"] == {"batches": 8, "update_lr": first_step_lr(sb)}
+    assert first_step_lr(sb) == pytest.approx(0.01 / 2)  # lr / ceil(0.5 × 4 warmup steps)

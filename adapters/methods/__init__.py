@@ -1,3 +1,8 @@
-"""Importing this package registers every built-in initializer."""
+"""Importing this package registers every initializer: each module in it registers its own."""
 
-from adapterflow.adapters.methods import basic, corda, eva, gradient, loftq, lora_sb, pissa  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")

@@ -7,11 +7,38 @@ assume one sample per forward, so the calibration iterable yields batch-size-1 i
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field, model_validator
+
 from adapterflow.errors import InitError
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.methods.basic import ranks_of
-from adapterflow.adapters.registry import Initializer, register
+from adapterflow.adapters.registry import InitConfig, Initializer, SampleSource, register
 from adapterflow.adapters.report import InitReport
+
+
+class CordaInit(InitConfig):
+    """SVD of W·C with C the input covariance: IPM on task data, KPM on a knowledge dataset."""
+
+    path_fields = ("knowledge",)
+
+    method: Literal["corda"]
+    mode: Literal["ipm", "kpm"] = "ipm"
+    samples: int = Field(128, ge=1, le=100_000)  # calibration samples, one per forward
+    knowledge: str | None = None  # KPM: a data file whose text field holds knowledge samples
+    knowledge_field: str = "text"
+
+    @model_validator(mode="after")
+    def _kpm_needs_knowledge(self) -> "CordaInit":
+        if self.mode == "kpm" and not self.knowledge:
+            raise ValueError("corda mode kpm needs adapter.init.knowledge: a data file of knowledge samples to preserve")
+        return self
+
+    def sample_source(self) -> SampleSource:
+        if self.mode == "kpm":
+            return SampleSource(self.samples, "knowledge", "knowledge_field")
+        return SampleSource(self.samples)
 
 
 def apply_corda(model, settings, context):
@@ -19,7 +46,7 @@ def apply_corda(model, settings, context):
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
 
-    mode = settings.knobs.get("mode", "ipm")
+    mode = settings.init.mode
     config = settings.lora_config("corda", corda_config=CordaConfig(corda_method=mode))
 
     def run_model():
@@ -50,7 +77,7 @@ def verify_corda(peft_model, settings) -> dict[str, float]:
 
 register(
     Initializer(
-        name="corda", family="svd", mutates_base=True, needs_data=True, needs_grad=False,
-        supports_quantized=False, preserves_outputs=True, apply=apply_corda, verify=verify_corda,
+        name="corda", family="svd", config=CordaInit, apply=apply_corda, verify=verify_corda, mutates_base=True,
+        needs_data=True, needs_grad=False, supports_quantized=False, preserves_outputs=True, calibration="samples",
     )
 )

@@ -7,23 +7,33 @@ explained-variance ratios of the components each layer kept, read from peft's ow
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
+
+from pydantic import Field
 
 from adapterflow.errors import InitError
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.methods.basic import ranks_of
-from adapterflow.adapters.registry import Initializer, register
+from adapterflow.adapters.registry import InitConfig, Initializer, register
 from adapterflow.adapters.report import InitReport
 
 ORTHONORMAL_TOL = 1e-3
+
+
+class EvaInit(InitConfig):
+    """SVD of layer-input activations over train batches; the rank budget r × layers is redistributed."""
+
+    method: Literal["eva"]
+    rho: float = Field(2.0, ge=1.0)  # a layer may get up to rho·r ranks
+    tau: float = Field(0.99, gt=0.0, le=1.0)  # cosine similarity at which components count as converged
+    whiten: bool = False
 
 
 def apply_eva(model, settings, context):
     from peft import EvaConfig, get_peft_model
     from peft.tuners.lora.eva import initialize_lora_eva_weights
 
-    knobs = settings.knobs
-    eva = EvaConfig(rho=knobs.get("rho", 2.0), tau=knobs.get("tau", 0.99), whiten=knobs.get("whiten", False))
+    eva = EvaConfig(rho=settings.init.rho, tau=settings.init.tau, whiten=settings.init.whiten)
     peft_model = get_peft_model(model, settings.lora_config("eva", eva_config=eva))
     seen, handles = watch_eva_hooks(peft_model)
     try:
@@ -93,6 +103,8 @@ def record_explained_variance(report: InitReport, ratios: dict[str, list[float]]
 
 def verify_eva(peft_model, settings) -> dict[str, float]:
     """Ranks sum to the budget; unwhitened A rows are orthonormal (Kaiming rows are not)."""
+    import torch
+
     ranks = ranks_of(peft_model)
     budget = settings.r * len(ranks)
     if sum(ranks.values()) != budget:
@@ -101,14 +113,15 @@ def verify_eva(peft_model, settings) -> dict[str, float]:
     for name, module in lora_layers(peft_model):
         _, a, _ = delta_factors(module)
         worst = max(worst, (a @ a.T - torch.eye(a.shape[0])).abs().max().item())
-        if not settings.knobs.get("whiten", False) and worst > ORTHONORMAL_TOL:
+        if not settings.init.whiten and worst > ORTHONORMAL_TOL:
             raise InitError(f"EVA did not initialize layer {short_name(name)}: its A rows are not orthonormal (fell back to plain LoRA?)")
     return {"max_a_orthonormality_error": worst, "rank_budget": float(budget)}
 
 
 register(
     Initializer(
-        name="eva", family="variance", mutates_base=False, needs_data=True, needs_grad=False,
-        supports_quantized=True, preserves_outputs=True, apply=apply_eva, verify=verify_eva,
+        name="eva", family="variance", config=EvaInit, apply=apply_eva, verify=verify_eva, mutates_base=False,
+        needs_data=True, needs_grad=False, supports_quantized=True, preserves_outputs=True, in_default_race=True,
+        spectrum_label="explained-variance ratio of kept component",
     )
 )

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import warnings
 from itertools import islice
+from typing import Literal
 
-import torch
+from pydantic import Field
 
 from adapterflow.errors import InitError
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.methods.basic import ranks_of
-from adapterflow.adapters.registry import Initializer, register
+from adapterflow.adapters.registry import InitConfig, Initializer, register
 from adapterflow.adapters.report import InitReport
-from adapterflow.adapters.weight_svd import SvdPlan, decompose
 
 GRAD_ATTR = "_peft_loraga_grad"  # where peft's estimator leaves G on each target layer
 KEPT_GRAD = "_adapterflow_init_grad"  # G kept on the LoRA layer for the checks (peft drops its own copy)
@@ -26,12 +26,23 @@ PEFT_SCALE_NAMES = {"stable": "stable", "unit": "unit", "gd": "gd_scale", "weigh
 SINGULAR_VECTOR_TOL = 0.05
 
 
+class LoraGaInit(InitConfig):
+    """B, A from the SVD of the mean gradient of W on a few train batches (W <- W - s·BA)."""
+
+    method: Literal["lora_ga"]
+    batches: int = Field(8, ge=1, le=10_000)  # labelled train batches whose mean gradient is decomposed
+    direction: Literal["ArB2r", "ArBr", "A2rBr", "random"] = "ArB2r"  # which singular components go to A and B
+    scale: Literal["stable", "unit", "gd", "weight_svd"] = "stable"
+    stable_gamma: float = Field(16.0, gt=0)
+    convention: Literal["reference", "peft"] = "reference"  # whose scaling: Outsider565/LoRA-GA's or peft's
+
+
 def estimate_gradients(model, settings, context) -> int:
     """Attach G to every target layer (peft's `_peft_loraga_grad`); returns the batches used."""
     from peft import LoraGAConfig
     from peft.tuners.lora.loraga import preprocess_loraga
 
-    batches = labelled_batches(context.calibration, settings.knobs.get("batches", 8))
+    batches = labelled_batches(context.calibration, settings.init.batches)
 
     def train_step():
         for batch in batches:
@@ -57,38 +68,40 @@ def labelled_batches(calibration, count: int) -> list[dict]:
 def apply_lora_ga(model, settings, context):
     from peft import LoraGAConfig, get_peft_model
 
-    knobs = settings.knobs
+    init = settings.init
     used, spectra = estimate_gradients(model, settings, context), {}
-    if knobs.get("convention", "reference") == "peft":
-        ga = LoraGAConfig(direction=knobs.get("direction", "ArB2r"), scale=PEFT_SCALE_NAMES[knobs.get("scale", "stable")],
-                          stable_gamma=knobs.get("stable_gamma", 16))
+    if init.convention == "peft":
+        ga = LoraGAConfig(direction=init.direction, scale=PEFT_SCALE_NAMES[init.scale], stable_gamma=init.stable_gamma)
         peft_model = get_peft_model(model, settings.lora_config("lora_ga", lora_ga_config=ga))
     else:
         peft_model = get_peft_model(model, settings.lora_config(True))
-        spectra = {short_name(name): _init_reference(module, knobs) for name, module in lora_layers(peft_model)}
+        spectra = {short_name(name): _init_reference(module, init) for name, module in lora_layers(peft_model)}
     report = InitReport(method="lora_ga", ranks=ranks_of(peft_model), spectra=spectra)
-    report.notes.append(f"gradients from {used} batches; {knobs.get('convention', 'reference')} scaling, "
-                        f"direction {knobs.get('direction', 'ArB2r')}, scale {knobs.get('scale', 'stable')}")
+    report.notes.append(f"gradients from {used} batches; {init.convention} scaling, direction {init.direction}, scale {init.scale}")
     return peft_model, report
 
 
-@torch.no_grad()
-def _init_reference(module, knobs) -> list[float]:
+def _init_reference(module, init: LoraGaInit) -> list[float]:
     """Outsider565/LoRA-GA: B, A are singular vectors of G, both multiplied by one factor; W <- W - s·BA.
 
     The SVD oversamples (q = 2r + max(2r, 24)) where the reference uses q = 4r: gradients of
-    attention projections can have flat spectra, where q = 4r misses components (STACK.md).
+    attention projections can have flat spectra, where q = 4r misses some of the top 2r components.
     """
+    import torch
+
+    from adapterflow.adapters.weight_svd import SvdPlan, decompose
+
     base = module.base_layer
     grad, r, scaling = getattr(base, GRAD_ATTR).float(), module.r["default"], module.scaling["default"]
-    u, s, vh = decompose(grad, 2 * r, SvdPlan("principal", niter=4, oversampling=max(2 * r, 24)))
-    b_index, a_index = component_split(knobs.get("direction", "ArB2r"), r)
-    factor = _reference_factor(knobs, base.weight, grad.shape[0], r, scaling)
-    b, a = factor * u[:, b_index], factor * vh[a_index]
-    dtype = base.weight.dtype
-    module.lora_A["default"].weight.data = a.contiguous().to(dtype)
-    module.lora_B["default"].weight.data = b.contiguous().to(dtype)
-    base.weight.data = (base.weight.float() - scaling * (b.to(dtype).float() @ a.to(dtype).float())).to(dtype)
+    with torch.no_grad():
+        u, s, vh = decompose(grad, 2 * r, SvdPlan("principal", niter=4, oversampling=max(2 * r, 24)))
+        b_index, a_index = component_split(init.direction, r)
+        factor = _reference_factor(init, base.weight, grad.shape[0], r, scaling)
+        b, a = factor * u[:, b_index], factor * vh[a_index]
+        dtype = base.weight.dtype
+        module.lora_A["default"].weight.data = a.contiguous().to(dtype)
+        module.lora_B["default"].weight.data = b.contiguous().to(dtype)
+        base.weight.data = (base.weight.float() - scaling * (b.to(dtype).float() @ a.to(dtype).float())).to(dtype)
     return [round(v, 8) for v in s.tolist()]
 
 
@@ -100,17 +113,20 @@ def component_split(direction: str, r: int) -> tuple[list[int], list[int]]:
         return list(range(r)), list(range(r, 2 * r))
     if direction == "ArB2r":
         return list(range(r, 2 * r)), list(range(r))
+    import torch
+
     order = torch.randperm(2 * r).tolist()
     return order[r:], order[:r]
 
 
-def _reference_factor(knobs, weight, out_features: int, r: int, scaling: float) -> float:
-    scale = knobs.get("scale", "stable")
-    if scale == "stable":
-        return out_features**0.25 / knobs.get("stable_gamma", 16) ** 0.5
-    if scale == "gd":
+def _reference_factor(init: LoraGaInit, weight, out_features: int, r: int, scaling: float) -> float:
+    if init.scale == "stable":
+        return out_features**0.25 / init.stable_gamma**0.5
+    if init.scale == "gd":
         return 1.0 / scaling
-    if scale == "weight_svd":
+    if init.scale == "weight_svd":
+        import torch
+
         sigma = torch.svd_lowrank(weight.float(), q=min(4 * r, min(weight.shape)), niter=4)[1][:r] / scaling
         return float(sigma.sqrt().mean())
     return 1.0
@@ -142,6 +158,8 @@ def singular_vector_residual(matrix: torch.Tensor, rows: torch.Tensor) -> float:
 
     Columns of B are left singular vectors of G, i.e. right singular vectors of Gᵀ: pass (Gᵀ, Bᵀ).
     """
+    import torch
+
     x = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
     gram_x = (x @ matrix.T) @ matrix  # rows: (MᵀM x)ᵀ
     rayleigh = (gram_x * x).sum(dim=1, keepdim=True)
@@ -159,7 +177,8 @@ def drop_gradients(peft_model) -> None:
 
 register(
     Initializer(
-        name="lora_ga", family="gradient", mutates_base=True, needs_data=True, needs_grad=True,
-        supports_quantized=False, preserves_outputs=True, apply=apply_lora_ga, verify=verify_lora_ga,
+        name="lora_ga", family="gradient", config=LoraGaInit, apply=apply_lora_ga, verify=verify_lora_ga, mutates_base=True,
+        needs_data=True, needs_grad=True, supports_quantized=False, preserves_outputs=True, in_default_race=True,
+        spectrum_label="singular value of the mean gradient G",
     )
 )

@@ -8,23 +8,34 @@ Not in peft: gradients come from peft's LoRA-GA estimator, the rest is ours.
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
+
+from pydantic import Field
 
 from adapterflow.errors import InitError
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.methods.basic import ranks_of
 from adapterflow.adapters.methods.gradient import drop_gradients, estimate_gradients, kept_gradient, singular_vector_residual
-from adapterflow.adapters.registry import Initializer, register
+from adapterflow.adapters.registry import InitConfig, Initializer, register
 from adapterflow.adapters.report import InitReport
-from adapterflow.adapters.weight_svd import SvdPlan, decompose
 
 FACTOR_TOL = 1e-3
+
+
+class LoraSbInit(InitConfig):
+    """Frozen B, A from the SVD of the estimated first update; only an r×r matrix between them trains."""
+
+    run_defaults = {"update_lr": "first_step_lr"}
+
+    method: Literal["lora_sb"]
+    batches: int = Field(8, ge=1, le=10_000)
+    update_lr: float | None = Field(None, gt=0, le=1.0)  # None: the learning rate of the first training step
 
 
 def apply_lora_sb(model, settings, context):
     from peft import get_peft_model
 
-    update_lr = settings.knobs.get("update_lr")
+    update_lr = settings.init.update_lr
     if not update_lr:
         raise InitError("lora_sb needs adapter.init.update_lr (the learning rate of the first training step).")
     used = estimate_gradients(model, settings, context)
@@ -36,16 +47,20 @@ def apply_lora_sb(model, settings, context):
 
 
 def first_update(module, update_lr: float, name: str = "") -> torch.Tensor:
-    return -update_lr * torch.sign(kept_gradient(module, name))
+    return -update_lr * kept_gradient(module, name).sign()
 
 
-@torch.no_grad()
 def _init_layer(module, update_lr: float) -> list[float]:
+    import torch
+
+    from adapterflow.adapters.weight_svd import SvdPlan, decompose
+
     # Full SVD: sign matrices have flat spectra, where randomized SVD is inaccurate.
     r, scaling = module.r["default"], module.scaling["default"]
-    u, s, vh = decompose(first_update(module, update_lr), r, SvdPlan("principal", niter=None))
-    module.lora_A["default"].weight.data = vh.contiguous().to(module.lora_A["default"].weight.dtype)
-    module.lora_B["default"].weight.data = (u * (s / scaling)).contiguous().to(module.lora_B["default"].weight.dtype)
+    with torch.no_grad():
+        u, s, vh = decompose(first_update(module, update_lr), r, SvdPlan("principal", niter=None))
+        module.lora_A["default"].weight.data = vh.contiguous().to(module.lora_A["default"].weight.dtype)
+        module.lora_B["default"].weight.data = (u * (s / scaling)).contiguous().to(module.lora_B["default"].weight.dtype)
     return [round(v, 8) for v in s.tolist()]
 
 
@@ -53,7 +68,7 @@ def verify_lora_sb(peft_model, settings) -> dict[str, float]:
     """A's rows are right singular vectors of the update and s·B = update·Aᵀ, so s·B·A is its top-r part."""
     worst_factor, worst_vector = 0.0, 0.0
     for name, module in lora_layers(peft_model):
-        update = first_update(module, settings.knobs["update_lr"], name)
+        update = first_update(module, settings.init.update_lr, name)
         b, a, scaling = delta_factors(module)
         if b.norm() == 0:
             raise InitError(f"LoRA-SB did not initialize layer {short_name(name)}: B is zero (fell back to plain LoRA?)")
@@ -69,8 +84,8 @@ def verify_lora_sb(peft_model, settings) -> dict[str, float]:
 
 register(
     Initializer(
-        name="lora_sb", family="gradient", mutates_base=False, needs_data=True, needs_grad=True,
-        supports_quantized=False, preserves_outputs=False, apply=apply_lora_sb, verify=verify_lora_sb,
-        trains_middle_only=True,
+        name="lora_sb", family="gradient", config=LoraSbInit, apply=apply_lora_sb, verify=verify_lora_sb, mutates_base=False,
+        needs_data=True, needs_grad=True, supports_quantized=False, preserves_outputs=False, trains_middle_only=True,
+        spectrum_label="singular value of the first update -lr·sign(G)",
     )
 )
