@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,7 +43,7 @@ class Validation:
 @dataclass(frozen=True)
 class Evaluation:
     split: str
-    metrics: Mapping[str, float] = field(default_factory=dict)
+    metrics: Mapping[str, float]
 
 
 @dataclass(frozen=True)
@@ -136,9 +136,10 @@ def train_stage(config, base_ref, init_dir: str, run_dir: Path, run: RunRef, spl
     train = launch_training if config.train.launch.mode == "accelerate" else train_adapter
     result = train(config, base_ref, Path(init_dir), run_dir, run.to_dict(), resume_from)
     mark_finished(run_dir, result.to_dict())
-    plots = run_dir / "plots"
-    plots.mkdir(exist_ok=True)
-    log_files(run, [p for p in [plot_loss_curves(run_dir / "train_log.json", plots / "loss_curves.png")] if p], "plots")
+    (run_dir / "plots").mkdir(exist_ok=True)
+    curves = plot_loss_curves(run_dir / "train_log.json", run_dir / "plots" / "loss_curves.png")
+    if curves:
+        log_files(run, [curves], "plots")
     return result
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from adapterflow import errors
 from adapterflow.errors import TrainingError
 
-JOB_FILE, RESULT_FILE, ERROR_FILE, LOG_FILE, PID_FILE = "train_job.json", "train_result.json", "train_error.json", "train_process.log", "train.pid"
+JOB_FILE, RESULT_FILE, ERROR_FILE = "train_job.json", "train_result.json", "train_error.json"
+LOG_FILE, PID_FILE = "train_process.log", "train.pid"
 KILL_GRACE_SECONDS = 10.0
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from adapterflow.tasks.data_io import read_split, split_files
 from adapterflow.errors import DataError
+from adapterflow.tasks.data_io import read_split, split_files
 
 MESSAGES_TEXT = "_messages_text"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from adapterflow.tasks.data_io import split_files
 from adapterflow.errors import DataError
+from adapterflow.tasks.data_io import split_files
 
 REMOTE_NAME = "adapterflow"
 

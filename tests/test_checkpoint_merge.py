@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import cls_config, write_config
+
 from adapterflow.tasks.checkpoint_merge import CheckpointSnapshots, Snapshot, load_tensors, mwa_weights, weighted_average
 
 
@@ -34,7 +34,8 @@ def test_lora_sb_merge_averages_the_effective_b_and_keeps_it_in_span_of_b0(tiny_
 
     from adapterflow.adapters.frozen_factors import fold_middle, train_middle_only
 
-    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3), LoraConfig(r=4, target_modules=["query"]))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["query"]))
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param)
@@ -57,7 +58,8 @@ def test_lora_sb_merge_averages_the_effective_b_and_keeps_it_in_span_of_b0(tiny_
 
 
 @pytest.mark.e2e
-def test_flow_registers_the_better_of_merged_and_final_and_records_the_choice(prefect_server, tmp_path, tiny_bert, cls_data, monkeypatch, capsys):
+def test_flow_registers_the_better_of_merged_and_final_and_records_the_choice(
+        prefect_server, tmp_path, tiny_bert, cls_data, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 

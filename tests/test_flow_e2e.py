@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import cls_config, run_cli, write_config, write_jsonl
+
 from adapterflow.flows.cli import main
 
 pytestmark = pytest.mark.e2e
@@ -78,21 +79,29 @@ def test_flow_registers_an_adapter_that_reproduces_the_trained_model(prefect_ser
     downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp_path / "dl"), tracking_uri=uri))
     ref = resolve_base(ModelSpec(path=str(tiny_bert)))
     probe = {"input_ids": torch.randint(5, 2000, (3, 12), generator=torch.Generator().manual_seed(0))}
-    registered = PeftModel.from_pretrained(load_model(ref, "sequence_classification", ["games", "science", "sound"]), str(downloaded / "artifacts" / "adapter"))
+    labels = ["games", "science", "sound"]
+    registered = PeftModel.from_pretrained(load_model(ref, "sequence_classification", labels), str(downloaded / "artifacts" / "adapter"))
 
     run_dir = next((state / "runs").iterdir())
-    trained = apply_init(load_model(ref, "sequence_classification", ["games", "science", "sound"]), run_dir / "init")
+    trained = apply_init(load_model(ref, "sequence_classification", labels), run_dir / "init")
     set_peft_model_state_dict(trained, load_file(run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors"))
-    assert not torch.allclose(_outputs(trained, probe), _outputs(load_model(ref, "sequence_classification", ["games", "science", "sound"]), probe), atol=1e-4)
+    assert not torch.allclose(_outputs(trained, probe), _outputs(load_model(ref, "sequence_classification", labels), probe), atol=1e-4)
     assert torch.allclose(_outputs(registered, probe), _outputs(trained, probe), atol=1e-5)
 
     import pandas as pd
-
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     with _use_tracking_uri(uri):  # as a serving process would set it; models:/ resolves through it
         served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@staging")
-    assert set(served.predict(pd.DataFrame({"text": ["audio mixer volume", "puzzle board game"]}))) <= {"games", "science", "sound"}
+    predictions = list(served.predict(pd.DataFrame({"text": ["audio mixer volume", "puzzle board game"]})))
+    assert len(predictions) == 2 and set(predictions) <= {"games", "science", "sound"}
+
+    from prefect import get_client
+
+    with get_client(sync_client=True) as prefect:  # every stage is a task run the Prefect UI shows
+        stages = {t.name.rsplit("-", 1)[0] for t in prefect.read_task_runs()}
+    assert {"validate-data", "open-tracking-run", "version-data", "initialize-adapter", "train", "evaluate", "spectral-report",
+            "register", "close-tracking-run"} <= stages
 
 
 def test_failed_data_validation_trains_nothing_and_leaves_the_registry(prefect_server, state, tmp_path, tiny_bert, cls_data):
@@ -147,12 +156,15 @@ def test_causal_lm_smoke_run_with_response_only_loss(prefect_server, state, tmp_
     client, _ = _client(state)
     version = client.get_model_version_by_alias("tiny-sft-adapter", "staging")
     metrics = client.get_run(version.run_id).data.metrics
-    assert metrics["validation/perplexity"] > 1 and 0 <= metrics["validation/exact_match"] <= 1
+    assert metrics["validation/perplexity"] == pytest.approx(math.exp(metrics["validation/eval_loss"]))
+    assert metrics["validation/exact_match"] * 4 == round(metrics["validation/exact_match"] * 4)  # a share of the 4 prompts
+    assert version.tags["metric.perplexity"] == f"{metrics['validation/perplexity']:.6g}" and version.tags["eval_split"] == "validation"
 
 
 def test_auto_race_trains_its_winner_at_the_winning_learning_rate(prefect_server, state, tmp_path, tiny_bert, cls_data, capsys):
     init = {"method": "auto", "candidates": ["lora", "pissa"], "lr_multipliers": [0.1, 1.0], "budget": 0.5}
-    config = write_config(tmp_path / "auto.yaml", cls_config(tiny_bert, cls_data, **{"adapter.init": init, "train.max_steps": 40, "train.log_every": 5}))
+    overrides = {"adapter.init": init, "train.max_steps": 40, "train.log_every": 5}
+    config = write_config(tmp_path / "auto.yaml", cls_config(tiny_bert, cls_data, **overrides))
     assert main(["run", str(config)]) == 0
     out = capsys.readouterr().out
     assert "auto race (successive halving on validation loss):" in out and "| winner |" in out
@@ -161,6 +173,9 @@ def test_auto_race_trains_its_winner_at_the_winning_learning_rate(prefect_server
     run = client.get_run(version.run_id)
     chosen = run.data.metrics["init/chosen_learning_rate"]
     assert chosen in (0.001, 0.01) and version.tags["init_method"] in ("lora", "pissa")
-    rates = [m.value for m in client.get_metric_history(run.info.run_id, "train/learning_rate")]
-    assert rates and max(rates) <= chosen and max(rates) > 0.5 * chosen  # linear decay from the winner's LR
+    assert version.tags["learning_rate"] == f"{chosen:g}"
+    history = sorted(client.get_metric_history(run.info.run_id, "train/learning_rate"), key=lambda m: m.step)
+    assert len(history) == 8 and history[0].value <= chosen
+    for earlier, later in zip(history, history[1:]):  # linear decay to 0 over 40 steps, from the winner's LR
+        assert earlier.value - later.value == pytest.approx(chosen * (later.step - earlier.step) / 40)
     assert {a.path for a in client.list_artifacts(run.info.run_id, "init")} >= {"init/init_race.md", "init/init_report.json"}

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, cls_config, write_config
 
 INFRA = ROOT / "infra"
@@ -291,7 +290,8 @@ def test_retrain_against_native_servers(native_services, tmp_path, tiny_bert, cl
     # Through the server (models:/ would consult the process-wide registry URI instead of this one).
     served = Path(mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri(MODEL_NAME, version.version),
                                                       dst_path=str(tmp_path / "dl"), tracking_uri=uri))
-    assert (served / "artifacts" / "adapter" / "adapter_model.safetensors").read_bytes() == s3.get_object(Bucket=bucket, Key=weights_key)["Body"].read()
+    stored = s3.get_object(Bucket=bucket, Key=weights_key)["Body"].read()
+    assert (served / "artifacts" / "adapter" / "adapter_model.safetensors").read_bytes() == stored
     digest = version.tags["data_md5"]
     manifest_key = f"dvc/files/md5/{digest[:2]}/{digest[2:]}.dir"
     assert manifest_key in keys

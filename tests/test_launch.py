@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, cls_config, write_config
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +43,8 @@ def test_killed_training_registers_nothing_and_the_rerun_resumes_from_the_last_c
     flow = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         checkpoint = _wait_for(lambda: _first_complete_checkpoint(home), 240, "the first checkpoint")
-        training_group = int((checkpoint.parents[2] / "train.pid").read_text())
+        killed_run = checkpoint.parents[2]
+        training_group = int((killed_run / "train.pid").read_text())
         os.killpg(training_group, signal.SIGKILL)
         out, err = flow.communicate(timeout=120)
     finally:
@@ -59,7 +59,8 @@ def test_killed_training_registers_nothing_and_the_rerun_resumes_from_the_last_c
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     resumed_step = int(rerun.stdout.split("resumed from checkpoint-")[1].split()[0])
-    assert 10 <= resumed_step < 200 and "training         200 steps" in rerun.stdout
+    complete = [int(p.parent.name.removeprefix("checkpoint-")) for p in killed_run.glob("checkpoints/checkpoint-*/trainer_state.json")]
+    assert resumed_step == max(complete) and "training         200 steps" in rerun.stdout  # the newest complete one
     version = client.get_model_version_by_alias("tiny-cls-adapter", "staging")
     logged_steps = [m.step for m in client.get_metric_history(version.run_id, "train/loss")]
     assert min(logged_steps) == resumed_step + 1 and max(logged_steps) == 200  # only the remaining steps trained

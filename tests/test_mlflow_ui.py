@@ -14,7 +14,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, cls_config, run_cli, write_config
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, cls_config, run_cli, write_config
+
 from adapterflow.flows.cli import main
 
 pytestmark = pytest.mark.e2e
@@ -130,7 +130,8 @@ def test_unchanged_config_and_data_skip_training_unless_forced(prefect_server, h
     assert "registered       tiny-cls-adapter version 3" in capsys.readouterr().out
 
 
-def test_a_crash_during_registration_leaves_no_alias_on_the_half_registered_version(prefect_server, home, tmp_path, tiny_bert, cls_data, capsys, monkeypatch):
+def test_a_crash_during_registration_leaves_no_alias_on_the_half_registered_version(
+        prefect_server, home, tmp_path, tiny_bert, cls_data, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     _retrain(tmp_path, tiny_bert, cls_data, BAD)

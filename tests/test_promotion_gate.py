@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import cls_config
+
 from adapterflow.tasks.config import RunConfig
 from adapterflow.tasks.gate import _intruder_tie_break, _verdict
 
@@ -19,7 +19,8 @@ def _adapter(tiny_bert, folder, scale: float):
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3), LoraConfig(r=4, target_modules=["query", "value"]))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"]))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
@@ -59,4 +60,5 @@ def test_without_a_tie_breaker_the_metric_and_margins_decide(tiny_bert, cls_data
 
 def test_the_tie_breaker_needs_the_intruder_report(tiny_bert, cls_data):
     with pytest.raises(ValueError, match="needs evaluate.intruders"):
-        RunConfig.model_validate(cls_config(tiny_bert, cls_data, promotion={"tie_breaker": "intruder_dimensions"}, **{"evaluate.intruders": None}))
+        overrides = {"promotion": {"tie_breaker": "intruder_dimensions"}, "evaluate.intruders": None}
+        RunConfig.model_validate(cls_config(tiny_bert, cls_data, **overrides))

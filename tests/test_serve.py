@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, cls_config, run_cli, write_config
 
 pytestmark = pytest.mark.e2e

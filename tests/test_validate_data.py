@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import classification_rows, cls_config, write_csv, write_jsonl
 
-from conftest import cls_config, classification_rows, write_csv, write_jsonl
-from adapterflow.tasks.config import RunConfig
 from adapterflow.errors import DataError
+from adapterflow.tasks.config import RunConfig
 from adapterflow.tasks.validate_data import validate_data
 
 
@@ -32,7 +32,8 @@ def _broken(cls_data, split: str, rows: list[dict]) -> dict:
 @pytest.mark.parametrize(
     "edit, expected",
     [
-        (lambda rows: [dict(r, text="   ") if i < 3 else r for i, r in enumerate(rows)], "column_values_to_not_match_regex on 'text': 3 of 48"),
+        (lambda rows: [dict(r, text="   ") if i < 3 else r for i, r in enumerate(rows)],
+         "column_values_to_not_match_regex on 'text': 3 of 48"),
         (lambda rows: [dict(r, label="cooking") if i == 0 else r for i, r in enumerate(rows)], "column_values_to_be_in_set on 'label'"),
         (lambda rows: rows[:5], "table_row_count_to_be_between"),
         (lambda rows: rows + rows[:10], "duplicate rate"),
@@ -74,7 +75,8 @@ def test_chat_rows_are_checked_through_their_contents(tiny_llama, tmp_path):
     paths = {s: write_jsonl(tmp_path / f"{s}.jsonl", chat) for s in ("train", "validation")}
     config = RunConfig.model_validate({
         "name": "chat", "task": "causal_lm", "model": {"path": str(tiny_llama)},
-        "data": {"train": str(paths["train"]), "validation": str(paths["validation"]), "messages_field": "messages", "checks": {"min_rows": 5}},
+        "data": {"train": str(paths["train"]), "validation": str(paths["validation"]), "messages_field": "messages",
+                 "checks": {"min_rows": 5}},
         "train": {"max_steps": 1}, "evaluate": {"split": "validation"}, "registry": {"model_name": "m"},
     })
     with pytest.raises(DataError, match="column_values_to_not_be_null on '_messages_text': 1 of 12"):
