@@ -140,8 +140,9 @@ def _throwaway_method(**flags):
         method: Literal["throwaway"]
         knob: int = Field(3, ge=1)
 
-    initializer = Initializer(name="throwaway", family="random", config=ThrowawayInit, apply=lambda *a: None, mutates_base=False,
-                              needs_data=False, needs_grad=False, supports_quantized=True, preserves_outputs=True, **flags)
+    defaults = dict(family="random", apply=lambda *a: None, mutates_base=False, needs_data=False, needs_grad=False,
+                    supports_quantized=True, preserves_outputs=True)
+    initializer = Initializer(name="throwaway", config=ThrowawayInit, **{**defaults, **flags})
 
     @contextlib.contextmanager
     def scope():
