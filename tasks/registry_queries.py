@@ -9,6 +9,8 @@ from pathlib import Path
 
 from adapterflow.errors import RegistryError
 from adapterflow.tasks.registry_tags import INCOMPLETE, VersionTags, read_events, registration_state
+from adapterflow.tasks.server_health import check_reachable
+from adapterflow.tasks.tracking import client
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,6 @@ def lineage(name: str, version: str, uri: str) -> Lineage:
 def unchanged_version(config, uri: str, split_md5s: Mapping[str, str]) -> tuple[str, str] | None:
     """(alias, version) of a production/staging version trained on this exact config and these split files."""
     from mlflow.exceptions import MlflowException
-
-    from adapterflow.tasks.tracking import client
 
     mlflow_client, registry = client(uri), config.registry
     try:
@@ -146,9 +146,6 @@ def download_adapter(mlflow_client, name: str, version: str, folder: Path) -> Pa
 
 def reachable_client(uri: str):
     """A client for a tracking store that answers now (MLflow's own client would retry for minutes)."""
-    from adapterflow.tasks.server_health import check_reachable
-    from adapterflow.tasks.tracking import client
-
     check_reachable(uri)
     return client(uri)
 

@@ -97,10 +97,6 @@ def read_events(tags: Mapping[str, str]) -> dict[str, dict]:
     return {k.removeprefix(EVENT_PREFIX): json.loads(v) for k, v in tags.items() if k.startswith(EVENT_PREFIX)}
 
 
-def without_events(tags: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in tags.items() if not k.startswith(EVENT_PREFIX)}
-
-
 def read_history(model_tags: Mapping[str, str]) -> list[str]:
     """The production versions before the current one, oldest first (what rollback returns to)."""
     return json.loads(model_tags.get(HISTORY_TAG, "[]"))

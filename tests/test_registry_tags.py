@@ -13,7 +13,6 @@ from adapterflow.tasks.registry_tags import (
     event_tag,
     read_events,
     read_history,
-    without_events,
 )
 
 # A version's tags exactly as adapterflow wrote them before the schema had a module of its own.
@@ -68,7 +67,6 @@ def test_events_and_history_keep_their_names_and_json():
     assert name == "adapterflow.event.20250101T000000.000000001Z" == EVENT_PREFIX + event["when"]
     assert json.loads(value) == event
     assert read_events({name: value, "task": "x"}) == {event["when"]: event}
-    assert without_events({name: value, "task": "x"}) == {"task": "x"}
     assert HISTORY_TAG == "adapterflow.production_history" and read_history({HISTORY_TAG: '["1", "3"]'}) == ["1", "3"]
     assert read_history({}) == []
 
