@@ -6,10 +6,10 @@ import time
 from dataclasses import replace
 
 from adapterflow.adapters.context import InitContext
-from adapterflow.errors import InitError
 from adapterflow.adapters.registry import get_initializer
 from adapterflow.adapters.report import InitReport
 from adapterflow.adapters.settings import LoraSettings
+from adapterflow.errors import InitError
 
 
 def initialize(model, settings: LoraSettings, method: str, context: InitContext):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from adapterflow.errors import InitError
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
+from adapterflow.errors import InitError
 
 OUTPUT_ATOL = 1e-5
 

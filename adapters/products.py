@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 
 from adapterflow.adapters.frozen_factors import fold_middle, train_middle_only
-from adapterflow.errors import InitError
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.quantized import is_quantized, store_weight
+from adapterflow.errors import InitError
 
 META_FILE = "adapterflow_init.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -38,7 +38,8 @@ def export_init(peft_model, folder: Path, method: str) -> Path:
     finally:
         for field, value in original.items():
             setattr(config, field, value)
-    (Path(folder) / META_FILE).write_text(json.dumps({"method": method, "mutates_base": initializer.mutates_base, "trains_middle_only": initializer.trains_middle_only}))
+    meta = {"method": method, "mutates_base": initializer.mutates_base, "trains_middle_only": initializer.trains_middle_only}
+    (Path(folder) / META_FILE).write_text(json.dumps(meta))
     return Path(folder)
 
 

@@ -282,7 +282,8 @@ def save(args, summary: dict, runs: list[dict], wall: float) -> Path:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(args, summary, runs, out)
-    rows = [{**{k: v for k, v in row.items() if k != "best"}, "best_lr": row["best"]["lr"] if row["best"] else None} for row in summary["rows"]]
+    rows = [{**{k: v for k, v in row.items() if k != "best"}, "best_lr": row["best"]["lr"] if row["best"] else None}
+            for row in summary["rows"]]
     record = {"settings": {k: portable(v) for k, v in vars(args).items()}, "wall_seconds": wall, "target": summary["target"],
               "lora_steps": summary["lora_steps"], "summary": rows, "runs": runs}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
@@ -301,7 +302,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)  # init and test eval too; train_adapter sets it from train.threads
     base = load_config(args.config)
     ref = resolve_base(base.model)
-    print(f"{len(args.methods)} methods x {len(args.lrs)} LRs, {args.steps} steps each, torch threads {torch.get_num_threads()}", flush=True)
+    print(f"{len(args.methods)} methods x {len(args.lrs)} LRs, {args.steps} steps each, torch threads {torch.get_num_threads()}",
+          flush=True)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         workdir = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="convergence-")))

@@ -105,7 +105,7 @@ def bench_model(label, build, r):
         if peft_value is None:
             print(f"{name:<28}{ours_s:>10.2f}{'n/a':>10}{'':>8}{err:>11.2e}{'':>11}   checks {ours[1].check_seconds:.2f} s")
             continue
-        timings = [timed_on_copy(base, lambda m: get_peft_model(m, settings.lora_config(peft_value))) for _ in range(REPEATS)]
+        timings = [timed_on_copy(base, lambda m, value=peft_value: get_peft_model(m, settings.lora_config(value))) for _ in range(REPEATS)]
         theirs, peft_s = timings[-1][0], min(t for _, t in timings)
         peft_err = principal_error(theirs, originals, r) if method == "pissa" else float("nan")
         print(f"{name:<28}{ours_s:>10.2f}{peft_s:>10.2f}{ours_s / peft_s:>8.2f}{err:>11.2e}{peft_err:>11.2e}"
@@ -137,7 +137,8 @@ def bench_eva(r):
     settings = LoraSettings(r=r, alpha=2 * r, dropout=0.0, target_modules=targets, task_type=task_type,
                             init=get_initializer("eva").config(method="eva", rho=2.0, tau=0.99))
     batches, probe = eva_batches(), {"input_ids": torch.randint(5, 1000, (2, 16))}
-    print(f"\n== EVA on MiniLM, r={r}, targets {list(targets)}, {len(batches)} calibration batches {tuple(batches[0]['input_ids'].shape)} (seeded random tokens), {torch.get_num_threads()} threads ==")
+    print(f"\n== EVA on MiniLM, r={r}, targets {list(targets)}, {len(batches)} calibration batches "
+          f"{tuple(batches[0]['input_ids'].shape)} (seeded random tokens), {torch.get_num_threads()} threads ==")
     print(f"{'method':<28}{'ours s':>10}{'peft s':>10}{'ratio':>8}   (ours: method time; its checks apart)")
     ours_runs, peft_runs = [], []
     for _ in range(REPEATS):  # interleaved, so drift in machine load hits both sides alike
@@ -195,7 +196,8 @@ def bench_lora_ga(r):
     settings = LoraSettings(r=r, alpha=2 * r, dropout=0.0, target_modules=targets, task_type=task_type,
                             init=get_initializer("lora_ga").config(method="lora_ga", batches=4))
     batches, probe = labelled_batches(), {"input_ids": torch.randint(5, 1000, (2, 16))}
-    print(f"\n== LoRA-GA on MiniLM, r={r}, targets {list(targets)}, {len(batches)} labelled batches {tuple(batches[0]['input_ids'].shape)}, {torch.get_num_threads()} threads ==")
+    print(f"\n== LoRA-GA on MiniLM, r={r}, targets {list(targets)}, {len(batches)} labelled batches "
+          f"{tuple(batches[0]['input_ids'].shape)}, {torch.get_num_threads()} threads ==")
     print(f"{'method':<28}{'ours s':>10}{'peft s':>10}{'ratio':>8}   singular-vector residual ours vs peft (0 = exact)")
     ours_runs, peft_runs = [], []
     for _ in range(REPEATS):  # interleaved, so drift in machine load hits both sides alike
@@ -230,7 +232,8 @@ def bench_cache(r):
         miss = initialize_adapter(config, ref, Path(tmp) / "run1", Path(tmp) / "cache")
         hit = initialize_adapter(config, ref, Path(tmp) / "run2", Path(tmp) / "cache")
     print(f"\n== cached retrain (flow init stage, MiniLM, pissa r={r}) ==")
-    print(f"uncached {miss.seconds:.2f} s ({miss.cache}), cached {hit.seconds:.3f} s ({hit.cache}): {100 * hit.seconds / miss.seconds:.1f}% (target <= 5%)")
+    print(f"uncached {miss.seconds:.2f} s ({miss.cache}), cached {hit.seconds:.3f} s ({hit.cache}): "
+          f"{100 * hit.seconds / miss.seconds:.1f}% (target <= 5%)")
 
 
 def main():

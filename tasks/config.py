@@ -304,7 +304,8 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _tie_breaker_needs_its_report(self) -> "RunConfig":
         if self.promotion.tie_breaker == "intruder_dimensions" and self.evaluate.intruders is None:
-            raise ValueError("promotion.tie_breaker intruder_dimensions needs evaluate.intruders (its top_k and threshold); remove 'intruders: null'")
+            raise ValueError("promotion.tie_breaker intruder_dimensions needs evaluate.intruders (its top_k and threshold); "
+                             "remove 'intruders: null'")
         return self
 
     @model_validator(mode="after")
@@ -323,7 +324,8 @@ class RunConfig(Strict):
         if self.promotion.metric is None:
             return self
         if self.promotion.metric not in known:
-            raise ValueError(f"promotion.metric {self.promotion.metric!r} is not measured for task {self.task}; use one of: {', '.join(known)}")
+            raise ValueError(f"promotion.metric {self.promotion.metric!r} is not measured for task {self.task}; "
+                             f"use one of: {', '.join(known)}")
         if self.promotion.metric == "exact_match" and self.evaluate.generation is None:
             raise ValueError("promotion.metric exact_match needs evaluate.generation (the prompt/response file to generate on)")
         return self
@@ -421,10 +423,12 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     adapter = config.adapter.model_copy(update={"init": init})
     evaluate = config.evaluate
     if evaluate.generation is not None:
-        evaluate = evaluate.model_copy(update={"generation": evaluate.generation.model_copy(update={"file": resolve(evaluate.generation.file)})})
+        generation = evaluate.generation.model_copy(update={"file": resolve(evaluate.generation.file)})
+        evaluate = evaluate.model_copy(update={"generation": generation})
     promotion = config.promotion
     if promotion.forgetting is not None:
-        promotion = promotion.model_copy(update={"forgetting": promotion.forgetting.model_copy(update={"file": resolve(promotion.forgetting.file)})})
+        forgetting = promotion.forgetting.model_copy(update={"file": resolve(promotion.forgetting.file)})
+        promotion = promotion.model_copy(update={"forgetting": forgetting})
     return config.model_copy(update={"data": data, "model": model, "evaluate": evaluate, "adapter": adapter, "promotion": promotion})
 
 

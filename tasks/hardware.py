@@ -5,7 +5,6 @@ from __future__ import annotations
 from adapterflow.adapters import get_initializer
 from adapterflow.errors import ConfigError
 
-
 NO_CUDA = "train.device is 'cuda' but no CUDA device is visible. Use train.device: auto (or cpu)."
 
 
@@ -42,15 +41,18 @@ def _init_problem(config, cuda: bool, torch) -> str | None:
     refusal = get_initializer(method).cuda_only
     if refusal is None or cuda:
         return None
-    return f"adapter.init.method {method} runs only on CUDA ({refusal.reason}) and this run has no CUDA device. On CPU use {refusal.instead}."
+    return (f"adapter.init.method {method} runs only on CUDA ({refusal.reason}) and this run has no CUDA device. "
+            f"On CPU use {refusal.instead}.")
 
 
 def _precision_problem(config, cuda: bool, torch) -> str | None:
     precision = config.train.precision
     if precision == "fp16" and not cuda:
-        return "train.precision is fp16, which needs a CUDA device, and this run has none. Use precision: bf16 (CPU autocast) or auto (fp32 on CPU)."
+        return ("train.precision is fp16, which needs a CUDA device, and this run has none. "
+                "Use precision: bf16 (CPU autocast) or auto (fp32 on CPU).")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        return f"train.precision is bf16 but {torch.cuda.get_device_name()} has no bf16. Use precision: fp16 or auto (which picks fp16 here)."
+        return (f"train.precision is bf16 but {torch.cuda.get_device_name()} has no bf16. "
+                "Use precision: fp16 or auto (which picks fp16 here).")
     return None
 
 
@@ -58,7 +60,8 @@ def _optimizer_problem(config, cuda: bool, torch) -> str | None:
     optimizer = config.train.optimizer
     if optimizer.startswith("paged_") and not cuda:
         # bitsandbytes would warn and fall back to its non-paged optimizer: refuse instead of a silent swap.
-        return f"train.optimizer {optimizer} pages optimizer state through CUDA unified memory and this run has no CUDA device. Use adamw_8bit (works on CPU) or adamw_torch."
+        return (f"train.optimizer {optimizer} pages optimizer state through CUDA unified memory and this run has no CUDA device. "
+                "Use adamw_8bit (works on CPU) or adamw_torch.")
     return None
 
 

@@ -97,7 +97,8 @@ def initialize_adapter(config, base_ref, run_dir: Path, cache_root: Path | None 
     report = dict(report, cache=status, seconds=time.perf_counter() - start, compute_seconds=report["seconds"])
     report_path.write_text(json.dumps(report, indent=2))
     plot = plot_spectra(report.get("spectra", {}), report["method"], run_dir / "init_spectrum.png")
-    return InitOutcome(str(init_dir), str(report_path), report["method"], report["seconds"], report["checks"], status, str(plot) if plot else None)
+    return InitOutcome(str(init_dir), str(report_path), report["method"], report["seconds"], report["checks"], status,
+                       str(plot) if plot else None)
 
 
 def check_init_plan(config) -> None:
@@ -118,8 +119,9 @@ def _race_winner(config, base_ref, run_dir: Path, cache_root: Path | None) -> In
     seconds = time.perf_counter() - start
     race_steps = sum(row["steps"] for row in race["table"])
     report.update(race=race["table"], chosen_learning_rate=winner.learning_rate, seconds=seconds, race_steps=race_steps)
-    report["notes"].append(f"{config.adapter.init.method}: {winner.method} at lr {winner.learning_rate:g} won a race of {len(race['table'])} "
-                           f"contenders over {len(race['schedule'])} rounds ({race_steps} training steps in all)")
+    report["notes"].append(f"{config.adapter.init.method}: {winner.method} at lr {winner.learning_rate:g} "
+                           f"won a race of {len(race['table'])} contenders over {len(race['schedule'])} rounds "
+                           f"({race_steps} training steps in all)")
     report_path, race_path = run_dir / "init_report.json", run_dir / "init_race.md"
     report_path.write_text(json.dumps(report, indent=2))
     race_path.write_text(race_markdown(race["table"]))
@@ -132,8 +134,8 @@ def cache_key_parts(config, base_ref) -> dict:
     from importlib.metadata import version
 
     parts = {
-        "base": base_ref.identity, "dtype": config.model.dtype, "quantization": config.model.quantization, "task": config.task, "labels": config.data.labels,
-        "seed": config.train.seed, "adapter": config.adapter.model_dump(mode="json", exclude={"cache_init"}),
+        "base": base_ref.identity, "dtype": config.model.dtype, "quantization": config.model.quantization, "task": config.task,
+        "labels": config.data.labels, "seed": config.train.seed, "adapter": config.adapter.model_dump(mode="json", exclude={"cache_init"}),
         "peft": version("peft"), "torch": version("torch"),
     }
     initializer, init = configured_initializer(config), config.adapter.init
@@ -196,7 +198,8 @@ def calibration_batches(config, tokenizer, labelled: bool = False):
     generator = torch.Generator().manual_seed(config.train.seed)
     pad = collator(config, tokenizer)
     # peft's EVA accepts plain dicts only, not the collator's BatchEncoding.
-    return DataLoader(dataset, batch_size=config.train.batch_size, shuffle=True, generator=generator, collate_fn=lambda rows: dict(pad(rows)))
+    return DataLoader(dataset, batch_size=config.train.batch_size, shuffle=True, generator=generator,
+                      collate_fn=lambda rows: dict(pad(rows)))
 
 
 def _compute(config, base_ref, init_dir: Path) -> dict:
@@ -213,7 +216,8 @@ def _compute(config, base_ref, init_dir: Path) -> dict:
     tokenizer = load_tokenizer(base_ref)
     method = config.adapter.init.method
     in_full_precision = bool(config.model.quantization) and runs_in_full_precision(method)
-    model = load_model(base_ref, config.task, config.data.labels, config.model.dtype, None if in_full_precision else config.model.quantization)
+    quantization = None if in_full_precision else config.model.quantization
+    model = load_model(base_ref, config.task, config.data.labels, config.model.dtype, quantization)
     probe = tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt")
     calibration = calibration_data(config, tokenizer) if configured_initializer(config).needs_data else None
     peft_model, report = initialize(model, lora_settings(config), method, InitContext(probe=dict(probe), calibration=calibration))

@@ -7,7 +7,16 @@ import dataclasses
 import pytest
 import torch
 
-from adapterflow.adapters import InitContext, InitError, LoraSettings, apply_init, export_init, get_initializer, initialize, registered_names
+from adapterflow.adapters import (
+    InitContext,
+    InitError,
+    LoraSettings,
+    apply_init,
+    export_init,
+    get_initializer,
+    initialize,
+    registered_names,
+)
 from adapterflow.adapters.invariants import check_principal, model_outputs
 from adapterflow.adapters.layers import delta_factors, lora_layers
 from adapterflow.adapters.registry import InitConfig, Initializer, register, registered
@@ -60,7 +69,8 @@ def test_init_preserves_outputs_and_adapter_reloads_on_untouched_base(folders, t
 
     task = ARCHS[arch][0]
     base_out = model_outputs(_model(folders[arch], task), _probe())
-    peft_model, report = initialize(_model(folders[arch], task), _settings(arch), method, InitContext(probe=_probe(), calibration=_calibration_for(method)))
+    peft_model, report = initialize(_model(folders[arch], task), _settings(arch), method,
+                                    InitContext(probe=_probe(), calibration=_calibration_for(method)))
     assert report.checks["max_output_change"] <= 1e-5
     assert (model_outputs(peft_model, _probe()) - base_out).abs().max() <= 1e-5 * max(1, base_out.abs().max())
     init_dir = export_init(peft_model, tmp_path / "init", method)
@@ -134,7 +144,7 @@ def _throwaway(name: str, **flags) -> Initializer:
 
 def test_initializer_fields_are_keyword_only():
     with pytest.raises(TypeError):
-        Initializer("positional", "random", InitConfig, None)  # noqa: the point is that this fails
+        Initializer("positional", "random", InitConfig, None)  # the point is that this fails
 
 
 def test_registration_checks_the_config_tag_and_apply():
@@ -256,8 +266,10 @@ def _principal_error(peft_model, reference) -> float:
 def test_oversampling_makes_randomized_pissa_accurate(tiny_llama):
     from peft import get_peft_model
 
-    reference = {n: m.weight.detach().clone() for n, m in _slow_spectrum_model(tiny_llama).named_modules() if n.endswith(("q_proj", "v_proj"))}
-    ours, report = initialize(_slow_spectrum_model(tiny_llama), _settings("llama", "pissa", niter=4, oversampling=16), "pissa", InitContext(probe=_probe()))
+    reference = {n: m.weight.detach().clone() for n, m in _slow_spectrum_model(tiny_llama).named_modules()
+                 if n.endswith(("q_proj", "v_proj"))}
+    ours, report = initialize(_slow_spectrum_model(tiny_llama), _settings("llama", "pissa", niter=4, oversampling=16), "pissa",
+                              InitContext(probe=_probe()))
     torch.manual_seed(0)
     peft_q_equals_r = get_peft_model(_slow_spectrum_model(tiny_llama), _settings("llama").lora_config("pissa_niter_4"))
     assert "oversampling=16" in report.notes[0]
@@ -274,7 +286,8 @@ def test_rank_larger_than_a_layer_allows_is_refused(tiny_bert):
 def _layer_inputs(model, layer: str) -> list[torch.Tensor]:
     """The token-level inputs `layer` sees over the calibration batches."""
     captured = []
-    hook = dict(model.named_modules())[layer].register_forward_hook(lambda mod, args, out: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    hook = dict(model.named_modules())[layer].register_forward_hook(
+        lambda mod, args, out: captured.append(args[0].reshape(-1, args[0].shape[-1])))
     with torch.no_grad():
         for batch in _calibration():
             model(**batch)
@@ -286,7 +299,8 @@ def test_eva_a_rows_span_the_top_activation_directions(tiny_bert):
     model = _model(tiny_bert, "sequence_classification")
     layer = "bert.encoder.layer.1.attention.self.value"
     captured = _layer_inputs(model, layer)
-    peft_model, report = initialize(model, _settings("bert", "eva", rho=1.0), "eva", InitContext(probe=_probe(), calibration=_calibration()))
+    peft_model, report = initialize(model, _settings("bert", "eva", rho=1.0), "eva",
+                                    InitContext(probe=_probe(), calibration=_calibration()))
     assert sum(report.ranks.values()) == 4 * len(report.ranks) and report.checks["max_a_orthonormality_error"] < 1e-3
     activations = torch.cat(captured)
     _, _, vh = torch.linalg.svd(activations - activations.mean(0), full_matrices=False)

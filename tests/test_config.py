@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, cls_config, write_config
+
+from adapterflow.errors import ConfigError
 from adapterflow.flows.cli import main
 from adapterflow.tasks.config import load_config
-from adapterflow.errors import ConfigError
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -81,8 +81,10 @@ def _bad(tmp_path, tiny_bert, cls_data, mutate) -> str:
         (lambda c: c["adapter"].update(init={"method": "lora_ga", "direction": "BA"}), "adapter.init.lora_ga.direction"),
         (lambda c: c["adapter"].update(init={"method": "lora_ga", "batches": 0}), "adapter.init.lora_ga.batches"),
         (lambda c: c["adapter"].update(init={"method": "lora_sb", "update_lr": -1}), "adapter.init.lora_sb.update_lr"),
-        (lambda c: c["train"].update(checkpoint_merge={"checkpoints": 3}), "with checkpoint_every 2 save only 2; lower train.checkpoint_every to at most 1"),
-        (lambda c: c["train"].update(checkpoint_merge={"checkpoints": 2}, log_every=3), "some checkpoints have no loss; lower train.log_every"),
+        (lambda c: c["train"].update(checkpoint_merge={"checkpoints": 3}),
+         "with checkpoint_every 2 save only 2; lower train.checkpoint_every to at most 1"),
+        (lambda c: c["train"].update(checkpoint_merge={"checkpoints": 2}, log_every=3),
+         "some checkpoints have no loss; lower train.log_every"),
         (lambda c: c["train"].update(checkpoint_merge={"checkpoints": 1}), "train.checkpoint_merge.checkpoints"),
     ],
     ids=["unknown-key", "wrong-type", "rank-zero", "dropout-range", "unknown-method", "negative-niter",
@@ -164,7 +166,8 @@ def test_a_registered_method_joins_the_schema_and_leaves_it_when_unregistered(tm
     with _throwaway_method():
         assert RunConfig.model_validate(throwaway).adapter.init.knob == 5
         assert [c.method for c in RunConfig.model_validate(race).adapter.init.candidates] == ["lora", "throwaway"]
-        assert "adapter.init.throwaway.knob" in _check(tmp_path, capsys, _bad(tmp_path, tiny_bert, cls_data, lambda c: c["adapter"].update(init={"method": "throwaway", "knob": 0})))
+        zero_knob = lambda c: c["adapter"].update(init={"method": "throwaway", "knob": 0})
+        assert "adapter.init.throwaway.knob" in _check(tmp_path, capsys, _bad(tmp_path, tiny_bert, cls_data, zero_knob))
     err = _check(tmp_path, capsys, _bad(tmp_path, tiny_bert, cls_data, lambda c: c["adapter"].update(init={"method": "throwaway"})))
     assert "unknown init method 'throwaway'; choose one of: auto, corda" in err
     with pytest.raises(Exception, match="does not match any of the expected tags"):
@@ -179,8 +182,10 @@ def test_a_method_that_needs_a_4bit_base_is_refused_on_another(tiny_bert, cls_da
     with _throwaway_method(needs_4bit_base="method lora for an unquantized base"):
         with pytest.raises(ValidationError, match="adapter.init.method throwaway initializes for a 4-bit base, but model.quantization "
                                                   "is 'int8'; set model.quantization: nf4, or use method lora for an unquantized base"):
-            RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "throwaway"}, "model.quantization": "int8"}))
-        nf4 = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "throwaway"}, "model.quantization": "nf4"}))
+            RunConfig.model_validate(cls_config(tiny_bert, cls_data,
+                                                **{"adapter.init": {"method": "throwaway"}, "model.quantization": "int8"}))
+        nf4 = RunConfig.model_validate(cls_config(tiny_bert, cls_data,
+                                                  **{"adapter.init": {"method": "throwaway"}, "model.quantization": "nf4"}))
         assert nf4.model.quantization == "nf4"
 
 
@@ -206,7 +211,8 @@ def test_data_file_knobs_resolve_against_the_config_folder_and_need_a_data_suffi
     config = cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "corda", "mode": "kpm", "knowledge": "facts.csv"}})
     loaded = load_config(write_config(tmp_path / "c.yaml", config))
     assert loaded.adapter.init.knowledge == str((tmp_path / "facts.csv").resolve())
-    err = _check(tmp_path, capsys, _bad(tmp_path, tiny_bert, cls_data, lambda c: c["adapter"].update(init={"method": "corda", "knowledge": "facts.txt"})))
+    err = _check(tmp_path, capsys, _bad(tmp_path, tiny_bert, cls_data,
+                                        lambda c: c["adapter"].update(init={"method": "corda", "knowledge": "facts.txt"})))
     assert "adapter.init.knowledge must end in one of .csv, .jsonl, .json, .parquet" in err
 
 
@@ -214,6 +220,7 @@ def test_check_does_not_import_torch():
     import subprocess
     import sys
 
-    code = f"from adapterflow.tasks.config import load_config; load_config({str(ROOT / 'configs' / 'demo.yaml')!r}); import sys; print('torch' in sys.modules)"
+    code = (f"from adapterflow.tasks.config import load_config; load_config({str(ROOT / 'configs' / 'demo.yaml')!r}); "
+            "import sys; print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr[-2000:]

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterflow.adapters import InitContext, InitError, LoraSettings, apply_init, export_init, get_initializer, initialize, save_trained_adapter
+from adapterflow.adapters import (
+    InitContext,
+    InitError,
+    LoraSettings,
+    apply_init,
+    export_init,
+    get_initializer,
+    initialize,
+    save_trained_adapter,
+)
 from adapterflow.adapters.invariants import model_outputs
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.tasks.config import ModelSpec
@@ -54,12 +63,14 @@ def _probe():
 
 
 def _init(folders, arch, method, **knobs):
-    return initialize(_model(folders[arch], arch), _settings(arch, method, **knobs), method, InitContext(probe=_probe(), calibration=_batches(arch)))
+    return initialize(_model(folders[arch], arch), _settings(arch, method, **knobs), method,
+                      InitContext(probe=_probe(), calibration=_batches(arch)))
 
 
 def _mean_gradients(model, batches) -> dict[str, torch.Tensor]:
     """∂L/∂W of every target weight, averaged over the batches, by plain autograd."""
-    targets = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and name.endswith(("query", "value", "q_proj", "v_proj"))}
+    targets = {name: module for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and name.endswith(("query", "value", "q_proj", "v_proj"))}
     for param in model.parameters():
         param.requires_grad_(False)
     for module in targets.values():
@@ -128,7 +139,8 @@ def test_lora_ga_conventions_differ_only_in_scaling(folders):
         assert torch.allclose(ours_norms, ours_norms[0].expand_as(ours_norms), rtol=1e-4)
         assert theirs_norms.max() / theirs_norms.min() > 1.01
         ours_a, theirs_a = delta_factors(ours)[1], delta_factors(theirs)[1]
-        assert torch.allclose((ours_a @ theirs_a.T).abs().diagonal() / (ours_a.norm(dim=1) * theirs_a.norm(dim=1)), torch.ones(R), atol=1e-2)
+        assert torch.allclose((ours_a @ theirs_a.T).abs().diagonal() / (ours_a.norm(dim=1) * theirs_a.norm(dim=1)),
+                              torch.ones(R), atol=1e-2)
 
 
 def test_lora_ga_check_catches_a_plain_lora_fallback(folders):
@@ -184,14 +196,15 @@ def test_gradient_inits_train_with_the_trainer_and_save_a_plain_adapter(tiny_ber
     """Through the flow's own stages: labelled calibration batches, checkpoints, a plain adapter at the end."""
     import json
 
+    from conftest import cls_config
     from peft import PeftModel
 
-    from conftest import cls_config
     from adapterflow.tasks.config import RunConfig
     from adapterflow.tasks.init_adapter import initialize_adapter
     from adapterflow.tasks.train import train_adapter
 
-    config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": method, "batches": 2}, "train.warmup_ratio": 0.5}))
+    config = RunConfig.model_validate(cls_config(tiny_bert, cls_data,
+                                                 **{"adapter.init": {"method": method, "batches": 2}, "train.warmup_ratio": 0.5}))
     base_ref = resolve_base(config.model)
     outcome = initialize_adapter(config, base_ref, tmp_path / "run", tmp_path / "cache")
     report = json.loads((tmp_path / "run" / "init_report.json").read_text())

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import cls_config, run_cli, write_config
 
 CUDA = torch.cuda.is_available()
@@ -40,7 +39,8 @@ def test_batch_size_must_split_over_processes(tiny_bert, cls_data):
     from adapterflow.tasks.config import RunConfig
 
     with pytest.raises(ValueError, match="must split evenly over train.launch.processes"):
-        RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"train.batch_size": 9, "train.launch": {"mode": "accelerate", "processes": 2}}))
+        RunConfig.model_validate(cls_config(tiny_bert, cls_data,
+                                            **{"train.batch_size": 9, "train.launch": {"mode": "accelerate", "processes": 2}}))
 
 
 def _train(tmp_path, model_dir, data, overrides) -> dict:
@@ -100,8 +100,10 @@ def test_loftq_initializes_a_4bit_base_on_cuda(tmp_path, tiny_bert, cls_data):
 @pytest.mark.parametrize(
     "env, tracking, expected",
     [
-        ({"PREFECT_API_URL": "http://127.0.0.1:9/api"}, {}, "the Prefect API at http://127.0.0.1:9/api (PREFECT_API_URL) cannot be reached"),
-        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, {"dvc_remote": "s3://bucket/dvc"}, "the S3 endpoint http://127.0.0.1:9 of tracking.dvc_remote"),
+        ({"PREFECT_API_URL": "http://127.0.0.1:9/api"}, {},
+         "the Prefect API at http://127.0.0.1:9/api (PREFECT_API_URL) cannot be reached"),
+        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, {"dvc_remote": "s3://bucket/dvc"},
+         "the S3 endpoint http://127.0.0.1:9 of tracking.dvc_remote"),
     ],
     ids=["prefect-api", "s3-endpoint"],
 )
@@ -123,11 +125,12 @@ def test_a_server_that_does_not_answer_fails_the_run_before_training(tiny_bert, 
 
 @pytest.mark.skipif(CUDA, reason="this machine has CUDA: a CUDA-only method is allowed")
 def test_a_cuda_only_method_is_refused_without_cuda_quoting_its_reason_and_alternative(tiny_bert, cls_data):
+    from test_config import _throwaway_method
+
     from adapterflow.adapters.registry import Refusal
     from adapterflow.errors import ConfigError
     from adapterflow.tasks.config import RunConfig
     from adapterflow.tasks.hardware import check_hardware
-    from test_config import _throwaway_method
 
     with _throwaway_method(cuda_only=Refusal("its kernels are CUDA-only", "method: lora")):
         config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "throwaway"}}))

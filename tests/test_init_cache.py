@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import cls_config
 
 from adapterflow.errors import InitError
-from conftest import cls_config
 from adapterflow.tasks.config import RunConfig
 from adapterflow.tasks.init_adapter import initialize_adapter
 from adapterflow.tasks.model_io import resolve_base
@@ -31,7 +31,9 @@ def test_second_run_hits_and_gets_identical_products(tiny_bert, cls_data, tmp_pa
     assert first.plot_path and second.plot_path.endswith("init_spectrum.png")
 
 
-@pytest.mark.parametrize("change", [{"adapter.r": 2}, {"adapter.init": {"method": "milora"}}, {"train.seed": 7}, {"adapter.target_modules": ["query"]}])
+@pytest.mark.parametrize(
+    "change", [{"adapter.r": 2}, {"adapter.init": {"method": "milora"}}, {"train.seed": 7}, {"adapter.target_modules": ["query"]}]
+)
 def test_a_changed_key_recomputes(tiny_bert, cls_data, tmp_path, change):
     _init(tiny_bert, cls_data, tmp_path / "run1", tmp_path / "cache")
     assert _init(tiny_bert, cls_data, tmp_path / "run2", tmp_path / "cache", **change).cache == "miss"
@@ -74,7 +76,8 @@ def test_the_key_holds_data_file_digests_and_knobs_the_run_fills_in(tiny_bert, c
 
     knowledge = tmp_path / "facts.csv"
     knowledge.write_text("text\nthe sky is blue\n")
-    corda = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "corda", "mode": "kpm", "knowledge": str(knowledge)}}))
+    corda = RunConfig.model_validate(cls_config(tiny_bert, cls_data,
+                                                **{"adapter.init": {"method": "corda", "mode": "kpm", "knowledge": str(knowledge)}}))
     ref = resolve_base(corda.model)
     assert cache_key_parts(corda, ref)["knowledge_md5"] == file_md5(knowledge)
     assert "knobs" not in cache_key_parts(corda, ref)  # no gradients: the adapter section already holds every knob

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import cls_config, run_cli, write_config
+
 from adapterflow.tasks.config import RunConfig
 from adapterflow.tasks.race import halving_schedule
 
@@ -38,7 +38,8 @@ def test_race_trains_the_winner_at_its_learning_rate_and_logs_every_contender(ti
     assert len(finalists) == 2 and winner in finalists
     assert winner["eval_losses"][-1] == min(row["eval_losses"][-1] for row in finalists)
     first_round = sorted(race, key=lambda row: row["eval_losses"][0])
-    assert {row["method"] + str(row["learning_rate"]) for row in first_round[:2]} == {row["method"] + str(row["learning_rate"]) for row in finalists}
+    run_id = lambda row: row["method"] + str(row["learning_rate"])
+    assert {run_id(row) for row in first_round[:2]} == {run_id(row) for row in finalists}
     assert (outcome.method, outcome.learning_rate) == (winner["method"], winner["learning_rate"])
     assert "won a race of 4 contenders" in report["notes"][-1]
     assert "winner" in open(outcome.race_path).read()

@@ -11,11 +11,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from adapterflow.errors import InitError
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.methods.basic import ranks_of
 from adapterflow.adapters.registry import InitConfig, Initializer, SampleSource, register
 from adapterflow.adapters.report import InitReport
+from adapterflow.errors import InitError
 
 
 class CordaInit(InitConfig):

@@ -11,11 +11,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from adapterflow.errors import InitError
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.methods.basic import ranks_of
 from adapterflow.adapters.registry import InitConfig, Initializer, register
 from adapterflow.adapters.report import InitReport
+from adapterflow.errors import InitError
 
 ORTHONORMAL_TOL = 1e-3
 
@@ -84,7 +84,8 @@ def explained_variance(seen, ranks: dict[str, int]) -> dict[str, list[float]]:
     from peft.tuners.lora.eva import HashHook, SVDHook
 
     hashes = {name: hook.hashed_inputs[0] for name, hook in seen[HashHook].items() if hook.hashed_inputs}
-    pca_by_input = {hashes[name]: hook.svd for name, hook in seen[SVDHook].items() if name in hashes and hasattr(hook.svd, "explained_variance_ratio_")}
+    pca_by_input = {hashes[name]: hook.svd for name, hook in seen[SVDHook].items()
+                    if name in hashes and hasattr(hook.svd, "explained_variance_ratio_")}
     pcas = {name: pca_by_input.get(hashes[name]) for name in ranks if name in hashes}
     return {name: pca.explained_variance_ratio_.tolist() for name, pca in pcas.items() if pca is not None}
 
@@ -98,7 +99,8 @@ def record_explained_variance(report: InitReport, ratios: dict[str, list[float]]
     kept = [sum(values) for values in report.spectra.values()]
     report.checks["min_explained_variance"] = min(kept)
     computed = max(len(values) for values in ratios.values())
-    report.notes.append(f"explained variance of the kept components per layer: {min(kept):.3f} to {max(kept):.3f} (of up to {computed} computed)")
+    report.notes.append(f"explained variance of the kept components per layer: {min(kept):.3f} to {max(kept):.3f} "
+                        f"(of up to {computed} computed)")
 
 
 def verify_eva(peft_model, settings) -> dict[str, float]:

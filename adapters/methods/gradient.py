@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import warnings
 from itertools import islice
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from adapterflow.errors import InitError
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.methods.basic import ranks_of
 from adapterflow.adapters.registry import InitConfig, Initializer, register
 from adapterflow.adapters.report import InitReport
+from adapterflow.errors import InitError
+
+if TYPE_CHECKING:
+    import torch
 
 GRAD_ATTR = "_peft_loraga_grad"  # where peft's estimator leaves G on each target layer
 KEPT_GRAD = "_adapterflow_init_grad"  # G kept on the LoRA layer for the checks (peft drops its own copy)
@@ -142,7 +145,8 @@ def verify_lora_ga(peft_model, settings) -> dict[str, float]:
             raise InitError(f"LoRA-GA did not initialize layer {short_name(name)}: B is zero (fell back to plain LoRA?)")
         worst = max(worst, singular_vector_residual(grad.T, b.T), singular_vector_residual(grad, a))
         if worst > SINGULAR_VECTOR_TOL:
-            raise InitError(f"LoRA-GA did not initialize layer {short_name(name)}: its factors are not singular vectors of the gradient (residual {worst:.3f})")
+            raise InitError(f"LoRA-GA did not initialize layer {short_name(name)}: "
+                            f"its factors are not singular vectors of the gradient (residual {worst:.3f})")
     drop_gradients(peft_model)
     return {"max_singular_vector_residual": worst}
 

@@ -11,11 +11,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from adapterflow.errors import InitError
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.methods.basic import ranks_of
 from adapterflow.adapters.registry import InitConfig, Initializer, Refusal, register
 from adapterflow.adapters.report import InitReport
+from adapterflow.errors import InitError
 
 CUDA_ONLY = Refusal(
     reason="peft quantizes with bitsandbytes' CUDA kernels",

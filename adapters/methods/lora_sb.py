@@ -8,16 +8,19 @@ Not in peft: gradients come from peft's LoRA-GA estimator, the rest is ours.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from adapterflow.errors import InitError
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.methods.basic import ranks_of
 from adapterflow.adapters.methods.gradient import drop_gradients, estimate_gradients, kept_gradient, singular_vector_residual
 from adapterflow.adapters.registry import InitConfig, Initializer, register
 from adapterflow.adapters.report import InitReport
+from adapterflow.errors import InitError
+
+if TYPE_CHECKING:
+    import torch
 
 FACTOR_TOL = 1e-3
 

@@ -93,7 +93,9 @@ def max_leak(peft_model) -> float:
 
 
 for _name, _config, _apply, _verify in (
-    ("pissa", PissaInit, apply_pissa, verify_pissa), ("milora", MiloraInit, apply_milora, verify_split), ("olora", OloraInit, apply_olora, None),
+    ("pissa", PissaInit, apply_pissa, verify_pissa),
+    ("milora", MiloraInit, apply_milora, verify_split),
+    ("olora", OloraInit, apply_olora, None),
 ):
     register(
         Initializer(
