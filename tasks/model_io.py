@@ -67,7 +67,20 @@ def load_tokenizer(ref: BaseModelRef):
     return tokenizer
 
 
-def load_model(ref: BaseModelRef, task: str, labels: list[str] | None, dtype: str = "float32", quantization: str | None = None):
+def load_model(
+    ref: BaseModelRef, task: str, labels: list[str] | None, dtype: str = "float32", quantization: str | None = None, training: bool = False
+):
+    """The base model; a 4-bit base is set up for bitsandbytes' CPU path (see tasks/bnb_cpu.py): never packed
+    when `training`, and never on layers the packing cannot handle."""
+    model = _load_model(ref, task, labels, dtype, quantization)
+    if quantization and quantization != "int8":
+        from adapterflow.tasks.bnb_cpu import configure_cpu_packing
+
+        configure_cpu_packing(model, training)
+    return model
+
+
+def _load_model(ref: BaseModelRef, task: str, labels: list[str] | None, dtype: str, quantization: str | None):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

@@ -140,7 +140,7 @@ def _base_for_training(config, base_ref):
     from adapterflow.tasks.model_io import full_precision_lookup, load_model
 
     quantization, labels = config.model.quantization, config.data.labels
-    model = load_model(base_ref, config.task, labels, config.model.dtype, quantization)
+    model = load_model(base_ref, config.task, labels, config.model.dtype, quantization, training=True)  # never CPU-packed
     if not quantization:
         return model, None
     from peft import prepare_model_for_kbit_training
