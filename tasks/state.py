@@ -91,6 +91,7 @@ def prepare_environment(offline: bool | None = None) -> StateDirs:
         os.environ.setdefault(key, str(path))
     if offline:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _drop_missing_kernels_notice()  # here, not only in quiet_library_noise: warm imports may load bitsandbytes first
     return dirs
 
 
@@ -107,3 +108,26 @@ def quiet_library_noise() -> None:
     # Prefect routes Python warnings to the console from worker threads; library deprecations
     # are for us, not for the person running a retrain.
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
+    _drop_missing_kernels_notice()
+
+
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+class _MissingKernelsNotice:
+    """bitsandbytes (0.50.2) logs at import, on AVX512-BF16 CPUs, that the optional `kernels` package is absent;
+    its own fused CPU kernel is used instead. Exactly that record is dropped: any other failure still shows."""
+
+    def filter(self, record) -> bool:
+        return not (
+            str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+            and any("No module named 'kernels'" in str(arg) for arg in (record.args or ()))
+        )
+
+
+def _drop_missing_kernels_notice() -> None:
+    import logging
+
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    if not any(isinstance(f, _MissingKernelsNotice) for f in logger.filters):
+        logger.addFilter(_MissingKernelsNotice())
