@@ -91,7 +91,6 @@ def prepare_environment(offline: bool | None = None) -> StateDirs:
         os.environ.setdefault(key, str(path))
     if offline:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    _drop_missing_kernels_notice()  # here, not only in quiet_library_noise: warm imports may load bitsandbytes first
     return dirs
 
 
@@ -108,7 +107,6 @@ def quiet_library_noise() -> None:
     # Prefect routes Python warnings to the console from worker threads; library deprecations
     # are for us, not for the person running a retrain.
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
-    _drop_missing_kernels_notice()
 
 
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
@@ -131,3 +129,8 @@ def _drop_missing_kernels_notice() -> None:
     logger = logging.getLogger(BNB_CPU_LOGGER)
     if not any(isinstance(f, _MissingKernelsNotice) for f in logger.filters):
         logger.addFilter(_MissingKernelsNotice())
+
+
+# At import, not in quiet_library_noise: the CLI's warm-up thread and the training worker's own imports load
+# bitsandbytes before either calls it, and every entry point imports this module first.
+_drop_missing_kernels_notice()

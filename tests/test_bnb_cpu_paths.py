@@ -186,3 +186,18 @@ def test_bitsandbytes_still_cannot_train_a_layer_it_packed():
     x = torch.randn(3, 64, requires_grad=True)
     with pytest.raises(RuntimeError):
         layer.train()(x).sum().backward()
+
+
+def test_the_missing_kernels_notice_is_dropped_and_nothing_else():
+    """bitsandbytes logs at import, on AVX512-BF16 CPUs, that the optional `kernels` package is absent."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, adapterflow.tasks.state, bitsandbytes\n"
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning("
+        "'Failed to load CPU gemm_4bit_forward from kernels-community: %s.', RuntimeError('kernels 0.9 is too old'))\n"
+    )
+    stderr = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stderr
+    assert "No module named 'kernels'" not in stderr
+    assert "kernels 0.9 is too old" in stderr
