@@ -20,7 +20,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 MODEL_NAME = "tiny-cls-adapter"
 # Trains well enough to beat the bare base model, so the first promotion passes.
-GOOD = {"train.max_steps": 20, "train.learning_rate": 0.05, "adapter.target_modules": ["query", "value", "dense"],
+GOOD = {"train.max_steps": 20, "train.learning_rate": 0.02, "adapter.target_modules": ["query", "value", "dense"],
         "train.checkpoint_every": 100, "promotion": {"metric": "accuracy"}}
 BAD = {**GOOD, "train.max_steps": 1, "train.learning_rate": 1e-6}
 UI_TIMEOUT_S = 90  # the machine may be shared with other test runs

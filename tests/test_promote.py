@@ -13,7 +13,7 @@ from adapterflow.flows.cli import main
 
 pytestmark = pytest.mark.e2e
 NAME = "tiny-cls-adapter"
-GOOD = {"train.max_steps": 20, "train.learning_rate": 0.05, "adapter.target_modules": ["query", "value", "dense"],
+GOOD = {"train.max_steps": 20, "train.learning_rate": 0.02, "adapter.target_modules": ["query", "value", "dense"],
         "train.checkpoint_every": 100, "promotion": {"metric": "accuracy"}}
 BAD = {**GOOD, "train.max_steps": 1, "train.learning_rate": 1e-6}
 
