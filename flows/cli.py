@@ -21,6 +21,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(err), err.exit_code)
     except KeyboardInterrupt:
         return _fail("interrupted; nothing was registered.", 130)
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+def _reader_went_away() -> int:
+    """`adapterflow lineage ... | head`: the reader closed the pipe; exit quietly as other Unix tools do."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush must not fail again
+    return 141  # 128 + SIGPIPE, what a shell reports for a command killed by the closed pipe
 
 
 def _fail(message: str, code: int) -> int:

@@ -99,7 +99,7 @@ def _promotion_rows(promotion: dict | None) -> list[Row]:
 
 
 def _init_report_rows(init: dict) -> list[Row]:
-    """Per-layer ranks, the spectrum plot and, for auto, the race table, from the init report."""
+    """Per-layer ranks, the spectrum plot and, for a race, its table, from the init report."""
     report = json.loads(Path(init["report_path"]).read_text())
     ranks = list(report.get("ranks", {}).values())
     rows: list[Row] = []
@@ -112,14 +112,14 @@ def _init_report_rows(init: dict) -> list[Row]:
         rows.append(("init spectrum    ", init["plot_path"]))
     if init.get("race_path"):
         race = Path(init["race_path"]).read_text().rstrip()
-        rows += [(None, ""), (None, "auto race (successive halving on validation loss):"), (None, race), (None, "")]
+        rows += [(None, ""), (None, "init race (successive halving on validation loss):"), (None, race), (None, "")]
     return rows
 
 
 def _race_note(init: dict) -> str:
     if init.get("learning_rate") is None:
         return ""
-    return f"; won the auto race at lr {init['learning_rate']:g}, table: {init['race_path']}"
+    return f"; won the init race at lr {init['learning_rate']:g}, table: {init['race_path']}"
 
 
 def _script(name: str) -> str:

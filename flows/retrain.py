@@ -42,7 +42,7 @@ from adapterflow.tasks.tracking import end_run, system_metrics
 def retrain(config_path: str, force: bool = False) -> dict:
     """`force` retrains even when staging or production already holds this exact config and data."""
     config, dirs, uri = _prepare(config_path)
-    split_md5s = _split_md5s(config)  # hashed once: the skip check, the resume key and the version tags share them
+    split_md5s = _split_md5s(config)  # hashed once: the skip check, init cache key, resume key and version tags share them
     unchanged = None if force else unchanged_version(config, uri, split_md5s)
     if unchanged:
         return _skipped(config, uri, *unchanged)
@@ -51,7 +51,7 @@ def retrain(config_path: str, force: bool = False) -> dict:
     run = clock("track", open_run_stage, config, uri, dirs.mlflow_artifacts, validation, base_ref)
     versioning = version_stage.submit(config, dirs.dvc_repo, dirs.dvc_remote, run)  # beside init and training
     with _failure_marks_run(run, versioning, config.tracking.system_metrics_seconds):
-        init = clock("initialize", init_stage, config, base_ref, run_dir, dirs.init_cache, run)
+        init = clock("initialize", init_stage, config, base_ref, run_dir, dirs.init_cache, run, split_md5s)
         train_config = training_config(config, init)
         trained = clock("train", train_stage, train_config, base_ref, init.init_dir, run_dir, run, split_md5s)
         merge = clock("merge", merge_choice_stage, config, base_ref, trained, run_dir, run) if trained.merged_adapter_dir else None

@@ -103,10 +103,10 @@ def version_stage(config, repo: Path, default_remote: Path, run: RunRef) -> Data
 
 
 @task(name="initialize-adapter", retries=0, **STAGE)
-def init_stage(config, base_ref, run_dir: Path, cache_root: Path, run: RunRef) -> InitOutcome:
+def init_stage(config, base_ref, run_dir: Path, cache_root: Path, run: RunRef, split_md5s: Mapping[str, str]) -> InitOutcome:
     from adapterflow.tasks.init_adapter import initialize_adapter
 
-    init = initialize_adapter(config, base_ref, run_dir, cache_root)
+    init = initialize_adapter(config, base_ref, run_dir, cache_root, split_md5s["train"])
     metrics = {"seconds": init.seconds, "cache_hit": float(init.cache == "hit"), **init.checks}
     if init.learning_rate is not None:
         metrics["chosen_learning_rate"] = init.learning_rate
@@ -116,7 +116,7 @@ def init_stage(config, base_ref, run_dir: Path, cache_root: Path, run: RunRef) -
 
 
 def training_config(config, init: InitOutcome):
-    """auto: the race winner trains at its own learning rate; every other method at the configured one."""
+    """A race's winner trains at its own learning rate; every other method at the configured one."""
     if init.learning_rate is None:
         return config
     return config.model_copy(update={"train": config.train.model_copy(update={"learning_rate": init.learning_rate})})

@@ -77,17 +77,20 @@ def configured_initializer(config):
     return get_initializer(config.adapter.init.method)
 
 
-def initialize_adapter(config, base_ref, run_dir: Path, cache_root: Path | None = None) -> InitOutcome:
-    """Products from the init cache when their key matches, otherwise computed (and stored)."""
+def initialize_adapter(config, base_ref, run_dir: Path, cache_root: Path | None = None, train_md5: str | None = None) -> InitOutcome:
+    """Products from the init cache when their key matches, otherwise computed (and stored).
+
+    `train_md5`: the run's digest of the train split, hashed once when the run started (else hashed here).
+    """
     if configured_initializer(config).is_race:
-        return _race_winner(config, base_ref, run_dir, cache_root)
+        return _race_winner(config, base_ref, run_dir, cache_root, train_md5)
     from adapterflow.adapters.cache import InitCache
     from adapterflow.tasks.init_plots import plot_spectra
 
     start = time.perf_counter()
     init_dir, report_path = run_dir / "init", run_dir / "init_report.json"
     cache = InitCache(cache_root) if cache_root and config.adapter.cache_init else None
-    key = InitCache.key(cache_key_parts(config, base_ref)) if cache else None
+    key = InitCache.key(cache_key_parts(config, base_ref, train_md5)) if cache else None
     report = cache.fetch(key, init_dir) if cache else None
     status = "hit" if report is not None else ("miss" if cache else "off")
     if report is None:
@@ -109,11 +112,11 @@ def check_init_plan(config) -> None:
         race_plan(config)
 
 
-def _race_winner(config, base_ref, run_dir: Path, cache_root: Path | None) -> InitOutcome:
+def _race_winner(config, base_ref, run_dir: Path, cache_root: Path | None, train_md5: str | None) -> InitOutcome:
     from adapterflow.tasks.race import race_markdown, run_race
 
     start = time.perf_counter()
-    race = run_race(config, base_ref, run_dir, cache_root)
+    race = run_race(config, base_ref, run_dir, cache_root, train_md5)
     winner, outcome = race["winner"], race["outcome"]
     report = json.loads(Path(outcome.report_path).read_text())
     seconds = time.perf_counter() - start
@@ -129,7 +132,7 @@ def _race_winner(config, base_ref, run_dir: Path, cache_root: Path | None) -> In
                        outcome.plot_path, winner.learning_rate, str(race_path))
 
 
-def cache_key_parts(config, base_ref) -> dict:
+def cache_key_parts(config, base_ref, train_md5: str | None = None) -> dict:
     """Everything the init products depend on; the seed fixes the new classifier head."""
     from importlib.metadata import version
 
@@ -140,7 +143,8 @@ def cache_key_parts(config, base_ref) -> dict:
     }
     initializer, init = configured_initializer(config), config.adapter.init
     if initializer.needs_data:
-        parts.update(train_md5=file_md5(Path(config.data.train)), max_length=config.data.max_length, batch_size=config.train.batch_size)
+        train_md5 = train_md5 or file_md5(Path(config.data.train))
+        parts.update(train_md5=train_md5, max_length=config.data.max_length, batch_size=config.train.batch_size)
     if initializer.needs_grad:  # knobs a gradient method leaves to the run derive from the train section
         parts["knobs"] = init_for_run(config).model_dump(exclude={"method"})
     for field in init.path_fields:

@@ -64,7 +64,7 @@ def race_plan(config) -> list[tuple[int, int]]:
     return schedule
 
 
-def run_race(config, base_ref, run_dir: Path, cache_root: Path | None) -> dict:
+def run_race(config, base_ref, run_dir: Path, cache_root: Path | None, train_md5: str | None = None) -> dict:
     """Race the contenders; returns the winner's init outcome, its LR and the race table."""
     from adapterflow.tasks.init_adapter import initialize_adapter
 
@@ -74,7 +74,8 @@ def run_race(config, base_ref, run_dir: Path, cache_root: Path | None) -> dict:
     for candidate in init.candidates:
         for multiplier in init.lr_multipliers:
             contender = Contender(candidate.method, config.train.learning_rate * multiplier, candidate)
-            outcome = initialize_adapter(_arm_config(config, contender), base_ref, run_dir / "race" / contender.label, cache_root)
+            arm_dir = run_dir / "race" / contender.label
+            outcome = initialize_adapter(_arm_config(config, contender), base_ref, arm_dir, cache_root, train_md5)
             outcomes[contender.label], contender.init_seconds = outcome, outcome.seconds
             contenders.append(contender)
     alive = contenders
@@ -116,5 +117,6 @@ def race_markdown(table: list[dict]) -> str:
     lines = ["| contender | init s | steps | eval loss by round | |", "|---|---|---|---|---|"]
     for row in sorted(table, key=lambda r: (-r["rounds"], r["eval_losses"][-1] if r["eval_losses"] else math.inf)):
         losses = " → ".join(f"{v:.4f}" for v in row["eval_losses"])
-        lines.append(f"| {row['method']} @ lr {row['learning_rate']:g} | {row['init_seconds']:.2f} | {row['steps']} | {losses} | {'winner' if row['won'] else ''} |")
+        contender, verdict = f"{row['method']} @ lr {row['learning_rate']:g}", "winner" if row["won"] else ""
+        lines.append(f"| {contender} | {row['init_seconds']:.2f} | {row['steps']} | {losses} | {verdict} |")
     return "\n".join(lines) + "\n"

@@ -167,7 +167,7 @@ def test_auto_race_trains_its_winner_at_the_winning_learning_rate(prefect_server
     config = write_config(tmp_path / "auto.yaml", cls_config(tiny_bert, cls_data, **overrides))
     assert main(["run", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "auto race (successive halving on validation loss):" in out and "| winner |" in out
+    assert "init race (successive halving on validation loss):" in out and "| winner |" in out
     client, _ = _client(state)
     version = client.get_model_version_by_alias(MODEL_NAME, "staging")
     run = client.get_run(version.run_id)

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, cls_config, write_config
+from conftest import ROOT, cls_config, free_ports, write_config
 
 INFRA = ROOT / "infra"
 NATIVE = INFRA / "native"
@@ -181,18 +180,6 @@ PORT_VARIABLES = (
 )
 
 
-def _free_ports(count: int) -> list[int]:
-    """Distinct free ports: all held open at once while the OS picks them."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _read_env_file(path: Path) -> dict[str, str]:
     return dict(line.removeprefix("export ").split("=", 1) for line in path.read_text().splitlines() if line.startswith("export "))
 
@@ -218,7 +205,7 @@ def native_services():
     # Not pytest's tmp_path: its root is private (0700), and as root Postgres runs as another user.
     state = Path(tempfile.mkdtemp(prefix="adapterflow-infra-"))
     state.chmod(0o755)
-    env = dict(os.environ, **{f"ADAPTERFLOW_{name}": str(port) for name, port in zip(PORT_VARIABLES, _free_ports(len(PORT_VARIABLES)))})
+    env = dict(os.environ, **{f"ADAPTERFLOW_{name}": str(port) for name, port in zip(PORT_VARIABLES, free_ports(len(PORT_VARIABLES)))})
     pids: set[int] = set()
     try:
         started = subprocess.run([str(NATIVE / "start.sh"), str(state)], env=env, capture_output=True, text=True, timeout=480)

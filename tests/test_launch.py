@@ -6,25 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cls_config, write_config
+from conftest import ROOT, cls_config, wait_for, write_config
 
 pytestmark = pytest.mark.e2e
 ACCELERATE = {"mode": "accelerate"}
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _first_complete_checkpoint(home: Path):
@@ -42,7 +31,7 @@ def test_killed_training_registers_nothing_and_the_rerun_resumes_from_the_last_c
     command = [sys.executable, "-m", "adapterflow.flows.cli", "run", str(config)]
     flow = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        checkpoint = _wait_for(lambda: _first_complete_checkpoint(home), 240, "the first checkpoint")
+        checkpoint = wait_for(lambda: _first_complete_checkpoint(home), 240, "the first checkpoint", interval=0.05)
         killed_run = checkpoint.parents[2]
         training_group = int((killed_run / "train.pid").read_text())
         os.killpg(training_group, signal.SIGKILL)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cls_config, run_cli, write_config
+from conftest import ROOT, cls_config, free_port, run_cli, stop_process_group, write_config
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -34,12 +32,6 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_for_health(url: str, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -54,24 +46,9 @@ def _wait_for_health(url: str, server: subprocess.Popen, log: Path, timeout_s: f
     pytest.fail(f"mlflow server at {url} not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
-def _stop_process_group(process: subprocess.Popen) -> None:
-    """The server forks a uvicorn worker: signal the whole group, then kill whatever outlived the parent."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=20)
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "mlflow-server.log"
     command = [str(Path(sys.executable).parent / "mlflow"), "server",
@@ -86,7 +63,7 @@ def mlflow_server(tmp_path):
         _wait_for_health(url, server, log)
         yield url
     finally:
-        _stop_process_group(server)
+        stop_process_group(server)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import sys
 from types import SimpleNamespace
@@ -97,3 +98,19 @@ def test_on_a_terminal_status_is_a_table(monkeypatch):
     assert any("v2" in r and "accuracy=0.5" in r and "incomplete" in r for r in rows)
     assert not any("v1" in r and "incomplete" in r for r in rows)
     assert any("promoted" in r and "base → v1" in r and "better" in r for r in rows)
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
+    """`adapterflow lineage ... | head`: no BrokenPipeError traceback, the exit status a shell expects."""
+    import subprocess
+
+    from conftest import ROOT
+
+    chatty = ("import adapterflow.flows.cli as cli\n"
+              "cli.cmd_check = lambda args: [print('line', i) for i in range(200000)] and 0\n"
+              "raise SystemExit(cli.main(['check', 'any.yaml']))\n")
+    script = f"set -o pipefail; {sys.executable} -c \"$CHATTY\" | head -n 2"
+    env = {**os.environ, "CHATTY": chatty}
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.stdout == "line 0\nline 1\n"
+    assert result.stderr == "" and result.returncode == 141

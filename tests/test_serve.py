@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cls_config, run_cli, write_config
+from conftest import ROOT, cls_config, free_port, run_cli, stop_process_group, wait_for, write_config
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _api(url: str, path: str, body: dict | None = None):
@@ -31,30 +22,8 @@ def _api(url: str, path: str, body: dict | None = None):
         return json.loads(response.read() or "null")
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except OSError:
-            pass
-        time.sleep(2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
 def test_scheduled_runs_happen_and_an_unchanged_retrain_skips(tmp_path, tiny_bert, cls_data):
-    api = f"http://127.0.0.1:{_free_port()}/api"
+    api = f"http://127.0.0.1:{free_port()}/api"
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=api, ADAPTERFLOW_HOME=str(tmp_path / "state"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false")
     port = api.rsplit(":", 1)[1].split("/")[0]
@@ -62,17 +31,17 @@ def test_scheduled_runs_happen_and_an_unchanged_retrain_skips(tmp_path, tiny_ber
                               env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     serve = None
     try:
-        _wait(lambda: _api(api, "/health"), 180, "the Prefect server")
+        wait_for(lambda: _api(api, "/health"), 180, "the Prefect server", interval=2)
         overrides = {"train.max_steps": 2, "schedule": {"interval_seconds": 10}}
         config = write_config(tmp_path / "served.yaml", cls_config(tiny_bert, cls_data, **overrides))
         serve = subprocess.Popen([sys.executable, "-m", "adapterflow.flows.cli", "serve", str(config)], env=env, cwd=ROOT,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        finished = _wait(lambda: _completed(api) if len(_completed(api)) >= 2 else None, 420, "two scheduled runs")
+        finished = wait_for(lambda: _completed(api) if len(_completed(api)) >= 2 else None, 420, "two scheduled runs", interval=2)
         assert all(run["deployment_id"] for run in finished)
     finally:
         for process in (serve, server):
             if process is not None:
-                _stop(process)
+                stop_process_group(process)
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'state' / 'mlflow' / 'mlflow.db'}"
