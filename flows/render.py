@@ -50,6 +50,7 @@ def summary_rows(summary: dict, dirs, seconds: float) -> list[Row]:
         ("init             ", f"{init['method']} in {init['seconds']:.2f} s (cache {init['cache']})" + _race_note(init)),
         *_init_report_rows(init),
         ("training         ", f"{train['steps']} steps in {train['seconds']:.0f} s on {train['device']}" + _launch_note(train)),
+        *([("bnb cpu path     ", summary["bnb_cpu_path"])] if summary.get("bnb_cpu_path") else []),
         *_merge_rows(summary.get("merge")),
         (f"metrics ({summary['eval_split']})  ", metrics),
         *_spectral_rows(summary.get("spectral")),

@@ -69,7 +69,7 @@ def retrain(config_path: str, force: bool = False) -> dict:
         "merge": merge.to_dict() if merge else None,
         "model_name": registered.model_name, "version": registered.version, "alias": registered.alias, "data_md5": data_version.digest,
         "promotion": promotion.to_dict() if promotion else None, "validation": validation.to_dict(), "run_dir": str(run_dir),
-        "tracking_uri": uri, "timings": clock.seconds,
+        "tracking_uri": uri, "timings": clock.seconds, "bnb_cpu_path": _bnb_cpu_path(config, trained.device),
     }
     create_markdown_artifact(markdown=_summary_markdown(summary), key="retrain-summary", description=config.name)
     return summary
@@ -96,6 +96,14 @@ def _split_md5s(config) -> dict[str, str]:
             raise DataError(f"data.{split}: file not found: {path}. Check the path (relative paths are read from the config's folder).")
         digests[split] = file_md5(Path(path))
     return digests
+
+
+def _bnb_cpu_path(config, device: str) -> str | None:
+    """Which bitsandbytes CPU kernel path a 4-bit run took: it differs by CPU, so the summary says it once."""
+    from adapterflow.tasks.bnb_cpu import cpu_path
+
+    path = cpu_path(config.model.quantization, device)
+    return f"{'packed' if path.packed else 'unpacked'} ({path.reason})" if path else None
 
 
 def _skipped(config, uri: str, alias: str, version: str) -> dict:

@@ -278,8 +278,8 @@ def test_oversampling_makes_randomized_pissa_accurate(tiny_llama):
 
 
 def test_rank_larger_than_a_layer_allows_is_refused(tiny_bert):
-    settings = LoraSettings(r=64, alpha=8, dropout=0.0, target_modules=("query",), task_type="SEQ_CLS")
-    with pytest.raises(InitError, match=r"adapter.r = 64 is larger than layer .*query .*use r <= 32"):
+    settings = LoraSettings(r=128, alpha=8, dropout=0.0, target_modules=("query",), task_type="SEQ_CLS")
+    with pytest.raises(InitError, match=r"adapter.r = 128 is larger than layer .*query .*use r <= 64"):
         initialize(_model(tiny_bert, "sequence_classification"), settings, "pissa", InitContext(probe=_probe()))
 
 
@@ -302,11 +302,13 @@ def test_eva_a_rows_span_the_top_activation_directions(tiny_bert):
     peft_model, report = initialize(model, _settings("bert", "eva", rho=1.0), "eva",
                                     InitContext(probe=_probe(), calibration=_calibration()))
     assert sum(report.ranks.values()) == 4 * len(report.ranks) and report.checks["max_a_orthonormality_error"] < 1e-3
-    activations = torch.cat(captured)
-    _, _, vh = torch.linalg.svd(activations - activations.mean(0), full_matrices=False)
+    centered = torch.cat(captured) - torch.cat(captured).mean(0)
     a = dict(lora_layers(peft_model))[f"base_model.model.{layer}"].lora_A["default"].weight.detach()
-    cosines = torch.linalg.svdvals(a @ vh[: a.shape[0]].T)  # cosines of the principal angles
-    assert cosines.min() > 0.9
+    # Variance the A rows capture over that of the top directions: the spectrum of a random 64-wide model is
+    # flat past the 3rd direction (singular values 1, .89, .84, .80, .77), so angles to it are ill-defined.
+    # A random 4-dim subspace captures ~0.22.
+    top = torch.linalg.svdvals(centered)[: a.shape[0]].pow(2).sum()
+    assert (centered @ torch.linalg.qr(a.T)[0]).pow(2).sum() / top > 0.95
 
 
 def test_eva_check_catches_a_plain_lora_fallback(tiny_bert):

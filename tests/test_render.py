@@ -61,6 +61,14 @@ def test_piped_summary_is_the_plain_lines(summary, monkeypatch):
     assert lines[13] == "Open the dashboards on this data:" and lines[-1].startswith("  PREFECT_HOME=/state/prefect ")
 
 
+def test_a_4bit_cpu_run_says_its_bitsandbytes_path_once_after_training(summary, monkeypatch):
+    dirs = SimpleNamespace(prefect_home="/state/prefect")
+    summary["bnb_cpu_path"] = "unpacked (this CPU has no AVX512-BF16)"
+    lines = _printed(monkeypatch, False, lambda: render.show(render.summary_rows(summary, dirs, 1.0))).splitlines()
+    assert lines[6:8] == ["training         100 steps in 141 s on cpu", "bnb cpu path     unpacked (this CPU has no AVX512-BF16)"]
+    assert sum(line.startswith("bnb cpu path") for line in lines) == 1
+
+
 def test_on_a_terminal_the_summary_is_a_rich_grid(summary, monkeypatch):
     dirs = SimpleNamespace(prefect_home="/state/prefect")
     text = _printed(monkeypatch, True, lambda: render.show(render.summary_rows(summary, dirs, 200.4)))
