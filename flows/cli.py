@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
 from adapterflow.errors import AdapterflowError, ConfigError
-from adapterflow.flows import render
+from adapterflow.flows import console, render
 from adapterflow.tasks.state import prepare_environment, quiet_library_noise
 
 
@@ -23,6 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("interrupted; nothing was registered.", 130)
     except BrokenPipeError:
         return _reader_went_away()
+    except Exception as err:  # not the user's mistake: one message, the traceback in a file
+        from adapterflow.tasks.state import state_dirs
+
+        print(console.bug_message(err, state_dirs().root / "logs"), file=sys.stderr)
+        return BUG_EXIT_CODE
 
 
 def _reader_went_away() -> int:
@@ -31,6 +35,9 @@ def _reader_went_away() -> int:
 
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush must not fail again
     return 141  # 128 + SIGPIPE, what a shell reports for a command killed by the closed pipe
+
+
+BUG_EXIT_CODE = 70  # EX_SOFTWARE: an internal error
 
 
 def _fail(message: str, code: int) -> int:
@@ -116,7 +123,7 @@ def cmd_run(args) -> int:
 
     warm.start()
 
-    _quiet_user_errors_in_prefect_logs()
+    console.quiet_failures_in_prefect_logs()
     quiet_library_noise()
     try:
         summary = retrain(str(Path(args.config).resolve()), force=args.force)
@@ -143,7 +150,7 @@ def cmd_serve(args) -> int:
     prepare_environment(offline=config.model.hub_id is None)
     from adapterflow.flows.retrain import retrain
 
-    _quiet_user_errors_in_prefect_logs()
+    console.quiet_failures_in_prefect_logs()
     quiet_library_noise()
     print(f"serving deployment adapterflow-retrain/{config.name} ({schedule}); Ctrl-C stops it.")
     retrain.serve(name=config.name, parameters={"config_path": str(Path(args.config).resolve()), "force": False},
@@ -191,27 +198,6 @@ def _stop_ephemeral_prefect_server() -> None:
             server.server_process.kill()
             server.server_process.wait()
         server.stop()
-
-
-class _DropUserErrors(logging.Filter):
-    """The CLI prints a user error once, as one message: keep its traceback off the console."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not isinstance(error, AdapterflowError) and not _mentions_user_error(record)
-
-
-def _mentions_user_error(record: logging.LogRecord) -> bool:
-    message = record.getMessage()
-    return any(name in message for name in ("ConfigError", "DataError", "ModelError", "InitError", "TrainingError", "RegistryError"))
-
-
-def _quiet_user_errors_in_prefect_logs() -> None:
-    # On the loggers, not their handlers: Prefect attaches console handlers lazily. The failed
-    # state (with the message) still reaches the Prefect UI; only the duplicate traceback goes.
-    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
-        logging.getLogger(name).addFilter(_DropUserErrors())
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
 
 def _registry_target(args) -> tuple[str, Path]:

@@ -11,8 +11,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from adapterflow.digests import file_md5
-from adapterflow.errors import DataError
+from adapterflow.errors import AdapterflowError, DataError
 from adapterflow.flows import warm
+from adapterflow.flows.console import keep_traceback
 from adapterflow.flows.stages import (
     Candidate,
     close_run_stage,
@@ -50,7 +51,7 @@ def retrain(config_path: str, force: bool = False) -> dict:
     validation = clock("validate", validate_stage, config, run_dir)
     run = clock("track", open_run_stage, config, uri, dirs.mlflow_artifacts, validation, base_ref)
     versioning = version_stage.submit(config, dirs.dvc_repo, dirs.dvc_remote, run)  # beside init and training
-    with _failure_marks_run(run, versioning, config.tracking.system_metrics_seconds):
+    with _failure_marks_run(run, versioning, config.tracking.system_metrics_seconds, run_dir):
         init = clock("initialize", init_stage, config, base_ref, run_dir, dirs.init_cache, run, split_md5s)
         train_config = training_config(config, init)
         trained = clock("train", train_stage, train_config, base_ref, init.init_dir, run_dir, run, split_md5s)
@@ -126,12 +127,17 @@ class _StageClock:
 
 
 @contextmanager
-def _failure_marks_run(run, versioning, system_metrics_seconds: float):
-    """System metrics sampled throughout; on any failure the run is marked FAILED once versioning has settled."""
+def _failure_marks_run(run, versioning, system_metrics_seconds: float, run_dir: Path):
+    """System metrics sampled throughout; on any failure the run is marked FAILED once versioning has settled.
+
+    A bug (not a user's error) leaves its full traceback in the run folder, beside the training log.
+    """
     try:
         with system_metrics(run, system_metrics_seconds):
             yield
-    except BaseException:
+    except BaseException as err:
+        if isinstance(err, Exception) and not isinstance(err, AdapterflowError):
+            keep_traceback(err, run_dir)
         versioning.wait()
         # A plain call, not a task: the flow may be cancelling, and a new task run could hide the original error.
         end_run(run, "FAILED")

@@ -188,6 +188,7 @@ def test_bitsandbytes_still_cannot_train_a_layer_it_packed():
         layer.train()(x).sum().backward()
 
 
+@pytest.mark.slow  # starts a fresh interpreter
 def test_the_missing_kernels_notice_is_dropped_and_nothing_else():
     """bitsandbytes logs at import, on AVX512-BF16 CPUs, that the optional `kernels` package is absent."""
     import subprocess

@@ -216,6 +216,7 @@ def test_data_file_knobs_resolve_against_the_config_folder_and_need_a_data_suffi
     assert "adapter.init.knowledge must end in one of .csv, .jsonl, .json, .parquet" in err
 
 
+@pytest.mark.slow  # starts a fresh interpreter
 def test_check_does_not_import_torch():
     import subprocess
     import sys

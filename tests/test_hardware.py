@@ -28,6 +28,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (run `make gpu-chec
     ],
     ids=["fp16", "paged-optimizer", "fsdp", "cuda-device"],
 )
+@pytest.mark.slow  # starts a fresh interpreter
 def test_impossible_hardware_requests_are_refused_before_any_compute(tiny_bert, cls_data, tmp_path, train, expected):
     config = cls_config(tiny_bert, cls_data, **{f"train.{key}": value for key, value in train.items()})
     result = run_cli("check", str(write_config(tmp_path / "c.yaml", config)), home=tmp_path / "state")
@@ -107,6 +108,7 @@ def test_loftq_initializes_a_4bit_base_on_cuda(tmp_path, tiny_bert, cls_data):
     ],
     ids=["prefect-api", "s3-endpoint"],
 )
+@pytest.mark.slow  # starts a fresh interpreter
 def test_a_server_that_does_not_answer_fails_the_run_before_training(tiny_bert, cls_data, tmp_path, env, tracking, expected):
     import os
     import subprocess

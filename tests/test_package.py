@@ -14,6 +14,7 @@ from conftest import ROOT, cls_config, write_config
 DECOYS = ("adapters", "tasks", "flows")
 
 
+@pytest.mark.slow  # starts a fresh interpreter
 def test_the_wheel_installs_only_the_adapterflow_package(tmp_path):
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],

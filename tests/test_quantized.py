@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import cls_config, run_cli, write_config
 
 from adapterflow.adapters import InitContext, LoraSettings, apply_init, export_init, initialize
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.quantized import dequantized_weight
-from conftest import cls_config, run_cli, write_config
 from adapterflow.tasks.config import ModelSpec, RunConfig
 from adapterflow.tasks.model_io import full_precision_lookup, load_model, resolve_base
 
@@ -66,6 +66,7 @@ def test_quantized_base_trains_and_registers_a_plain_adapter(tiny_bert, cls_data
     assert {short_name(name).rsplit(".", 1)[-1] for name, _ in lora_layers(reloaded)} == {"query", "value"}
 
 
+@pytest.mark.slow  # starts a fresh interpreter
 def test_loftq_without_cuda_is_refused_before_any_compute(tiny_bert, cls_data, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: LoftQ is allowed")
@@ -75,6 +76,7 @@ def test_loftq_without_cuda_is_refused_before_any_compute(tiny_bert, cls_data, t
     assert "loftq runs only on CUDA" in result.stderr and "pissa with model.quantization: nf4" in result.stderr
 
 
+@pytest.mark.slow  # starts a fresh interpreter
 def test_loftq_without_a_4bit_base_is_refused(tiny_bert, cls_data, tmp_path):
     config = cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "loftq"}})
     result = run_cli("check", str(write_config(tmp_path / "c.yaml", config)), home=tmp_path / "state")
@@ -83,10 +85,12 @@ def test_loftq_without_a_4bit_base_is_refused(tiny_bert, cls_data, tmp_path):
 
 def test_only_methods_that_support_a_quantized_base_run_on_it():
     """supports_quantized=False: computed on the full-precision base (the residual or adapter is quantized later)."""
-    from adapterflow.tasks.init_adapter import runs_in_full_precision
     from test_config import _throwaway_method
 
-    full = {m: runs_in_full_precision(m) for m in ("lora", "gaussian", "orthogonal", "pissa", "milora", "olora", "eva", "corda", "lora_ga", "lora_sb", "loftq")}
+    from adapterflow.tasks.init_adapter import runs_in_full_precision
+
+    methods = ("lora", "gaussian", "orthogonal", "pissa", "milora", "olora", "eva", "corda", "lora_ga", "lora_sb", "loftq")
+    full = {m: runs_in_full_precision(m) for m in methods}
     assert [m for m, yes in full.items() if not yes] == ["lora", "gaussian", "eva"]
     with _throwaway_method(supports_quantized=False):
         assert runs_in_full_precision("throwaway")

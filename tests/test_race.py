@@ -45,6 +45,7 @@ def test_race_trains_the_winner_at_its_learning_rate_and_logs_every_contender(ti
     assert "winner" in open(outcome.race_path).read()
 
 
+@pytest.mark.slow  # starts a fresh interpreter
 def test_race_budget_too_small_is_refused_before_any_compute(tiny_bert, cls_data, tmp_path):
     config = write_config(tmp_path / "c.yaml", _auto(tiny_bert, cls_data, budget=0.05))
     result = run_cli("check", str(config), home=tmp_path / "state")
@@ -58,6 +59,7 @@ def test_race_budget_too_small_is_refused_before_any_compute(tiny_bert, cls_data
     ({"lr_multipliers": [1.0, -1.0]}, "distinct and positive"),
     ({"candidates": ["lora", "fancy"]}, "unknown init method 'fancy'"),
 ])
+@pytest.mark.slow  # starts a fresh interpreter
 def test_bad_race_settings_get_one_clear_error(tiny_bert, cls_data, tmp_path, init, expected):
     result = run_cli("check", str(write_config(tmp_path / "c.yaml", _auto(tiny_bert, cls_data, **init))), home=tmp_path / "state")
     assert result.returncode == 2 and expected in result.stderr

@@ -108,6 +108,7 @@ def test_on_a_terminal_status_is_a_table(monkeypatch):
     assert any("promoted" in r and "base → v1" in r and "better" in r for r in rows)
 
 
+@pytest.mark.slow  # starts a fresh interpreter
 def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
     """`adapterflow lineage ... | head`: no BrokenPipeError traceback, the exit status a shell expects."""
     import subprocess

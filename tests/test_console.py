@@ -1,0 +1,53 @@
+"""A failure reaches the terminal once: a user's error as its message, a bug as one message naming its traceback file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, cls_config, write_config
+
+BUGGY_RUN = """
+import sys
+import adapterflow.tasks.evaluate as evaluate
+
+def broken(*args, **kwargs):
+    raise RuntimeError("boom in evaluation")
+
+evaluate.evaluate_adapter = broken
+from adapterflow.flows.cli import main
+sys.exit(main(["run", sys.argv[1]]))
+"""
+
+
+def test_a_bug_prints_one_message_and_leaves_its_traceback_in_the_run_folder(prefect_server, tmp_path, tiny_bert, cls_data):
+    from prefect.settings import PREFECT_API_URL
+
+    home = tmp_path / "state"
+    config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **{"train.max_steps": 2}))
+    env = dict(os.environ, ADAPTERFLOW_HOME=str(home), PREFECT_API_URL=PREFECT_API_URL.value() or "")
+    result = subprocess.run([sys.executable, "-c", BUGGY_RUN, str(config)], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=600)
+
+    assert result.returncode == 70, result.stderr
+    assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr  # not once per Prefect engine
+    message = "RuntimeError: boom in evaluation\nerror: unexpected RuntimeError: boom in evaluation\nThis is a bug in adapterflow"
+    assert message in result.stderr
+    (log,) = home.glob("runs/tiny-cls-*/error.log")
+    assert f"traceback in {log}." in result.stderr
+    assert "Traceback (most recent call last)" in log.read_text() and "RuntimeError: boom in evaluation" in log.read_text()
+
+
+def test_a_bug_outside_a_run_keeps_its_traceback_in_the_state_folder(tmp_path, monkeypatch, capsys):
+    from adapterflow.flows import cli
+
+    monkeypatch.setenv("ADAPTERFLOW_HOME", str(tmp_path / "state"))
+    monkeypatch.setattr(cli, "cmd_check", lambda args: 1 / 0)
+    assert cli.main(["check", "any.yaml"]) == 70
+    message = capsys.readouterr().err
+    log = Path(message.rsplit("traceback in ", 1)[1].rstrip(".\n"))
+    assert log.parent == tmp_path / "state" / "logs" and "ZeroDivisionError" in log.read_text()
+    assert message.count("Traceback (most recent call last)") == 1
+    assert "ZeroDivisionError: division by zero\nerror: unexpected ZeroDivisionError: division by zero\nThis is a bug" in message
