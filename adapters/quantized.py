@@ -33,7 +33,8 @@ def store_weight(layer, weight: torch.Tensor) -> None:
             compress_statistics=old.compress_statistics, blocksize=old.blocksize, quant_storage=old.quant_storage,
         ).to(device)
     elif isinstance(layer, bnb.nn.Linear8bitLt):
-        layer.weight = bnb.nn.Int8Params(weight.to(torch.float16).contiguous().cpu(), requires_grad=False, has_fp16_weights=False).to(device)
+        int8 = bnb.nn.Int8Params(weight.to(torch.float16).contiguous().cpu(), requires_grad=False, has_fp16_weights=False)
+        layer.weight = int8.to(device)
         layer.state.SCB = layer.weight.SCB  # the layer caches the old row scales
     else:
         layer.weight.data = weight.to(layer.weight.dtype)

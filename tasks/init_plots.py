@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 def plot_spectra(spectra: dict[str, list[float]], method: str, path: Path) -> Path | None:
     """One line per layer (log scale); None when the method has no spectrum (random inits)."""
     if not spectra or not any(spectra.values()):
