@@ -63,7 +63,7 @@ def test_bf16_autocast_gradient_checkpointing_and_8bit_adam_train_on_cpu(tmp_pat
         "train.precision": "bf16", "train.gradient_checkpointing": True, "train.optimizer": "adamw_8bit", "train.max_steps": 6,
     })
     assert trained["result"].steps == 6 and len(trained["losses"]) == 6 and all(math.isfinite(x) for x in trained["losses"])
-    assert trained["result"].peak_memory_mb > 0
+    assert trained["result"].peak_memory_mb > 100  # resident memory of a process that imported torch and trained
 
 
 @pytest.mark.gpu
