@@ -32,6 +32,10 @@ class InitConfig(BaseModel):
     # Fields left None in the config that take a value from the run, e.g. {"update_lr": "first_step_lr"}.
     run_defaults: ClassVar[dict[str, str]] = {}
 
+    def rank_problem(self, r: int) -> str | None:
+        """Why this method cannot use adapter.r = r (refused at config time), or None."""
+        return None
+
     def sample_source(self) -> SampleSource | None:
         """For calibration in single samples: how many and from where; None: all of the train split."""
         return None

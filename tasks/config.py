@@ -129,6 +129,13 @@ class AdapterSpec(Strict):
                 raise ValueError(f"adapter.init.{field} must end in one of {', '.join(DATA_SUFFIXES)}")
         return self
 
+    @model_validator(mode="after")
+    def _rank_suits_the_method(self) -> "AdapterSpec":
+        problem = self.init.rank_problem(self.r)
+        if problem:
+            raise ValueError(problem)
+        return self
+
 
 class CheckpointMerge(Strict):
     """Metrics-Weighted Averaging of the last `checkpoints` adapters, evaluated beside the final one."""

@@ -13,6 +13,9 @@ class OrthogonalInit(InitConfig):
 
     method: Literal["orthogonal"]
 
+    def rank_problem(self, r: int) -> str | None:
+        return None if r % 2 == 0 else f"init method orthogonal splits r rows between A and B: use an even adapter.r, not {r}"
+
 
 # Not on a 4-bit base: peft casts A and B to the base weight's dtype, which is packed uint8 there.
 register(
