@@ -33,6 +33,19 @@ prepare_environment(offline=True)
 SLOW_FIXTURES = {"prefect_server"}  # a test that starts the Prefect harness pays its ~20 s boot
 
 
+KERNEL_FLAGS = ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")  # they pick bitsandbytes' CPU kernels
+
+
+def pytest_report_header(config) -> str:
+    """Which CPU the suite ran on: bitsandbytes takes another 4-bit path where AVX512-BF16 is present."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "cpu flags: unknown (no /proc/cpuinfo)"
+    present = [flag for flag in KERNEL_FLAGS if flag in flags]
+    return f"cpu flags: {' '.join(present) or 'none of ' + ', '.join(KERNEL_FLAGS)}"
+
+
 def pytest_collection_modifyitems(items):
     """Whole-flow tests and tests on the Prefect harness are slow whether or not they say so."""
     for item in items:
