@@ -55,14 +55,14 @@ class _WithoutTraceback(logging.Formatter):
 
 def quiet_failures_in_prefect_logs() -> None:
     # User errors: filtered on the loggers (the failed state, with its message, still reaches the UI).
-    for name in PREFECT_RUN_LOGGERS:
-        logging.getLogger(name).addFilter(_DropUserErrors())
+    for logger in map(logging.getLogger, PREFECT_RUN_LOGGERS):
+        if not any(isinstance(f, _DropUserErrors) for f in logger.filters):
+            logger.addFilter(_DropUserErrors())
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    # Bugs: only the console drops the traceback, which the CLI writes to a file instead.
-    from prefect.logging.configuration import ensure_logging_setup
+    # Bugs: only the console drops the traceback, which the CLI writes to a file instead. Called again
+    # when the flow starts: Prefect may set its handlers up only then, on the stream of that moment.
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    ensure_logging_setup()
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _WithoutTraceback):
             handler.setFormatter(_WithoutTraceback(handler.formatter))

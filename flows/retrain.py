@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from adapterflow.digests import file_md5
 from adapterflow.errors import AdapterflowError, DataError
 from adapterflow.flows import warm
-from adapterflow.flows.console import keep_traceback
+from adapterflow.flows.console import keep_traceback, quiet_failures_in_prefect_logs
 from adapterflow.flows.stages import (
     Candidate,
     close_run_stage,
@@ -80,6 +80,7 @@ def _prepare(config_path: str):
     """The checks the CLI's preflight also makes, again here: a served run executes in its own process without it."""
     warm.wait()
     quiet_library_noise()
+    quiet_failures_in_prefect_logs()
     config = load_config(config_path)
     check_hardware(config)
     dirs = state_dirs()
