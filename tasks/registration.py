@@ -7,8 +7,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from adapterflow.errors import RegistryError
+from adapterflow.tasks.config import BUNDLED_MODELS
 from adapterflow.tasks.registry_tags import COMPLETE, INCOMPLETE, REGISTRATION_TAG, ModelTags, VersionTags
 from adapterflow.tasks.tracking import RunRef, client
+
+SERVING_MODEL = Path(__file__).with_name("serving_model.py")
+# Generation length when the config sets no evaluate.generation: room for a sentence or two, short enough for CPU serving.
+DEFAULT_MAX_NEW_TOKENS = 64
 
 
 def register_adapter(config, run: RunRef, adapter_dir: Path, base_ref, tags: VersionTags, description: str = "") -> str:
@@ -26,12 +31,13 @@ def register_adapter(config, run: RunRef, adapter_dir: Path, base_ref, tags: Ver
 def _register(config, run: RunRef, adapter_dir: Path, base_ref, tags: dict[str, str], description: str) -> str:
     import mlflow
 
-    from adapterflow.tasks.pyfunc_adapter import LoraAdapterModel
-
+    signature, example = _signature(config.task)
     with mlflow.start_run(run_id=run.run_id):
+        # Models-from-code: MLflow stores serving_model.py itself (no pickle), which imports nothing from adapterflow.
         info = mlflow.pyfunc.log_model(
-            name="adapter", python_model=LoraAdapterModel(), artifacts={"adapter": str(adapter_dir)},
-            model_config=_pyfunc_config(config, base_ref), pip_requirements=_requirements(),
+            name="adapter", python_model=str(SERVING_MODEL), artifacts={"adapter": str(adapter_dir)},
+            model_config=_pyfunc_config(config, base_ref), pip_requirements=_requirements(config),
+            signature=signature, input_example=example,
         )
     mlflow_client = client(run.uri)
     name = config.registry.model_name
@@ -110,17 +116,35 @@ def registered_model_description(config, base_ref) -> str:
 
 
 def _pyfunc_config(config, base_ref) -> dict:
+    generation = config.evaluate.generation
     return {
         "task": config.task, "labels": config.data.labels, "max_length": config.data.max_length,
         "source": base_ref.source, "bundled": config.model.bundled, "name_or_path": base_ref.name_or_path,
+        "bundled_package": BUNDLED_MODELS.get(config.model.bundled) if config.model.bundled else None,
         "revision": base_ref.revision, "identity": base_ref.identity,
+        "max_new_tokens": generation.max_new_tokens if generation else DEFAULT_MAX_NEW_TOKENS,
     }
 
 
-def _requirements() -> list[str]:
+def _requirements(config) -> list[str]:
+    """Pins that resolve on a clean machine: a local build tag (torch's `+cpu`) names no wheel on PyPI."""
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in ("torch", "transformers", "peft", "mlflow")]
+    names = ["torch", "transformers", "peft", "mlflow"]
+    if config.model.bundled:
+        names.append(BUNDLED_MODELS[config.model.bundled].replace("_", "-"))
+    return [f"{name}=={version(name).split('+')[0]}" for name in names]
+
+
+def _signature(task: str):
+    """Column in, string out, so the MLflow UI and `mlflow models serve` show and check the schema."""
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    column, example = ("text", "a short text to classify") if task == "sequence_classification" else ("prompt", "Hello")
+    signature = ModelSignature(inputs=Schema([ColSpec("string", column)]), outputs=Schema([ColSpec("string")]))
+    return signature, pd.DataFrame({column: [example]})
 
 
 def version_description(tags: VersionTags, train_loss: float) -> str:
