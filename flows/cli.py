@@ -74,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("version")
     trace.add_argument("--tracking-uri", help="MLflow URI (default: the local state folder's SQLite store)")
     trace.set_defaults(handler=cmd_lineage)
+    export = sub.add_parser("export", help="write a registered version as a plain PEFT adapter folder, or merged into its base")
+    export.add_argument("spec", metavar="NAME@ALIAS", help="registered model and alias, e.g. my-adapter@production")
+    export.add_argument("out", help="new or empty folder to write to")
+    export.add_argument("--merged", action="store_true", help="the base with the adapter merged in (safetensors) plus its tokenizer")
+    export.add_argument("--tracking-uri", help="MLflow URI (default: the local state folder's SQLite store)")
+    export.set_defaults(handler=cmd_export)
     tiny = sub.add_parser("make-tiny-model", help="build a tiny model from config (no hub) for smoke runs")
     tiny.add_argument("arch", choices=["bert", "llama"])
     tiny.add_argument("out", help="folder to write the model and tokenizer to")
@@ -237,6 +243,16 @@ def cmd_lineage(args) -> int:
 
     uri, _ = _registry_target(args)
     render.show(render.lineage_rows(args.model_name, lineage(args.model_name, args.version, uri)))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from adapterflow.tasks.export import export_version
+
+    uri, _ = _registry_target(args)
+    version = export_version(args.spec, Path(args.out), uri, merged=args.merged)
+    kind = "merged model" if args.merged else "adapter"
+    print(f"wrote the {kind} of {args.spec} (version {version}) to {args.out}")
     return 0
 
 

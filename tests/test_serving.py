@@ -222,3 +222,38 @@ def test_bundled_minilm_base_loads_from_its_package(tmp_path):
     with torch.no_grad():
         logits = adapted(**AutoTokenizer.from_pretrained(folder)(TEXTS, padding=True, return_tensors="pt")).logits
     assert served == [LABELS[i] for i in logits.argmax(-1).tolist()]
+
+
+@pytest.mark.slow
+def test_export_writes_the_adapter_and_the_merged_model_that_reproduce_the_registered_logits(registered, tiny_bert, tmp_path, capsys):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    uri, version, _ = registered
+    assert main(["export", f"{MODEL_NAME}@staging", str(tmp_path / "plain"), "--tracking-uri", uri]) == 0
+    assert main(["export", f"{MODEL_NAME}@staging", str(tmp_path / "merged"), "--merged", "--tracking-uri", uri]) == 0
+    assert f"wrote the merged model of {MODEL_NAME}@staging (version {version.version})" in capsys.readouterr().out
+    assert (tmp_path / "plain" / "adapter_config.json").is_file()
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and not (tmp_path / "merged" / "adapter_config.json").exists()
+
+    def base():
+        return AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3, id2label=dict(enumerate(LABELS)))
+
+    source = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_download_uri(MODEL_NAME, version.version)
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp_path / "dl"), tracking_uri=uri))
+    probe = AutoTokenizer.from_pretrained(tmp_path / "merged")(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        registered_logits = PeftModel.from_pretrained(base(), str(folder / "artifacts" / "adapter")).eval()(**probe).logits
+        plain = PeftModel.from_pretrained(base(), str(tmp_path / "plain")).eval()(**probe).logits
+        merged_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+        merged = merged_model(**probe).logits
+    assert not torch.allclose(registered_logits, base().eval()(**probe).logits, atol=1e-4)  # the adapter changes something
+    assert torch.equal(plain, registered_logits)
+    assert torch.allclose(merged, registered_logits, atol=1e-5)
+    assert merged_model.config.id2label == dict(enumerate(LABELS))
+
+    assert main(["export", f"{MODEL_NAME}@staging", str(tmp_path / "plain"), "--tracking-uri", uri]) == 2  # not empty
+    assert main(["export", f"{MODEL_NAME}@nowhere", str(tmp_path / "x"), "--tracking-uri", uri]) == 5
+    assert "no version of tiny-cls-adapter has the alias @nowhere" in capsys.readouterr().err
