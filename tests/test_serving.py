@@ -257,3 +257,23 @@ def test_export_writes_the_adapter_and_the_merged_model_that_reproduce_the_regis
     assert main(["export", f"{MODEL_NAME}@staging", str(tmp_path / "plain"), "--tracking-uri", uri]) == 2  # not empty
     assert main(["export", f"{MODEL_NAME}@nowhere", str(tmp_path / "x"), "--tracking-uri", uri]) == 5
     assert "no version of tiny-cls-adapter has the alias @nowhere" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_versions_pickled_before_models_from_code_still_load(tiny_bert, tmp_path):
+    import mlflow
+    import pandas as pd
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from adapterflow.tasks.pyfunc_adapter import LoraAdapterModel
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])).save_pretrained(tmp_path / "a")
+    config = {"task": "sequence_classification", "labels": LABELS, "max_length": 24, "source": "path", "bundled": None,
+              "name_or_path": str(tiny_bert), "revision": None, "identity": "x"}
+    mlflow.pyfunc.save_model(str(tmp_path / "old"), python_model=LoraAdapterModel(), artifacts={"adapter": str(tmp_path / "a")},
+                             model_config=config)
+    assert (tmp_path / "old" / "python_model.pkl").is_file()
+    predicted = list(mlflow.pyfunc.load_model(str(tmp_path / "old")).predict(pd.DataFrame({"text": TEXTS})))
+    assert len(predicted) == 2 and set(predicted) <= set(LABELS)
