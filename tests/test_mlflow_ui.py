@@ -133,6 +133,23 @@ def _aliases_in_version_page(driver) -> set[str]:
     return _visible_aliases(driver.find_element(By.TAG_NAME, "body").text.splitlines())
 
 
+def _schema_inputs(driver) -> set[str]:
+    """Input column names the version page's Schema section lists; its collapsed "Inputs (n)" row is opened once."""
+    from selenium.webdriver.common.by import By
+
+    lines = [line.strip() for line in driver.find_element(By.TAG_NAME, "body").text.splitlines()]
+    if "Schema" not in lines:
+        return set()
+    section = lines[lines.index("Schema"):][:40]
+    shown = {line.split()[0] for line in section if line.split() and line.split()[0] in ("text", "prompt")}  # "text (required)"
+    if not shown and not getattr(driver, "inputs_opened", False):
+        rows = driver.find_elements(By.XPATH, "//*[starts-with(normalize-space(text()), 'Inputs (')]")
+        if rows:
+            rows[0].click()
+            driver.inputs_opened = True  # a second click would fold it again
+    return shown
+
+
 def _scroll_into_view(driver, css: str) -> None:
     from selenium.webdriver.common.by import By
 
@@ -178,3 +195,5 @@ def test_registered_model_page_shows_staging_and_production_aliases(
     with headless_chromium(tmp_path / "chromium-profile") as browser:  # started only now: training runs without it
         _open_until(browser, model_url, "mlflow_registered_model", _aliases_in_versions_table, expected, scroll_to="[role=table]")
         _open_until(browser, f"{model_url}/versions/1", "mlflow_model_version_1", _aliases_in_version_page, {"production"})
+        # The registered model logs its signature: the version page shows the input column.
+        _open_until(browser, f"{model_url}/versions/2", "mlflow_model_version_2_schema", _schema_inputs, {"text"})
