@@ -41,6 +41,10 @@ class AutoInit(InitConfig):
             raise ValueError(f"adapter.init.lr_multipliers must be distinct and positive, got {self.lr_multipliers}")
         return self
 
+    def rank_problem(self, r: int) -> str | None:
+        """A candidate that cannot use r would fail mid-race: refuse it with the config."""
+        return next((problem for candidate in self.candidates if (problem := candidate.rank_problem(r))), None)
+
 
 register(
     Initializer(
