@@ -25,9 +25,13 @@ NO_POSTGRES = 3  # start.sh's exit status when the Postgres server binaries are 
 
 # ---- compose: parsed and its wiring checked -------------------------------------------------
 
+REQUIRED = re.compile(r"\$\{(\w+):?\?[^}]*\}")  # ${VAR:?message}: compose refuses to start without VAR
+
+
 def _interpolate(value):
-    """Compose's ${VAR:-default} / ${VAR-default} with nothing set: the defaults."""
+    """Compose's ${VAR:-default} / ${VAR-default} with nothing set: the defaults; a required ${VAR:?...}: '<VAR>'."""
     if isinstance(value, str):
+        value = REQUIRED.sub(lambda m: f"<{m.group(1)}>", value)
         return re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: m.group(2) or "", value)
     if isinstance(value, dict):
         return {k: _interpolate(v) for k, v in value.items()}
@@ -81,6 +85,15 @@ def test_compose_has_the_services_and_their_start_order(compose):
             assert source in declared or (INFRA / source).exists(), volume
 
 
+def test_compose_has_no_default_secrets_and_publishes_on_loopback_only():
+    text = (INFRA / "compose.yaml").read_text()
+    defaults = re.findall(r"\$\{(\w*(?:PASSWORD|SECRET|TOKEN|KEY)\w*):?-", text)
+    assert not defaults, f"secrets with a default value: {defaults}"
+    assert set(REQUIRED.findall(text)) == {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"}
+    published = [port for service in yaml.safe_load(text)["services"].values() for port in service.get("ports", [])]
+    assert published and all(str(port).startswith("127.0.0.1:") for port in published), published
+
+
 def test_compose_servers_point_at_postgres_and_minio(compose):
     services = compose["services"]
     pg_env = services["postgres"]["environment"]
@@ -90,7 +103,7 @@ def test_compose_servers_point_at_postgres_and_minio(compose):
 
     minio_env = services["minio"]["environment"]
     s3_endpoint = "http://minio:9000"
-    assert "9000:9000" in services["minio"]["ports"]
+    assert "127.0.0.1:9000:9000" in services["minio"]["ports"]
     bucket_cmd = services["create-bucket"]["command"]
     bucket = bucket_cmd[-1].split("/", 1)[1]
     assert bucket_cmd[:2] == ["mb", "--ignore-existing"]
