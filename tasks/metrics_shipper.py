@@ -1,0 +1,122 @@
+"""Ship the training journal's metrics to MLflow from the flow process: an outage delays them, never loses them.
+
+The byte offset of the journal already sent is kept beside it (`progress.shipped`), so a later
+`adapterflow register RUN_DIR` sends only what is left. MLflow drops a metric point it already
+has (same key, step, time and value), so a batch resent after a cut-off answer does no harm.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from adapterflow.redact import redact_uri
+from adapterflow.tasks.journal import JOURNAL_FILE, read_records
+
+SHIPPED_FILE = "progress.shipped"
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+HEALTH_TIMEOUT_SECONDS = 2.0
+
+
+class MetricsShipper:
+    """Sends every journal metric not yet sent; says once when the server goes away and once when it is back."""
+
+    def __init__(self, run_dir: Path, uri: str, run_id: str, say: Callable[[str], None]):
+        self.journal, self.shipped_file = Path(run_dir) / JOURNAL_FILE, Path(run_dir) / SHIPPED_FILE
+        self.uri, self.run_id, self.say = uri, run_id, say
+        self.offset = _read_offset(self.shipped_file)
+        self.outage_started: float | None = None
+        self.waiting = 0
+        self._client = None
+
+    def ship(self) -> bool:
+        """True when everything written so far has reached MLflow; False while it does not answer."""
+        records, end = read_records(self.journal, self.offset)
+        for batch, batch_end in _batches(records, self.offset, end):
+            if batch and not self._send(batch):
+                return False
+            self._advance(batch_end)
+        return True
+
+    def pending(self) -> bool:
+        return read_records(self.journal, self.offset)[1] > self.offset
+
+    def drain(self, seconds: float, poll: float = 1.0) -> bool:
+        """Keep trying for up to `seconds`; True when nothing is left unsent."""
+        deadline = time.monotonic() + seconds
+        while not self.ship():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
+        return True
+
+    def _send(self, batch: list) -> bool:
+        if not self._server_answers():
+            self._outage(len(batch))
+            return False
+        try:
+            self._mlflow().log_batch(self.run_id, metrics=batch)
+        except Exception:  # any transport or server error: the points stay in the journal for the next try
+            self._outage(len(batch))
+            return False
+        self._recovered()
+        return True
+
+    def _server_answers(self) -> bool:
+        """A quick /health first: MLflow's client retries a dead server for minutes before it gives up."""
+        if not self.uri.startswith(("http://", "https://")):
+            return True
+        try:
+            urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_SECONDS).close()
+            return True
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _outage(self, points: int) -> None:
+        self.waiting = max(self.waiting, points)
+        if self.outage_started is None:
+            self.outage_started = time.monotonic()
+            self.say(f"MLflow at {redact_uri(self.uri)} is not answering; training goes on, its metrics wait in {self.journal}")
+
+    def _recovered(self) -> None:
+        if self.outage_started is not None:
+            seconds = time.monotonic() - self.outage_started
+            self.say(f"MLflow is back after {seconds:.0f} s; the metrics that waited are being sent")
+            self.outage_started = None
+
+    def _advance(self, offset: int) -> None:
+        self.offset = offset
+        self.shipped_file.write_text(str(offset))
+
+    def _mlflow(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+
+def _batches(records: list[dict], start: int, end: int):
+    """(metrics, offset after them) in batches of whole records; the last batch ends at `end`."""
+    from mlflow.entities import Metric
+
+    batch: list = []
+    for record in records:
+        if record.get("event") != "log":
+            continue
+        points = [Metric(key, float(value), int(record["time"] * 1000), int(record["step"])) for key, value in record["metrics"].items()]
+        if batch and len(batch) + len(points) > MAX_METRICS_PER_BATCH:
+            yield batch, start  # offsets of whole records are not tracked mid-chunk: resending is harmless
+            batch = []
+        batch.extend(points)
+    yield batch, end
+
+
+def _read_offset(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
