@@ -88,3 +88,48 @@ def read_records(path: Path, offset: int) -> tuple[list[dict], int]:
     end = chunk.rfind(b"\n") + 1
     records = [json.loads(line) for line in chunk[:end].splitlines() if line.strip()]
     return records, offset + end
+
+
+class JournalFollower:
+    """Reads new journal records every `interval` seconds on a thread and hands them to each sink.
+
+    A sink has `records(list[dict])` and `close()`. A failing sink is dropped with one notice; it
+    never stops the others or the training it watches.
+    """
+
+    def __init__(self, path: Path, sinks: list, interval: float = 0.5, say=print):
+        import threading
+
+        self.path, self.sinks, self.interval, self.say = Path(path), list(sinks), interval, say
+        self.offset = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="journal-follower", daemon=True)
+
+    def __enter__(self) -> "JournalFollower":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()  # what was written after the last poll
+        for sink in list(self.sinks):
+            self._call(sink, "close")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._poll()
+
+    def _poll(self) -> None:
+        records, self.offset = read_records(self.path, self.offset)
+        if records:
+            for sink in list(self.sinks):
+                self._call(sink, "records", records)
+
+    def _call(self, sink, method: str, *args) -> None:
+        try:
+            getattr(sink, method)(*args)
+        except Exception as err:  # a progress display or dashboard must never break training
+            if sink in self.sinks:
+                self.sinks.remove(sink)
+            self.say(f"progress: {type(sink).__name__} stopped ({type(err).__name__}: {err})")

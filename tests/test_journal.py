@@ -50,3 +50,29 @@ def test_a_line_still_being_written_waits_for_the_next_read(tmp_path):
     more, end = read_records(path, offset)
     assert more == [{"event": "log", "step": 1}] and end == path.stat().st_size
     assert read_records(tmp_path / "absent.jsonl", 7) == ([], 7)
+
+
+def test_follower_hands_every_record_to_each_sink_and_survives_a_broken_one(tmp_path):
+    from adapterflow.tasks.journal import JournalFollower
+
+    class Collect:
+        def __init__(self):
+            self.seen, self.closed = [], False
+
+        def records(self, records):
+            self.seen.extend(records)
+
+        def close(self):
+            self.closed = True
+
+    class Broken(Collect):
+        def records(self, records):
+            raise RuntimeError("display gone")
+
+    journal, good, notices = TrainingJournal(tmp_path / "progress.jsonl"), Collect(), []
+    with JournalFollower(tmp_path / "progress.jsonl", [Broken(), good], interval=0.01, say=notices.append):
+        journal.on_train_begin(ARGS, _state(0), None)
+        for step in range(1, 4):
+            journal.on_log(ARGS, _state(step), None, logs={"loss": 1.0})
+    assert [r["event"] for r in good.seen] == ["begin", "log", "log", "log"] and good.closed
+    assert len(notices) == 1 and "Broken stopped" in notices[0]

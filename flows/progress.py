@@ -1,0 +1,145 @@
+"""Live training progress drawn from the training journal (tasks/journal.py), in three places.
+
+- a terminal: a rich progress bar on stderr (step/total, loss, learning rate, samples/s, ETA);
+- anywhere else (cron, CI, a Prefect worker): one plain line every tenth of the steps or every
+  `every_seconds`, whichever comes first, so a log shows the run moving;
+- the Prefect UI: a progress artifact that moves with training.
+Each is a journal sink: `records(list)` and `close()`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+PLAIN_EVERY_SECONDS = 30.0
+ARTIFACT_EVERY_SECONDS = 5.0
+
+
+class TrainingProgress:
+    """Step, total and the latest metrics, with the rate and ETA measured since training began here."""
+
+    def __init__(self):
+        self.step, self.max_steps, self.metrics, self.finished = 0, 0, {}, False
+        self._start: tuple[float, int] | None = None
+
+    def update(self, record: dict) -> None:
+        self.step = int(record.get("step", self.step))
+        self.max_steps = int(record.get("max_steps") or self.max_steps)
+        if self._start is None or record["event"] == "begin":
+            self._start = (float(record.get("time", time.time())), self.step)
+        if record["event"] == "log":
+            self.metrics = {**self.metrics, **record["metrics"]}
+        self.finished = self.finished or record["event"] == "end"
+
+    def eta_seconds(self, now: float | None = None) -> float | None:
+        if self._start is None or self.step <= self._start[1] or not self.max_steps:
+            return None
+        elapsed = (now or time.time()) - self._start[0]
+        return elapsed / (self.step - self._start[1]) * max(self.max_steps - self.step, 0)
+
+    def stats(self) -> str:
+        parts = []
+        if "train/loss" in self.metrics:
+            parts.append(f"loss {self.metrics['train/loss']:.4f}")
+        if "train/learning_rate" in self.metrics:
+            parts.append(f"lr {self.metrics['train/learning_rate']:.2e}")
+        if "train/samples_per_second" in self.metrics:
+            parts.append(f"{self.metrics['train/samples_per_second']:.1f} samples/s")
+        if "eval/loss" in self.metrics:
+            parts.append(f"eval loss {self.metrics['eval/loss']:.4f}")
+        return "  ".join(parts)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class PlainLines:
+    """A line per tenth of the steps or per `every_seconds`, whichever first; always one at the end."""
+
+    def __init__(self, emit: Callable[[str], None], every_seconds: float = PLAIN_EVERY_SECONDS):
+        self.emit, self.every_seconds, self.progress = emit, every_seconds, TrainingProgress()
+        self._last: tuple[float, int] = (time.monotonic(), 0)
+
+    def records(self, records: list[dict]) -> None:
+        for record in records:
+            self.progress.update(record)
+        step, now = self.progress.step, time.monotonic()
+        every_steps = max(1, self.progress.max_steps // 10)
+        if step > self._last[1] and (step - self._last[1] >= every_steps or now - self._last[0] >= self.every_seconds):
+            self._line()
+
+    def close(self) -> None:
+        if self.progress.step > self._last[1]:
+            self._line()
+
+    def _line(self) -> None:
+        progress = self.progress
+        share = f" ({100 * progress.step // progress.max_steps}%)" if progress.max_steps else ""
+        eta = "" if progress.finished else f"  eta {duration(progress.eta_seconds())}"
+        self.emit(f"train  step {progress.step}/{progress.max_steps or '?'}{share}  {progress.stats()}{eta}".rstrip())
+        self._last = (time.monotonic(), progress.step)
+
+
+class TerminalBar:
+    """rich's progress bar on stderr, redrawn as records arrive; the finished bar stays on screen."""
+
+    def __init__(self, console=None):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.state = TrainingProgress()
+        self.bar = Progress(
+            TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TextColumn("eta"),
+            TimeRemainingColumn(), console=console or Console(stderr=True), transient=False,
+        )
+        self.task = None
+
+    def records(self, records: list[dict]) -> None:
+        for record in records:
+            self.state.update(record)
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=self.state.max_steps or None, stats="")
+        self.bar.update(self.task, completed=self.state.step, total=self.state.max_steps or None, stats=self.state.stats())
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+
+class PrefectProgressArtifact:
+    """A Prefect progress artifact (0-100) updated at most every `every_seconds`, and at the end."""
+
+    def __init__(self, key: str, description: str, every_seconds: float = ARTIFACT_EVERY_SECONDS):
+        self.key, self.description, self.every_seconds = key, description, every_seconds
+        self.progress, self.artifact_id, self._last = TrainingProgress(), None, 0.0
+
+    def records(self, records: list[dict]) -> None:
+        for record in records:
+            self.progress.update(record)
+        if self.artifact_id is None or time.monotonic() - self._last >= self.every_seconds or self.progress.finished:
+            self._publish()
+
+    def close(self) -> None:
+        self._publish()
+
+    def percent(self) -> float:
+        progress = self.progress
+        if progress.finished:
+            return 100.0
+        return round(100.0 * progress.step / progress.max_steps, 1) if progress.max_steps else 0.0
+
+    def _publish(self) -> None:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(self.percent(), key=self.key, description=self.description)
+        else:
+            update_progress_artifact(self.artifact_id, self.percent(), description=self.description)
+        self._last = time.monotonic()
