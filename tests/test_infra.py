@@ -1,6 +1,7 @@
 """Shared servers (infra/): the compose file and the Kubernetes GPU work-pool template are checked
 statically (no container engine or cluster here); the native scripts are run for real: Postgres,
-SeaweedFS S3, an MLflow server and a Prefect server, with the retrain flow run against them."""
+SeaweedFS S3, an MLflow server and a Prefect server, both requiring a login, with the retrain flow
+run against them as the trainer and promotions tried by the trainer and the promoter."""
 
 from __future__ import annotations
 
@@ -63,10 +64,12 @@ def _url(text: str):
 
 def test_compose_has_the_services_and_their_start_order(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", "minio", "create-bucket", "mlflow", "prefect-server", "prefect-worker"}
+    assert set(services) == {"postgres", "minio", "create-bucket", "create-auth-database", "mlflow", "prefect-server", "prefect-worker"}
     expected = {
         "create-bucket": {"minio": "service_healthy"},
-        "mlflow": {"postgres": "service_healthy", "create-bucket": "service_completed_successfully"},
+        "create-auth-database": {"postgres": "service_healthy"},
+        "mlflow": {"postgres": "service_healthy", "create-bucket": "service_completed_successfully",
+                   "create-auth-database": "service_completed_successfully"},
         "prefect-server": {"postgres": "service_healthy"},
         "prefect-worker": {"prefect-server": "service_healthy", "mlflow": "service_healthy",
                            "create-bucket": "service_completed_successfully"},
@@ -77,7 +80,8 @@ def test_compose_has_the_services_and_their_start_order(compose):
         for target, condition in depends.items():
             if condition == "service_healthy":
                 assert services[target]["healthcheck"]["test"], f"{name} waits for {target}'s health, which it lacks"
-    assert services["create-bucket"]["restart"] == "no"  # a one-shot step: 'completed successfully' must be reachable
+    for step in ("create-bucket", "create-auth-database"):
+        assert services[step]["restart"] == "no"  # a one-shot step: 'completed successfully' must be reachable
     declared = set(compose["volumes"])
     for service in services.values():
         for volume in service.get("volumes", []):
@@ -89,7 +93,8 @@ def test_compose_has_no_default_secrets_and_publishes_on_loopback_only():
     text = (INFRA / "compose.yaml").read_text()
     defaults = re.findall(r"\$\{(\w*(?:PASSWORD|SECRET|TOKEN|KEY)\w*):?-", text)
     assert not defaults, f"secrets with a default value: {defaults}"
-    assert set(REQUIRED.findall(text)) == {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"}
+    assert set(REQUIRED.findall(text)) == {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                                           "MLFLOW_FLASK_SERVER_SECRET_KEY", "PREFECT_API_AUTH_STRING"}
     published = [port for service in yaml.safe_load(text)["services"].values() for port in service.get("ports", [])]
     assert published and all(str(port).startswith("127.0.0.1:") for port in published), published
 
@@ -135,6 +140,35 @@ def test_compose_servers_point_at_postgres_and_minio(compose):
         assert (s3["AWS_ACCESS_KEY_ID"], s3["AWS_SECRET_ACCESS_KEY"]) == (minio_env["MINIO_ROOT_USER"], minio_env["MINIO_ROOT_PASSWORD"])
     pools = {d["work_pool"]["name"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
     assert pools == {_option(worker["command"], "--pool")} and _option(worker["command"], "--type") == "process"
+
+
+def test_compose_servers_require_a_login(compose):
+    import configparser
+
+    services = compose["services"]
+    pg_env = services["postgres"]["environment"]
+    mlflow = services["mlflow"]
+    assert _option(mlflow["command"], "--app-name") == "basic-auth"
+    env = mlflow["environment"]
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == "<MLFLOW_AUTH_ADMIN_PASSWORD>"  # required, no default
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == "<MLFLOW_FLASK_SERVER_SECRET_KEY>"
+    [mount] = [v for v in mlflow["volumes"] if v.split(":")[1] == env["MLFLOW_AUTH_CONFIG_PATH"]]
+    ini = configparser.ConfigParser()
+    ini.read(INFRA / mount.split(":")[0])
+    auth = ini["mlflow"]
+    assert "admin_password" not in auth and auth["default_permission"] == "READ" and auth["admin_username"] == "admin"
+    users_db = _url(auth["database_uri"])
+    assert (users_db.scheme, users_db.hostname, users_db.port, users_db.path) == ("postgresql", "postgres", 5432, "/mlflow_auth")
+    assert users_db.username == pg_env["POSTGRES_USER"] and users_db.password is None  # libpq reads PGPASSWORD
+    create = services["create-auth-database"]
+    assert create["environment"]["PGPASSWORD"] == pg_env["POSTGRES_PASSWORD"] and "CREATE DATABASE mlflow_auth" in create["command"][0]
+    assert "Flask-WTF" in (INFRA / mlflow["build"]["dockerfile"]).read_text()  # mlflow[auth]: the app refuses to start without it
+
+    server, worker = services["prefect-server"]["environment"], services["prefect-worker"]["environment"]
+    assert server["PREFECT_SERVER_API_AUTH_STRING"] == worker["PREFECT_API_AUTH_STRING"] == "<PREFECT_API_AUTH_STRING>"
+    # The worker runs flows as the trainer; its password comes from `adapterflow infra users`, never a default.
+    assert worker["MLFLOW_TRACKING_USERNAME"] == "trainer"
+    assert re.search(r"MLFLOW_TRACKING_PASSWORD: \$\{MLFLOW_TRAINER_PASSWORD\}\n", (INFRA / "compose.yaml").read_text())
 
 
 def test_compose_builds_from_files_that_exist(compose):
@@ -213,8 +247,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def native_services():
+    """One set of services for this module's tests (start.sh takes ~30 s); each test uses its own model and users."""
     # Not pytest's tmp_path: its root is private (0700), and as root Postgres runs as another user.
     state = Path(tempfile.mkdtemp(prefix="adapterflow-infra-"))
     state.chmod(0o755)
@@ -247,25 +282,81 @@ def _query(url: str, sql: str, *args) -> tuple:
         connection.close()
 
 
+def _status(url: str, login: str | None = None) -> int:
+    """The HTTP status of a GET, with HTTP basic credentials `user:password` when given."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": "Basic " + base64.b64encode(login.encode()).decode()} if login else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def _client_env(services: dict, home: Path, user: str | None = None, password: str | None = None) -> dict:
+    """A client's environment: env.sh's variables and one MLflow identity (none: no MLflow login at all)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "PREFECT_API_"))}
+    env.update(services, ADAPTERFLOW_HOME=str(home), OMP_NUM_THREADS="1")
+    if user:
+        env.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
+    return env
+
+
+def _team(state: Path, services: dict, model: str, home: Path, out: Path, *names: str) -> dict[str, str]:
+    """`adapterflow infra users` as the admin of these services; returns the new passwords by user name."""
+    admin = _read_env_file(state / "admin.env")
+    created = _adapterflow("infra", "users", model, "--out", str(out), *names,
+                           env=_client_env(services, home, admin["MLFLOW_TRACKING_USERNAME"], admin["MLFLOW_TRACKING_PASSWORD"]))
+    assert created.returncode == 0, created.stderr[-4000:]
+    assert out.stat().st_mode & 0o777 == 0o600 and "PASSWORD=" not in created.stdout
+    return dict(re.findall(r"MLFLOW_TRACKING_USERNAME=(\S+) MLFLOW_TRACKING_PASSWORD=(\S+)", out.read_text()))
+
+
 def _adapterflow(*args: str, env: dict) -> subprocess.CompletedProcess:
     script = Path(sys.executable).parent / "adapterflow"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "adapterflow.flows.cli"]
     return subprocess.run([*command, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
+# Enough training for the first version to beat the bare base model at the promotion gate.
+PROMOTABLE = {"train.max_steps": 20, "train.learning_rate": 0.02, "adapter.target_modules": ["query", "value", "dense"],
+              "train.checkpoint_every": 100, "promotion": {"metric": "accuracy"}}
+
+
 @pytest.mark.e2e
-def test_retrain_against_native_servers(native_services, tmp_path, tiny_bert, cls_data):
+@pytest.mark.timeout(900)  # with the services' start (module fixture) on 2 busy cores: ~6 min measured
+def test_retrain_against_native_servers(native_services, tmp_path, tiny_bert, cls_data, monkeypatch):
     import boto3
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from adapterflow.tasks.registry_tags import read_events
+
     state, services = native_services
     uri, bucket = services["MLFLOW_TRACKING_URI"], services["ADAPTERFLOW_S3_BUCKET"]
+    home = tmp_path / "home"
+
+    # Nobody gets in without a login: MLflow's API and Prefect's answer 401; /health stays open for probes.
+    prefect_login = services["PREFECT_API_AUTH_STRING"]
+    for url in (f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", f"{services['PREFECT_API_URL']}/admin/version"):
+        assert _status(url) == 401, url
+    assert _status(f"{services['PREFECT_API_URL']}/admin/version", prefect_login) == 200
+    assert _status(f"{uri}/health") == _status(f"{services['PREFECT_API_URL']}/health") == 200
+
+    passwords = _team(state, services, MODEL_NAME, home, tmp_path / "users.txt")
+    assert set(passwords) == {"trainer", "promoter"}
+    trainer, promoter = (_client_env(services, home, user, passwords[user]) for user in ("trainer", "promoter"))
+    admin = _read_env_file(state / "admin.env")  # this process reads the servers as the admin
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin["MLFLOW_TRACKING_USERNAME"])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin["MLFLOW_TRACKING_PASSWORD"])
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
     tracking = {"mlflow_uri": uri, "dvc_remote": services["ADAPTERFLOW_DVC_REMOTE"]}
-    config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **{"train.max_steps": 2, "tracking": tracking}))
-    env = dict(os.environ, **services, ADAPTERFLOW_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
-    result = _adapterflow("run", str(config), env=env)
+    config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **{**PROMOTABLE, "tracking": tracking}))
+    result = _adapterflow("run", str(config), env=trainer)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"registered       {MODEL_NAME} version 1  alias @staging" in result.stdout
 
@@ -301,9 +392,10 @@ def test_retrain_against_native_servers(native_services, tmp_path, tiny_bert, cl
     # Prefect: the flow run completed on the server, which keeps it in Postgres.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: services["PREFECT_API_URL"]}), get_client(sync_client=True) as prefect:
+    prefect_settings = {PREFECT_API_URL: services["PREFECT_API_URL"], PREFECT_API_AUTH_STRING: prefect_login}
+    with temporary_settings(prefect_settings), get_client(sync_client=True) as prefect:
         runs = prefect.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["adapterflow-retrain"])),
                                       flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["COMPLETED"]))))
     assert [r.parameters["config_path"] for r in runs] == [str(config)]
@@ -312,9 +404,90 @@ def test_retrain_against_native_servers(native_services, tmp_path, tiny_bert, cl
     # The GPU template is accepted by `prefect work-pool create` on this server.
     pool = subprocess.run([str(Path(sys.executable).parent / "prefect"), "work-pool", "create", "adapterflow-gpu", "--type", "kubernetes",
                            "--base-job-template", str(INFRA / "k8s" / "gpu-job-template.json")],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=trainer, capture_output=True, text=True, timeout=120)
     assert pool.returncode == 0, pool.stdout + pool.stderr
-    with temporary_settings({PREFECT_API_URL: services["PREFECT_API_URL"]}), get_client(sync_client=True) as prefect:
+    with temporary_settings(prefect_settings), get_client(sync_client=True) as prefect:
         created = prefect.read_work_pool("adapterflow-gpu")
     container = created.base_job_template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert created.type == "kubernetes" and container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+
+    # Promotion rights: the trainer is stopped before anything is evaluated; the promoter moves @production.
+    refused = _adapterflow("promote", MODEL_NAME, env=trainer)
+    assert refused.returncode == 5, refused.stderr[-4000:]
+    assert (f"needs MANAGE on registered model '{MODEL_NAME}', and MLflow user 'trainer' has EDIT on it; nothing was "
+            "evaluated or changed") in refused.stderr
+    assert "MANAGE is held by the MLflow admins (admin)" in refused.stderr and "Traceback" not in refused.stderr
+    assert client.get_registered_model(MODEL_NAME).aliases == {"staging": version.version}
+    assert not read_events(client.get_model_version(MODEL_NAME, version.version).tags)
+    promoted = _adapterflow("promote", MODEL_NAME, env=promoter)
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr[-4000:]
+    assert f"promoted version {version.version} to @production" in promoted.stdout
+    assert client.get_registered_model(MODEL_NAME).aliases == {"staging": version.version, "production": version.version}
+    [event] = read_events(client.get_model_version(MODEL_NAME, version.version).tags).values()
+    assert (event["action"], event["by"]) == ("promoted", "promoter")
+
+
+@pytest.mark.slow
+def test_native_servers_grant_promotion_rights_by_model(native_services, tmp_path, monkeypatch):
+    """Without a flow: the preflight's words for a refused login, `infra users` is idempotent and lowers a
+    creator's MANAGE, and promote and rollback stop a trainer before anything else (even a missing version)."""
+    from mlflow.tracking import MlflowClient
+
+    from adapterflow.errors import RegistryError
+    from adapterflow.tasks.auth_users import create_team_users, model_permission
+    from adapterflow.tasks.promote import promote, rollback
+    from adapterflow.tasks.server_health import check_reachable, check_servers
+
+    state, services = native_services
+    uri, model = services["MLFLOW_TRACKING_URI"], "rights-check"
+    admin = _read_env_file(state / "admin.env")
+
+    def login(user: str | None, password: str | None = None) -> None:
+        for name, value in (("MLFLOW_TRACKING_USERNAME", user), ("MLFLOW_TRACKING_PASSWORD", password)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+
+    login(None)
+    with pytest.raises(RegistryError, match="requires a login[)]: unauthorised: set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"):
+        check_reachable(uri)
+    login("admin", "not-the-password")
+    with pytest.raises(RegistryError, match="refused MLflow user 'admin' with that password"):
+        check_reachable(uri)
+    monkeypatch.setenv("PREFECT_API_URL", services["PREFECT_API_URL"])
+    monkeypatch.delenv("PREFECT_API_AUTH_STRING", raising=False)
+    no_remote = type("Config", (), {"tracking": type("Tracking", (), {"dvc_remote": None})})
+    with pytest.raises(RegistryError, match="requires a login[)]: unauthorised: set PREFECT_API_AUTH_STRING"):
+        check_servers(no_remote)
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", services["PREFECT_API_AUTH_STRING"])
+    check_servers(no_remote)
+
+    # A trainer who created the model holds MANAGE (MLflow gives it to creators): `infra users` lowers it to EDIT.
+    login(admin["MLFLOW_TRACKING_USERNAME"], admin["MLFLOW_TRACKING_PASSWORD"])
+    first = create_team_users(uri, "rights-other", "trainer2", "promoter2")
+    passwords = {user.name: user.password for user in first}
+    assert all(passwords.values()) and [u.permission for u in first] == ["EDIT", "MANAGE"]
+    login("trainer2", passwords["trainer2"])
+    MlflowClient(uri, uri).create_registered_model(model)
+    assert model_permission(uri, "trainer2", model) == "MANAGE"
+    with pytest.raises(RegistryError, match="needs an MLflow admin, and 'trainer2' is not one"):
+        create_team_users(uri, model, "trainer2", "promoter2")
+    login(admin["MLFLOW_TRACKING_USERNAME"], admin["MLFLOW_TRACKING_PASSWORD"])
+    lowered = create_team_users(uri, model, "trainer2", "promoter2")
+    assert [(u.name, u.permission, u.password, u.changed_permission) for u in lowered] == [
+        ("trainer2", "EDIT", None, "MANAGE"), ("promoter2", "MANAGE", None, "READ")]
+    again = create_team_users(uri, model, "trainer2", "promoter2")
+    assert [(u.password, u.changed_permission, u.created) for u in again] == [(None, None, False)] * 2
+
+    # The permission check comes first: the trainer hears about MANAGE, the promoter gets past it.
+    locks = tmp_path / "locks"
+    login("trainer2", passwords["trainer2"])
+    for attempt in (lambda: promote(model, uri, locks), lambda: rollback(model, uri, locks)):
+        with pytest.raises(RegistryError, match=f"needs MANAGE on registered model '{model}', and MLflow user 'trainer2' has EDIT"):
+            attempt()
+    login("promoter2", passwords["promoter2"])
+    with pytest.raises(RegistryError, match="has no version with alias @staging"):
+        promote(model, uri, locks)
+    with pytest.raises(RegistryError, match="has no @production version"):
+        rollback(model, uri, locks)

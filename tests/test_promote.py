@@ -72,6 +72,11 @@ def test_promotion_lifecycle(prefect_server, home, tmp_path, tiny_bert, cls_data
     assert actions == ["promoted", "refused", "promoted", "rollback"]
     refusal = {k: v for k, v in _client(home).get_model_version(NAME, "2").tags.items() if k.startswith("adapterflow.event.")}
     assert len(refusal) == 1 and '"action": "refused"' in next(iter(refusal.values()))
+    import getpass
+    import json
+
+    # Who: the OS user on a store without authentication (on a server with auth, the MLflow user: test_infra.py).
+    assert json.loads(next(iter(refusal.values())))["by"] == getpass.getuser()
 
     assert main(["lineage", NAME, "3"]) == 0
     out = capsys.readouterr().out

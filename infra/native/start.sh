@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Start Postgres, SeaweedFS (S3), an MLflow server and a Prefect server on loopback, without a
-# container engine, and write STATE/env.sh for clients.
+# container engine, and write STATE/env.sh for clients. Both servers require a login: MLflow with its
+# basic-auth app (users in the Postgres database mlflow_auth; the admin's credentials in STATE/admin.env),
+# Prefect with an auth string (PREFECT_API_AUTH_STRING in env.sh).
 #   infra/native/start.sh [STATE]       (default $ADAPTERFLOW_INFRA_DIR or .adapterflow/infra)
-#   source STATE/env.sh; adapterflow run config.yaml
+#   source STATE/env.sh
+#   (source STATE/admin.env; adapterflow infra users MODEL --out FILE)   # once: the trainer and the promoter
+#   export MLFLOW_TRACKING_USERNAME=trainer MLFLOW_TRACKING_PASSWORD=...; adapterflow run config.yaml
 #   infra/native/stop.sh [STATE]
 # Ports (defaults): ADAPTERFLOW_PG_PORT 5432, ADAPTERFLOW_S3_PORT 8333, ADAPTERFLOW_MLFLOW_PORT 5000,
 # ADAPTERFLOW_PREFECT_PORT 4200; SeaweedFS' internal ones: ADAPTERFLOW_WEED_{MASTER,VOLUME,FILER}_PORT
@@ -13,6 +17,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 TIMEOUT=${ADAPTERFLOW_START_TIMEOUT:-240}  # seconds per service; a first Prefect migration is slow on 2 cores
 HOST=127.0.0.1
+MLFLOW_ADMIN_USER=admin
 
 # Ports and bucket from the environment, unless services of STATE run already: then theirs.
 settings() {
@@ -76,14 +81,25 @@ on_exit() {
     exit "$status"
 }
 
-# Credentials are made once per state folder and reused, so the stored data stays readable.
+# Credentials are made once per state folder and reused, so the stored data stays readable; a key
+# missing from an older state folder's file is added. MLFLOW_ADMIN_PASSWORD creates MLflow's admin on
+# the first start against an empty user store; MLFLOW_SECRET_KEY signs MLflow's CSRF tokens.
 load_secrets() {
     local file=$STATE/secrets.env
-    if [ ! -f "$file" ]; then
-        (umask 077; "$PY" -c 'import secrets
-for key in ("PG_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY"):
-    print(f"{key}={secrets.token_hex(16)}")' >"$file")
-    fi
+    (umask 077; touch "$file"; "$PY" - "$file" <<'EOF'
+import secrets, sys
+path = sys.argv[1]
+with open(path) as handle:
+    have = {line.split("=", 1)[0] for line in handle if "=" in line}
+new = {
+    "PG_PASSWORD": secrets.token_hex(16), "S3_ACCESS_KEY": secrets.token_hex(16), "S3_SECRET_KEY": secrets.token_hex(16),
+    "MLFLOW_ADMIN_PASSWORD": secrets.token_hex(16), "MLFLOW_SECRET_KEY": secrets.token_hex(32),
+    "PREFECT_AUTH_STRING": "adapterflow:" + secrets.token_hex(16),
+}
+with open(path, "a") as handle:
+    handle.writelines(f"{key}={value}\n" for key, value in new.items() if key not in have)
+EOF
+    )
     # shellcheck disable=SC1090
     source "$file"
 }
@@ -195,7 +211,7 @@ psql_admin() {
 
 create_databases() {
     local db
-    for db in mlflow prefect; do
+    for db in mlflow mlflow_auth prefect; do
         [ "$(psql_admin -c "SELECT 1 FROM pg_database WHERE datname = '$db'")" = 1 ] || psql_admin -c "CREATE DATABASE $db"
     done
 }
@@ -230,22 +246,41 @@ s3_env() {
 }
 
 # Artifacts are proxied (--serve-artifacts is the default): clients need no S3 credentials.
+# The basic-auth app: every request but /health needs a user; users may read everything
+# (default_permission READ) and create experiments and models; writing to a registered model
+# someone else created needs a grant (adapterflow infra users). Passwords and keys go by environment.
 start_mlflow() {
+    write_auth_config
     # Job execution (GenAI features adapterflow does not use) would add 8 worker processes.
     # shellcheck disable=SC2046
     start_detached mlflow env $(s3_env) PGPASSWORD="$PG_PASSWORD" MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1 \
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" \
-        "$MLFLOW" server --host "$HOST" --port "$MLFLOW_PORT" --workers 1 \
+        MLFLOW_AUTH_CONFIG_PATH="$STATE/mlflow/basic_auth.ini" MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_ADMIN_PASSWORD" \
+        MLFLOW_FLASK_SERVER_SECRET_KEY="$MLFLOW_SECRET_KEY" \
+        "$MLFLOW" server --app-name basic-auth --host "$HOST" --port "$MLFLOW_PORT" --workers 1 \
         --backend-store-uri "postgresql://$DB_USER@$HOST:$PG_PORT/mlflow" \
         --artifacts-destination "s3://$BUCKET/mlflow"
-    log "mlflow started"
+    log "mlflow started (basic-auth; the admin's credentials in $STATE/admin.env)"
+}
+
+# MLflow's auth settings; no secret in them (libpq reads PGPASSWORD, the admin password comes by environment).
+write_auth_config() {
+    mkdir -p "$STATE/mlflow"
+    cat >"$STATE/mlflow/basic_auth.ini" <<EOF
+[mlflow]
+default_permission = READ
+database_uri = postgresql://$DB_USER@$HOST:$PG_PORT/mlflow_auth
+admin_username = $MLFLOW_ADMIN_USER
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+EOF
 }
 
 # The connection URL (with its password) goes by environment, not on the command line.
 start_prefect() {
     mkdir -p "$STATE/prefect"
-    start_detached prefect env -u PREFECT_API_URL PREFECT_HOME="$STATE/prefect" \
+    start_detached prefect env -u PREFECT_API_URL -u PREFECT_API_AUTH_STRING PREFECT_HOME="$STATE/prefect" \
         PREFECT_API_DATABASE_CONNECTION_URL="postgresql+asyncpg://$DB_USER:$PG_PASSWORD@$HOST:$PG_PORT/prefect" \
+        PREFECT_SERVER_API_AUTH_STRING="$PREFECT_AUTH_STRING" \
         PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 \
         "$PREFECT" server start --host "$HOST" --port "$PREFECT_PORT"
     log "prefect started"
@@ -255,7 +290,10 @@ write_env_file() {
     (umask 077; cat >"$STATE/env.sh" <<EOF
 # Written by infra/native/start.sh for the services in $STATE; source it, then run adapterflow.
 # In run configs: tracking.mlflow_uri: $MLFLOW_URL and tracking.dvc_remote: s3://$BUCKET/dvc
+# MLflow also needs a user: MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD of one that
+# adapterflow infra users made (the admin's, in admin.env, are for administration).
 export PREFECT_API_URL=$PREFECT_API
+export PREFECT_API_AUTH_STRING=$PREFECT_AUTH_STRING
 export MLFLOW_TRACKING_URI=$MLFLOW_URL
 export ADAPTERFLOW_DVC_REMOTE=s3://$BUCKET/dvc
 export ADAPTERFLOW_S3_BUCKET=$BUCKET
@@ -267,6 +305,12 @@ export AWS_ENDPOINT_URL=$S3_URL
 export MLFLOW_S3_ENDPOINT_URL=$S3_URL
 export ADAPTERFLOW_POSTGRES_URL=postgresql://$DB_USER:$PG_PASSWORD@$HOST:$PG_PORT
 export ADAPTERFLOW_INFRA_DIR=$STATE
+EOF
+    cat >"$STATE/admin.env" <<EOF
+# Written by infra/native/start.sh: the MLflow admin of the services in $STATE, for administration
+# only (adapterflow infra users); runs and promotions use the users it creates.
+export MLFLOW_TRACKING_USERNAME=$MLFLOW_ADMIN_USER
+export MLFLOW_TRACKING_PASSWORD=$MLFLOW_ADMIN_PASSWORD
 EOF
     )
 }
