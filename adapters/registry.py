@@ -25,7 +25,7 @@ DEFAULT_METHOD = "lora"  # when a config names none
 class InitConfig(BaseModel):
     """Base of every initializer's `adapter.init` section: unknown keys refused, frozen, `method` its tag."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # .inf/.nan refused in every float knob
 
     # Fields naming data files: resolved against the config file's folder, md5'd into the init cache key.
     path_fields: ClassVar[tuple[str, ...]] = ()

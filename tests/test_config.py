@@ -38,12 +38,17 @@ def test_equal_configs_have_equal_digests(tmp_path, tiny_bert, cls_data):
     assert a.digest() == b.digest() != c.digest()
 
 
-def _check(tmp_path, capsys, text: str) -> str:
+def _check(tmp_path, capsys, text: str | bytes) -> str:
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return _check_path(capsys, path)
+
+
+def _check_path(capsys, path: Path) -> str:
+    """`adapterflow check` refuses the config with exit 2 and one message: short, no traceback."""
     assert main(["check", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
+    assert err.startswith("error: ") and "Traceback" not in err and len(err) < 2_000, err[:3_000]
     return err
 
 
@@ -58,6 +63,43 @@ def _bad(tmp_path, tiny_bert, cls_data, mutate) -> str:
     import yaml
 
     return yaml.safe_dump(config)
+
+
+def _tracking(**values):
+    return lambda c: c.setdefault("tracking", {}).update(values)
+
+
+def _registry(**values):
+    return lambda c: c["registry"].update(values)
+
+
+INF, NAN = float("inf"), float("nan")
+# Every float knob a config sets: .inf and .nan are refused in each, by the schema (allow_inf_nan=False).
+FLOAT_KNOBS = [
+    ("adapter.alpha", lambda c, v: c["adapter"].update(alpha=v)),
+    ("adapter.dropout", lambda c, v: c["adapter"].update(dropout=v)),
+    ("train.epochs", lambda c, v: (c["train"].pop("max_steps"), c["train"].update(epochs=v))),
+    ("train.learning_rate", lambda c, v: c["train"].update(learning_rate=v)),
+    ("train.weight_decay", lambda c, v: c["train"].update(weight_decay=v)),
+    ("train.warmup_ratio", lambda c, v: c["train"].update(warmup_ratio=v)),
+    ("train.checkpoint_merge.penalty", lambda c, v: c["train"].update(checkpoint_merge={"checkpoints": 2, "penalty": v})),
+    ("adapter.init.eva.rho", lambda c, v: c["adapter"].update(init={"method": "eva", "rho": v})),
+    ("adapter.init.eva.tau", lambda c, v: c["adapter"].update(init={"method": "eva", "tau": v})),
+    ("adapter.init.lora_ga.stable_gamma", lambda c, v: c["adapter"].update(init={"method": "lora_ga", "stable_gamma": v})),
+    ("adapter.init.lora_sb.update_lr", lambda c, v: c["adapter"].update(init={"method": "lora_sb", "update_lr": v})),
+    ("adapter.init.auto.budget", lambda c, v: c["adapter"].update(init={"method": "auto", "budget": v})),
+    ("adapter.init.auto.lr_multipliers.1", lambda c, v: c["adapter"].update(init={"method": "auto", "lr_multipliers": [1.0, v]})),
+    ("evaluate.intruders.threshold", lambda c, v: c["evaluate"].update(intruders={"threshold": v})),
+    ("data.checks.max_duplicate_rate", lambda c, v: c["data"]["checks"].update(max_duplicate_rate=v)),
+    ("promotion.min_improvement", lambda c, v: c.setdefault("promotion", {}).update(min_improvement=v)),
+    ("promotion.tie_margin", lambda c, v: c.setdefault("promotion", {}).update(tie_margin=v)),
+    ("promotion.forgetting.tolerance", lambda c, v: c.setdefault("promotion", {}).update(forgetting={"file": "f.csv", "tolerance": v})),
+    ("tracking.system_metrics_seconds", lambda c, v: c.setdefault("tracking", {}).update(system_metrics_seconds=v)),
+]
+NOT_FINITE = [
+    pytest.param((lambda c, set_=set_, v=v: set_(c, v)), f"{key}: must be a finite number, not {v}", id=f"{v}-{key}")
+    for key, set_ in FLOAT_KNOBS for v in (INF, NAN)
+]
 
 
 @pytest.mark.parametrize(
@@ -88,12 +130,58 @@ def _bad(tmp_path, tiny_bert, cls_data, mutate) -> str:
         (lambda c: c["train"].update(checkpoint_merge={"checkpoints": 2}, log_every=3),
          "some checkpoints have no loss; lower train.log_every"),
         (lambda c: c["train"].update(checkpoint_merge={"checkpoints": 1}), "train.checkpoint_merge.checkpoints"),
+        # Names that become paths: contained, or refused.
+        (_tracking(experiment="../../x"), "tracking.experiment: becomes a folder and file name"),
+        (_tracking(experiment="team/run"), "tracking.experiment: becomes a folder and file name"),
+        (_tracking(experiment=".hidden"), "tracking.experiment: becomes a folder and file name"),
+        (_tracking(experiment="a\0b"), "tracking.experiment: becomes a folder and file name"),
+        (lambda c: c.update(name="../escape"), "name: becomes a folder and file name"),
+        (lambda c: c.update(name="n" * 101), "name: is 101 characters long; it becomes part of folder and file names, so at most 100"),
+        (_registry(model_name="m" * 101), "registry.model_name: is 101 characters long"),
+        (_registry(model_name="team/model"), "registry.model_name: becomes a folder and file name"),
+        (lambda c: c["data"].update(train="a\0b.csv"), "data.train: contains a NUL character"),
+        (lambda c: c["data"].update(train="x" * 2000 + ".csv"), "data.train: String should have at most 1024 characters"),
+        (lambda c: c["adapter"].update(init={"method": "corda", "mode": "kpm", "knowledge": "k" * 2000 + ".csv"}),
+         "adapter.init.knowledge must be a path of at most 1024 characters"),
+        (lambda c: c["data"].update(labels="games"), "data.labels: data.labels must be a list of the label values"),
+        # Values MLflow, numpy, Prefect or DVC would refuse only after training.
+        (_registry(staging_alias="live", production_alias="live"), "registry.staging_alias and registry.production_alias are both 'live'"),
+        (_registry(staging_alias="latest"), "registry.staging_alias: 'latest' (in any case) is reserved by MLflow"),
+        (_registry(production_alias="LATEST"), "registry.production_alias: 'latest' (in any case) is reserved by MLflow"),
+        (_registry(production_alias="v3"), "registry.production_alias: v<number> is reserved by MLflow"),
+        (_registry(staging_alias="my alias"), "registry.staging_alias: MLflow allows only letters, digits, '_' and '-'"),
+        (_registry(staging_alias="a.b"), "registry.staging_alias: MLflow allows only letters, digits, '_' and '-'"),
+        (_registry(staging_alias=""), "registry.staging_alias: MLflow allows only letters, digits, '_' and '-'"),
+        (_registry(staging_alias="a" * 256), "registry.staging_alias: is 256 characters long; MLflow allows at most 255"),
+        (lambda c: c["train"].update(seed=2**32), "train.seed: Input should be less than 4294967296"),
+        (lambda c: c["train"].update(seed=-1), "train.seed: Input should be greater than or equal to 0"),
+        (lambda c: c.update(schedule={"cron": "0 3 * * *", "timezone": "Mars/Olympus"}), "schedule.timezone: unknown time zone"),
+        (lambda c: c.update(schedule={"interval_seconds": 60, "timezone": "../../etc/passwd"}), "schedule.timezone: unknown time zone"),
+        (lambda c: c.update(schedule={"interval_seconds": 60, "timezone": "localtime"}), "schedule.timezone: unknown time zone"),
+        (_tracking(dvc_remote="--help"), "tracking.dvc_remote: starts with '-', which the DVC command line would read as an option"),
+        (_tracking(dvc_remote="-d"), "tracking.dvc_remote: starts with '-'"),
+        (_tracking(dvc_remote=" "), "tracking.dvc_remote: is empty"),
+        (_tracking(dvc_remote="s3://bucket/x\n[core]"), "tracking.dvc_remote: contains a control character"),
+        # Labels: all strings or all integers.
+        (lambda c: c["data"].update(labels=[0, "games", 2]), "data.labels must be all strings or all integers; got int, str"),
+        (lambda c: c["data"].update(labels=[True, False]), "yes/no, true/false and on/off without quotes are YAML booleans: quote them"),
+        (lambda c: c["data"].update(labels=[0.0, 1.0]), "data.labels must be all strings or all integers; got float"),
+        (lambda c: c["data"].update(labels=[1, 1]), "data.labels must list at least two distinct label values"),
+        (lambda c: c["data"].update(labels=[0, 2**64]), "integer data.labels must fit in 64 bits"),
+        *NOT_FINITE,
     ],
     ids=["unknown-key", "wrong-type", "rank-zero", "dropout-range", "odd-rank-orthogonal", "odd-rank-race-candidate",
          "unknown-method", "negative-niter",
          "steps-and-epochs", "two-model-sources", "labels-missing", "data-format", "missing-section",
          "kpm-without-knowledge", "rho-below-1", "tau-zero", "tau-above-1", "ga-direction", "ga-no-batches", "sb-negative-lr",
-         "merge-too-few-checkpoints", "merge-unlogged-loss", "merge-one-checkpoint"],
+         "merge-too-few-checkpoints", "merge-unlogged-loss", "merge-one-checkpoint",
+         "experiment-traversal", "experiment-slash", "experiment-dot", "experiment-nul", "name-traversal", "name-too-long",
+         "model-name-too-long", "model-name-slash", "data-path-nul", "data-path-too-long", "init-path-too-long", "labels-not-a-list",
+         "aliases-equal", "alias-latest", "alias-latest-upper", "alias-version", "alias-space", "alias-dot", "alias-empty",
+         "alias-too-long", "seed-2-32", "seed-negative", "timezone-unknown", "timezone-path", "timezone-localtime",
+         "dvc-remote-option", "dvc-remote-short-option", "dvc-remote-blank", "dvc-remote-newline",
+         "labels-mixed", "labels-bool", "labels-float", "labels-int-duplicate", "labels-int-too-big",
+         *(p.id for p in NOT_FINITE)],
 )
 def test_bad_config_gets_one_clear_error(tmp_path, capsys, tiny_bert, cls_data, mutate, expected):
     err = _check(tmp_path, capsys, _bad(tmp_path, tiny_bert, cls_data, mutate))
@@ -228,3 +316,289 @@ def test_check_does_not_import_torch():
             "import sys; print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr[-2000:]
+
+
+# --- YAML that would exhaust or mislead the loader: each refused with one short message, fast ---------------------------
+
+
+def _billion_laughs(depth: int = 9, width: int = 9) -> str:
+    """About 1 KB of nested anchors; expanded, width**depth strings (387 million at 9 x 9)."""
+    lines = [f"a0: &a0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, depth)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("where", ["top-level", "in-a-field"])
+def test_nested_anchors_are_refused_unexpanded(tmp_path, capsys, tiny_bert, cls_data, where):
+    import time
+    import tracemalloc
+
+    import yaml
+
+    config = yaml.safe_dump(cls_config(tiny_bert, cls_data))
+    bomb = _billion_laughs()
+    if where == "in-a-field":  # the expansion lands where validation would report it, in data.labels
+        bomb = bomb.replace("a8:", "bomb:") + config.replace("  labels:\n  - games\n  - science\n  - sound\n", "  labels: *a7\n")
+        assert "labels: *a7" in bomb
+    else:
+        bomb += config
+    assert len(_billion_laughs()) < 1_100
+    tracemalloc.start()
+    start = time.perf_counter()
+    err = _check(tmp_path, capsys, bomb)
+    elapsed, peak = time.perf_counter() - start, tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert "more than 10,000 values by line" in err and "counting each alias (*name) as the values it repeats" in err
+    assert "lol" not in err
+    assert elapsed < 1.0 and peak < 20_000_000, (elapsed, peak)
+
+
+def test_a_few_aliases_still_load(tmp_path, tiny_bert, cls_data):
+    import yaml
+
+    text = yaml.safe_dump(cls_config(tiny_bert, cls_data))
+    text = "modules: &modules [query, value]\n" + text.replace("  target_modules:\n  - query\n  - value\n", "  target_modules: *modules\n")
+    config = yaml.safe_load(text)
+    config.pop("modules")
+    loaded = load_config(write_config(tmp_path / "c.yaml", config))
+    assert loaded.adapter.target_modules == ["query", "value"]
+    (tmp_path / "anchored.yaml").write_text(text.replace("modules: &modules", "adapter_defaults: &modules"))
+    err = pytest.raises(ConfigError, load_config, tmp_path / "anchored.yaml").value
+    assert "adapter_defaults: unknown key" in str(err)  # anchors load; the schema still judges the keys
+
+
+def test_recursive_alias_is_refused(tmp_path, capsys):
+    err = _check(tmp_path, capsys, "name: x\nloop: &loop [1, *loop]\n")
+    assert "alias *'loop' at line 2 refers to a node that contains it (a recursive alias)" in err
+
+
+def test_deep_nesting_is_refused(tmp_path, capsys):
+    assert "nested more than 32 levels deep at line 2" in _check(tmp_path, capsys, "name: x\nx: " + "[" * 40 + "]" * 40 + "\n")
+    assert "invalid YAML" in _check(tmp_path, capsys, "name: x\nx: " + "[" * 100_000 + "]" * 100_000 + "\n")
+
+
+@pytest.mark.parametrize("section", ["train", "data.labels-twice", "flow-mapping"])
+def test_duplicate_keys_are_refused_with_their_lines(tmp_path, capsys, tiny_bert, cls_data, section):
+    import yaml
+
+    text = yaml.safe_dump(cls_config(tiny_bert, cls_data), sort_keys=False)
+    if section == "train":  # today's silent bug: the second train: replaced the first
+        text += "train:\n  max_steps: 1000\n"
+        key, prefix = "'train'", "train:"
+    elif section == "data.labels-twice":
+        text = text.replace("  max_length: 24\n", "  max_length: 24\n  labels: [a, b]\n")
+        key, prefix = "'labels'", "  labels:"
+    else:
+        text = text.replace("model:\n  path:", "model: {bundled: minilm, bundled: minilm}\nmodel_:\n  path:")
+        key, prefix = "'bundled'", "model: {"
+    lines = [i + 1 for i, line in enumerate(text.splitlines()) if line.startswith(prefix)] * (2 if section == "flow-mapping" else 1)
+    err = _check(tmp_path, capsys, text)
+    assert f"key {key} appears twice in one mapping, at line {lines[0]} and line {lines[1]}" in err and "Merge the two into one" in err
+
+
+def test_a_merge_key_may_be_overridden(tmp_path, tiny_bert, cls_data):
+    import yaml
+
+    text = yaml.safe_dump(cls_config(tiny_bert, cls_data), sort_keys=False)
+    text = text.replace("adapter:\n  r: 4\n", "adapter:\n  <<: {r: 2, alpha: 4.0}\n  r: 4\n")
+    path = tmp_path / "merge.yaml"
+    path.write_text(text)
+    assert load_config(path).adapter.r == 4  # an explicit key over a merged one is YAML's override, not a duplicate
+    from adapterflow.tasks.config import _read_yaml
+
+    path.write_text("a:\n  <<: &x {<<: {k: 1}, k: 2}\nb: *x\nc: {<<: [*x, {j: 3}], j: 4}\n")  # merging rewrites x's node
+    assert _read_yaml(path)["c"]["j"] == 4
+
+
+def test_non_utf8_config_is_refused(tmp_path, capsys, tiny_bert, cls_data):
+    import yaml
+
+    text = yaml.safe_dump(cls_config(tiny_bert, cls_data), sort_keys=False).replace("name: tiny-cls", "name: tiny-cls  # café")
+    err = _check(tmp_path, capsys, text.encode("latin-1"))
+    assert "is not UTF-8 text: byte 0xe9 at line 1 is not valid UTF-8. Save the file as UTF-8" in err
+
+
+def test_a_utf8_bom_is_fine(tmp_path, tiny_bert, cls_data):
+    import yaml
+
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + yaml.safe_dump(cls_config(tiny_bert, cls_data)).encode())
+    assert load_config(path).name == "tiny-cls"
+
+
+def test_unreadable_config_is_refused(tmp_path, capsys, monkeypatch, tiny_bert, cls_data):
+    import os
+
+    import adapterflow.tasks.config as config_module
+
+    path = write_config(tmp_path / "secret.yaml", cls_config(tiny_bert, cls_data))
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads any file: make open() answer as it does for anyone else
+        def denied(file, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(file))
+
+        monkeypatch.setattr(config_module, "open", denied, raising=False)
+    err = _check_path(capsys, path)
+    assert f"cannot read {path}: permission denied. Make it readable for this user (chmod u+r {path})" in err
+
+
+def test_a_folder_or_a_device_is_not_a_config(tmp_path, capsys):
+    assert f"{tmp_path} is a folder, not a config file" in _check_path(capsys, tmp_path)
+    assert "/dev/null is not a regular file" in _check_path(capsys, Path("/dev/null"))
+
+
+def test_oversized_config_is_refused_without_reading_it_all(tmp_path, capsys):
+    path = tmp_path / "huge.yaml"
+    with open(path, "w") as handle:
+        handle.write("name: x\nnotes: ")
+        handle.write("y" * 50_000_000)
+    err = _check_path(capsys, path)
+    assert "is larger than 1 MB; a run config is a few KB" in err
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", "is empty. Start from configs/demo.yaml"),
+    ("- a\n- b\n", "expected a mapping of sections"),
+    ("name: x\nwhen: 2024-13-45\n", "a value cannot be read as YAML: month must be in 1..12"),
+    ("name: x\nr: !!int abc\n", "a value cannot be read as YAML: invalid literal for int()"),
+    ("name: x\nr: " + "9" * 5000 + "\n", "a value cannot be read as YAML: Exceeds the limit (4300 digits)"),
+    ("name: x\nr: !!python/object:os.system x\n", "could not determine a constructor"),
+    ("name: x\nr: \x07\n", "invalid YAML at line 2: control characters are not allowed"),
+    ("name: a\n---\nname: b\n", "invalid YAML at line 2, column 1: but found another document"),
+    ("name: x\n\x1b[2Jy: 1\n", "invalid YAML"),
+    ("".join(f"k{i}: {i}\n" for i in range(20_000)), "more than 10,000 values by line 5000"),
+], ids=["empty", "a-list", "bad-date", "bad-int-tag", "huge-int", "python-tag", "control-character", "two-documents",
+        "terminal-escape", "too-many-values"])
+def test_yaml_that_cannot_be_a_config(tmp_path, capsys, text, expected):
+    assert expected in _check(tmp_path, capsys, text)
+
+
+def test_many_problems_make_one_bounded_message(tmp_path, capsys, tiny_bert, cls_data):
+    def mutate(c):
+        c["adapter"]["target_modules"] = [[i] for i in range(3000)]
+        c["name"] = "x" * 4000
+        c["bogus\x1b[2J"] = 1
+
+    err = _check(tmp_path, capsys, _bad(tmp_path, tiny_bert, cls_data, mutate))
+    assert "3002 problem(s)" in err and "and 2994 more; fix these first" in err and "\x1b" not in err
+
+
+# --- values that are accepted, and where they end up ----------------------------------------------------------------------
+
+
+def test_integer_labels_are_accepted(tmp_path, tiny_bert, cls_data):
+    loaded = load_config(write_config(tmp_path / "c.yaml", cls_config(tiny_bert, cls_data, **{"data.labels": [0, 1, 2]})))
+    assert loaded.data.labels == [0, 1, 2] and all(type(label) is int for label in loaded.data.labels)
+    strings = load_config(write_config(tmp_path / "s.yaml", cls_config(tiny_bert, cls_data, **{"data.labels": ["0", "1", "2"]})))
+    assert strings.data.labels == ["0", "1", "2"] and strings.digest() != loaded.digest()
+
+
+def test_dvc_remote_folders_resolve_against_the_config_folder_and_urls_stay(tmp_path, tiny_bert, cls_data):
+    def remote(value):
+        config = cls_config(tiny_bert, cls_data, **{"tracking.dvc_remote": value})
+        return load_config(write_config(tmp_path / "c.yaml", config)).tracking.dvc_remote
+
+    assert remote("remote") == str((tmp_path / "remote").resolve())
+    assert remote("../shared/remote") == str((tmp_path.parent / "shared" / "remote").resolve())
+    assert remote("./-odd") == str((tmp_path / "-odd").resolve())
+    assert remote("/srv/dvc") == "/srv/dvc"
+    for url in ("s3://bucket/data", "gs://bucket/data", "ssh://host/srv/dvc", "https://dvc.example/store", "azure://c/p"):
+        assert remote(url) == url
+
+
+def test_good_names_aliases_seeds_and_timezones_load(tmp_path, tiny_bert, cls_data):
+    config = cls_config(tiny_bert, cls_data, **{
+        "name": "n" * 100, "registry.model_name": "My_model.v2-x", "registry.staging_alias": "candidate-1",
+        "registry.production_alias": "Live_2", "train.seed": 2**32 - 1, "tracking.experiment": "team.exp-1",
+        "schedule": {"cron": "0 3 * * *", "timezone": "Europe/Berlin"},
+    })
+    loaded = load_config(write_config(tmp_path / "c.yaml", config))
+    assert loaded.train.seed == 2**32 - 1 and loaded.schedule.timezone == "Europe/Berlin"
+    assert loaded.experiment_name() == "team.exp-1"
+
+
+@pytest.mark.parametrize("alias", ["staging", "prod-1", "a_b", "V", "v", "va1", "v1a", "1", "latest2", "x" * 255,
+                                   "latest", "LaTeSt", "v1", "V42", "a b", "a.b", "a/b", "", "x" * 256])
+def test_alias_rules_match_mlflow(alias):
+    """The schema refuses exactly the (ASCII) aliases MLflow's own validation refuses."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+    from pydantic import ValidationError
+
+    from adapterflow.tasks.config import RegistrySpec
+
+    try:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+        mlflow_accepts = True
+    except MlflowException:
+        mlflow_accepts = False
+    try:
+        RegistrySpec(model_name="m", staging_alias=alias, production_alias="other")
+        we_accept = True
+    except ValidationError:
+        we_accept = False
+    assert we_accept == mlflow_accepts
+
+
+def test_timezones_are_the_ones_prefect_accepts():
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from adapterflow.tasks.config import ScheduleSpec
+
+    for zone in ("UTC", "America/New_York", "Asia/Kolkata", "Etc/GMT+5"):
+        assert ScheduleSpec(cron="0 3 * * *", timezone=zone).timezone == CronSchedule(cron="0 3 * * *", timezone=zone).timezone
+
+
+# --- model.trust_remote_code reaches every from_pretrained ------------------------------------------------------------------
+
+
+def test_trust_remote_code_reaches_from_pretrained(tmp_path, tiny_bert, cls_data):
+    from adapterflow.tasks import model_io
+
+    for trust in (False, True):
+        config = load_config(write_config(tmp_path / "c.yaml", cls_config(tiny_bert, cls_data, **{"model.trust_remote_code": trust})))
+        ref = model_io.resolve_base(config.model)
+        assert ref.trust_remote_code is trust
+        assert model_io._load(lambda name, **kwargs: kwargs, ref, dtype="float32") == {"trust_remote_code": trust, "dtype": "float32"}
+
+
+def _custom_code_model(tiny_bert: Path, folder: Path) -> Path:
+    """tiny-bert as a model type transformers does not know, its classes in the folder: loading it runs that code."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_bert, folder)
+    (folder / "configuration_marked.py").write_text(
+        "import pathlib\n\nfrom transformers import BertConfig\n\n"
+        f"pathlib.Path({str(folder / 'code-ran')!r}).touch()\n\n\n"
+        "class MarkedConfig(BertConfig):\n    model_type = 'marked-bert'\n"
+    )
+    (folder / "modeling_marked.py").write_text(
+        "from transformers import BertForSequenceClassification\n\nfrom .configuration_marked import MarkedConfig\n\n\n"
+        "class MarkedForSequenceClassification(BertForSequenceClassification):\n    config_class = MarkedConfig\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="marked-bert", auto_map={
+        "AutoConfig": "configuration_marked.MarkedConfig",
+        "AutoModelForSequenceClassification": "modeling_marked.MarkedForSequenceClassification",
+    })
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_model_that_needs_its_own_code_is_refused_unless_trusted(tmp_path, tiny_bert, cls_data):
+    from adapterflow.errors import ModelError
+    from adapterflow.tasks.model_io import load_model, load_tokenizer, resolve_base
+
+    folder = _custom_code_model(tiny_bert, tmp_path / "custom")
+    untrusted = load_config(write_config(tmp_path / "u.yaml", cls_config(folder, cls_data)))
+    with pytest.raises(ModelError, match="needs its own Python code to load, and model.trust_remote_code is false"):
+        load_model(resolve_base(untrusted.model), "sequence_classification", untrusted.data.labels)
+    assert not (folder / "code-ran").exists()
+    trusted = load_config(write_config(tmp_path / "t.yaml", cls_config(folder, cls_data, **{"model.trust_remote_code": True})))
+    ref = resolve_base(trusted.model)
+    model = load_model(ref, "sequence_classification", [0, 1, 2])
+    assert load_tokenizer(ref)("a test").input_ids
+    assert (folder / "code-ran").exists() and model.config.id2label == {0: "0", 1: "1", 2: "2"}
+    assert ref.identity != resolve_base(untrusted.model).identity  # the code it runs is part of its identity
