@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from adapterflow.errors import DataError
-from adapterflow.tasks.data_io import read_split
+from adapterflow.tasks.data_io import label_type_mismatch, labels_as_declared, read_split
 
 IGNORE = -100  # label id the loss skips (prompt tokens, padding)
 
@@ -12,9 +12,10 @@ def encode_split(config, tokenizer, split: str):
     """A datasets.Dataset of model inputs for one split named in config.data."""
     from datasets import Dataset
 
-    frame = read_split(getattr(config.data, split), split)
+    path = getattr(config.data, split)
+    frame = read_split(path, split)
     if config.task == "sequence_classification":
-        rows = _classification_rows(frame, config, tokenizer)
+        rows = _classification_rows(frame, config, tokenizer, split, path)
     else:
         rows = [_sft_row(record, config, tokenizer) for record in frame.to_dict("records")]
         _require_response_tokens(rows, split, config.data.max_length)
@@ -30,15 +31,39 @@ def _require_response_tokens(rows: list[dict], split: str, max_length: int) -> N
         )
 
 
-def _classification_rows(frame, config, tokenizer) -> list[dict]:
-    label_ids = {label: i for i, label in enumerate(config.data.labels)}
+def _classification_rows(frame, config, tokenizer, split: str, path) -> list[dict]:
     texts = frame[config.data.text_field].astype(str).tolist()
     encoded = tokenizer(texts, truncation=True, max_length=config.data.max_length)
-    labels = [label_ids[str(v)] for v in frame[config.data.label_field]]
+    labels = label_ids(frame, config, split, path)
     return [
         {**{key: encoded[key][i] for key in encoded.keys()}, "labels": labels[i]}
         for i in range(len(texts))
     ]
+
+
+def label_ids(frame, config, split: str, path) -> list[int]:
+    """Each row's class index in data.labels, which may list strings or integers; read as validation reads them."""
+    data = config.data
+    index = {label: i for i, label in enumerate(data.labels)}
+    values = labels_as_declared(frame[data.label_field], data.labels, path)
+    # Validation refuses all of these first; the messages are for a caller that skipped it.
+    mismatch = label_type_mismatch(values, data.labels, data.label_field)  # True would pass as 1 in the lookup below
+    if mismatch:
+        raise DataError(f"data.{split}: {mismatch}.")
+    unknown = [(row, value) for row, value in enumerate(values) if not _hashable(value) or value not in index]
+    if unknown:
+        row, value = unknown[0]
+        raise DataError(f"data.{split}: {len(unknown)} row(s) (first: row {row}, {value!r}) have a label that is not one of data.labels; "
+                        "fix the data or the list (adapterflow run validates the labels first).")
+    return [index[value] for value in values]
+
+
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _sft_row(record: dict, config, tokenizer) -> dict:

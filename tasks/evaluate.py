@@ -93,6 +93,9 @@ def exact_match(model, tokenizer, config) -> float:
     missing = [f for f in fields if f not in frame.columns]
     if missing:
         raise DataError(f"evaluate.generation.file {spec.file} lacks column(s) {missing}; it needs {list(fields)}.")
+    nulls = [f for f in fields if frame[f].isna().any()]
+    if nulls:  # str(None) would be generated from, or matched against, as the text "None"
+        raise DataError(f"evaluate.generation.file {spec.file} has empty (null) values in column(s) {nulls}; fill or drop those rows.")
     pairs = zip(frame[fields[0]], frame[fields[1]])
     hits = sum(_generate(model, tokenizer, str(prompt), spec.max_new_tokens) == str(response).strip() for prompt, response in pairs)
     return hits / len(frame)

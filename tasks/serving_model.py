@@ -36,6 +36,7 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
         with torch.no_grad():
             if self.task == "sequence_classification":
                 batch = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+                # The declared labels themselves: strings, or ints when data.labels listed ints (as the training file held them).
                 return [self.labels[i] for i in self.model(**batch).logits.argmax(-1).tolist()]
             return self._generate(texts)
 
@@ -70,7 +71,7 @@ def load_tokenizer(location: str, revision: str | None, task: str):
     return tokenizer
 
 
-def load_base(location: str, revision: str | None, task: str, labels: list[str] | None):
+def load_base(location: str, revision: str | None, task: str, labels: list[str] | list[int] | None):
     """Full precision: a 4-bit training base is a memory saving for training, not needed to serve."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

@@ -12,9 +12,10 @@ from pathlib import Path
 import pandas as pd
 
 from adapterflow.errors import DataError
-from adapterflow.tasks.data_io import read_split, split_files
+from adapterflow.tasks.data_io import label_type_mismatch, labels_as_declared, read_split, split_files
 
 MESSAGES_TEXT = "_messages_text"
+LABEL_TYPE_CHECK = "column_values_to_match_labels_type"  # a check of ours, beside the Great Expectations suite
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def validate_data(config) -> ValidationReport:
     """Validate every split the config names; raise DataError listing each failed expectation."""
     report = ValidationReport()
     for split, path in split_files(config.data).items():
-        frame = read_split(path, split)
+        frame = _with_declared_labels(read_split(path, split), path, config)
         report.row_counts[split] = len(frame)
         report.rows.extend(_validate_frame(frame, split, config))
     if not report.success:
@@ -72,9 +73,13 @@ def validate_data(config) -> ValidationReport:
 
 def _failure_message(report: ValidationReport) -> str:
     lines = ["data validation failed; nothing was trained. Failed expectations:"]
+    said: dict[tuple[str, str, str], str] = {}
     for row in report.failures():
         example = f" e.g. {row.examples}" if row.examples else ""
-        lines.append(f"  - {row.split}: {row.expectation} on '{row.column}': {row.observed}{example}")
+        first = said.setdefault((row.expectation, row.column, row.observed), row.split)
+        repeated = first != row.split and len(row.observed) > 80
+        observed = f"the same as in {first}" if repeated else row.observed  # a long message (with its fix) is said once
+        lines.append(f"  - {row.split}: {row.expectation} on '{row.column}': {observed}{example}")
     lines.append("Fix the data, or relax data.checks / data.labels in the config if the data is right.")
     return "\n".join(lines)
 
@@ -86,8 +91,28 @@ def _validate_frame(frame: pd.DataFrame, split: str, config) -> list[CheckRow]:
         present = ", ".join(map(str, frame.columns))
         return [CheckRow(split, "column_exists", c, False, f"missing; columns present: {present}") for c in missing]
     frame = _with_messages_text(frame, config)
-    results = _run_suite(frame, _build_expectations(config))
-    return [_to_row(split, result) for result in results]
+    mismatch = _label_type_row(frame, split, config)
+    results = _run_suite(frame, _build_expectations(config, labels_in_set=mismatch is None))
+    return [_to_row(split, result) for result in results] + ([mismatch] if mismatch else [])
+
+
+def _with_declared_labels(frame: pd.DataFrame, path: str, config) -> pd.DataFrame:
+    """A CSV's label cells read as the type data.labels lists (encoding reads them the same way)."""
+    field = config.data.label_field
+    if config.task != "sequence_classification" or field not in frame.columns:
+        return frame
+    frame = frame.copy()
+    frame[field] = labels_as_declared(frame[field], config.data.labels, path)
+    return frame
+
+
+def _label_type_row(frame: pd.DataFrame, split: str, config) -> CheckRow | None:
+    """Integer labels in the file and strings in data.labels (or the reverse) would match nothing: say so, with the fix."""
+    if config.task != "sequence_classification":
+        return None
+    field = config.data.label_field
+    problem = label_type_mismatch(frame[field], config.data.labels, field)
+    return CheckRow(split, LABEL_TYPE_CHECK, field, False, problem) if problem else None
 
 
 def _required_columns(config) -> list[str]:
@@ -97,6 +122,14 @@ def _required_columns(config) -> list[str]:
     if data.messages_field:
         return [data.messages_field]
     return [data.prompt_field, data.response_field]
+
+
+def _read_columns(config) -> list[str]:
+    """Every column training reads besides the text columns: each gets a not-null expectation."""
+    data = config.data
+    if config.task == "sequence_classification":
+        return [data.label_field]
+    return [data.messages_field] if data.messages_field else []
 
 
 def _text_columns(config) -> list[str]:
@@ -125,7 +158,8 @@ def _join_messages(value) -> str | None:
     return "\n".join(str(p) for p in parts) if len(parts) == len(value) else None
 
 
-def _build_expectations(config) -> list:
+def _build_expectations(config, labels_in_set: bool = True) -> list:
+    """The suite; `labels_in_set` False leaves out the label set check (its column has the wrong type, reported instead)."""
     import great_expectations as gx
 
     checks = config.data.checks
@@ -138,9 +172,11 @@ def _build_expectations(config) -> list:
                 column=column, min_value=checks.min_text_chars, max_value=checks.max_text_chars
             ),
         ]
+    # A null label (or chat) cell passes every other check and would crash training: refused here.
+    found += [gx.expectations.ExpectColumnValuesToNotBeNull(column=column) for column in _read_columns(config)]
     key = _text_columns(config)[0]
     found.append(gx.expectations.ExpectColumnProportionOfUniqueValuesToBeBetween(column=key, min_value=1.0 - checks.max_duplicate_rate))
-    if config.task == "sequence_classification":
+    if config.task == "sequence_classification" and labels_in_set:
         found.append(gx.expectations.ExpectColumnValuesToBeInSet(column=config.data.label_field, value_set=list(config.data.labels)))
     return found
 
