@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from adapterflow.errors import AdapterflowError, ConfigError
+from adapterflow.errors import AdapterflowError, ConfigError, RegistryError
 from adapterflow.flows import console, render
 from adapterflow.tasks.state import prepare_environment, quiet_library_noise
 
@@ -22,11 +22,88 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("interrupted; nothing was registered.", 130)
     except BrokenPipeError:
         return _reader_went_away()
-    except Exception as err:  # not the user's mistake: one message, the traceback in a file
-        from adapterflow.tasks.state import state_dirs
+    except Exception as err:
+        user_error = _as_user_error(err)
+        if user_error is not None:  # a registry refusal or a path the system refused: the user's to fix
+            return _fail(str(user_error), user_error.exit_code)
+        return _bug(err)  # not the user's mistake: one message, the traceback in a file
 
-        print(console.bug_message(err, state_dirs().root / "logs"), file=sys.stderr)
-        return BUG_EXIT_CODE
+
+def _bug(err: Exception) -> int:
+    import traceback
+
+    from adapterflow.redact import redact_text
+    from adapterflow.tasks.state import state_dirs
+
+    try:
+        message = console.bug_message(err, state_dirs().root / "logs")
+    except OSError as unsaved:  # the state folder itself is unwritable: the traceback stays on screen only
+        message = ("".join(traceback.format_exception(err)) + f"error: unexpected {type(err).__name__}: "
+                   f"{(str(err).splitlines() or [''])[0]}\nThis is a bug in adapterflow, not a problem with your config or "
+                   f"data. Please report it with the traceback above (it could not be saved: {unsaved}).")
+    print(redact_text(message), file=sys.stderr)
+    return BUG_EXIT_CODE
+
+
+# OSErrors a user causes and fixes (permissions, read-only mounts, full disks, a file where a folder should be);
+# any other OSError (a missing file the code expected, ...) stays a bug with its traceback.
+_USER_ERRNOS = {"EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENOTDIR", "EISDIR"}
+
+
+def _as_user_error(err: Exception) -> AdapterflowError | None:
+    """An MlflowException → RegistryError (exit 5); an OSError from the list above → one message naming the path."""
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")  # never imported here: a CLI error must stay fast
+    if mlflow_exceptions is not None and isinstance(err, mlflow_exceptions.MlflowException):
+        return _registry_refusal(err)
+    if isinstance(err, OSError) and _errno_name(err) in _USER_ERRNOS:
+        return _path_refusal(err)
+    return None
+
+
+def _errno_name(err: OSError) -> str | None:
+    import errno
+
+    return errno.errorcode.get(err.errno) if err.errno is not None else None
+
+
+def _registry_refusal(err) -> AdapterflowError:
+    code = str(getattr(err, "error_code", "") or "")
+    text = str(getattr(err, "message", "") or err)
+    said = " ".join(line.strip() for line in text.splitlines() if line.strip())[:500] or type(err).__name__  # never a wall
+    if code in ("PERMISSION_DENIED", "UNAUTHENTICATED") or any(f"error code {n}" in text for n in (401, 403)):
+        fix = ("Your MLflow user may not do this: ask an MLflow admin for the permission on this model, or set "
+               "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for a user who has it.")
+    elif code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "ENDPOINT_NOT_FOUND"):
+        fix = "Check the model name, version and alias with adapterflow status NAME (or the MLflow UI) and the tracking URI."
+    elif code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS"):
+        fix = ("MLflow refuses this name, alias or version: aliases may hold letters, digits, _ and -, and 'latest' and "
+               "v<number> are reserved; a version adapterflow did not register (no run with config.resolved.yaml) cannot "
+               "be promoted, traced or exported. Check the names, and the versions with adapterflow status NAME.")
+    else:
+        fix = "Check that the registry (the tracking URI) is up and consistent, then retry."
+    return RegistryError(f"the MLflow registry refused the request ({code or type(err).__name__}): {said.rstrip('.')}. {fix}")
+
+
+def _path_refusal(err: OSError) -> AdapterflowError:
+    from adapterflow.tasks.state import StateFolderError, state_dirs
+
+    path = Path(err.filename) if err.filename else None
+    root = state_dirs().root
+    in_state = path is not None and (path == root or root in path.parents)
+    name = _errno_name(err)
+    if name in ("ENOSPC", "EDQUOT"):
+        fix = "Free space on that disk" + (", or point ADAPTERFLOW_HOME at a folder on a disk with room." if in_state else ".")
+    elif name in ("ENOTDIR", "EISDIR"):
+        fix = "A file stands where a folder should be, or the reverse: fix the path."
+    elif in_state:
+        fix = "Make the state folder writable by this user, or point ADAPTERFLOW_HOME at a writable folder."
+    else:
+        fix = "Fix its permissions (owner and mode) or its mount, or use another path."
+    if in_state:
+        subject = f"the state folder {root}" + (f" ({path})" if path != root else "")
+    else:
+        subject = str(path) if path else "the system refused a file operation"
+    return (StateFolderError if in_state else ConfigError)(f"{subject}: {err.strerror or err}. {fix}")
 
 
 def _reader_went_away() -> int:
@@ -41,7 +118,9 @@ BUG_EXIT_CODE = 70  # EX_SOFTWARE: an internal error
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    from adapterflow.redact import redact_text
+
+    print(f"error: {redact_text(message)}", file=sys.stderr)  # a message may quote a URI: never its credentials
     return code
 
 
@@ -80,6 +159,19 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--merged", action="store_true", help="the base with the adapter merged in (safetensors) plus its tokenizer")
     export.add_argument("--tracking-uri", help="MLflow URI (default: the local state folder's SQLite store)")
     export.set_defaults(handler=cmd_export)
+    infra = sub.add_parser("infra", help="administration of the shared servers (infra/)")
+    infra_actions = infra.add_subparsers(required=True, metavar="ACTION")
+    users = infra_actions.add_parser(
+        "users", help="create the MLflow users trainer (EDIT) and promoter (MANAGE) on a registered model; idempotent",
+        description="Needs an MLflow admin's MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD. New passwords are shown "
+                    "once, or appended to --out (mode 0600); existing users keep theirs unless --reset-passwords.")
+    users.add_argument("model_name", help="the registered model (created by the admin if missing)")
+    users.add_argument("--tracking-uri", help="MLflow server URI (default: $MLFLOW_TRACKING_URI)")
+    users.add_argument("--out", help="append the new passwords to this file (mode 0600) instead of printing them")
+    users.add_argument("--trainer", default="trainer", help="user name of the training identity (default: trainer)")
+    users.add_argument("--promoter", default="promoter", help="user name of the promoting identity (default: promoter)")
+    users.add_argument("--reset-passwords", action="store_true", help="give existing users new passwords too")
+    users.set_defaults(handler=cmd_infra_users)
     tiny = sub.add_parser("make-tiny-model", help="build a tiny model from config (no hub) for smoke runs")
     tiny.add_argument("arch", choices=["bert", "llama"])
     tiny.add_argument("out", help="folder to write the model and tokenizer to")
@@ -94,19 +186,21 @@ def cmd_check(args) -> int:
 
 
 def preflight(config_path: str):
-    """Everything checkable without loading a model: config, files, model path."""
-    from adapterflow.errors import DataError
+    """Everything checkable without loading a model: config, state folder, files, model path."""
     from adapterflow.tasks.config import load_config
-    from adapterflow.tasks.data_io import split_files
+    from adapterflow.tasks.data_io import check_readable, split_files
     from adapterflow.tasks.hardware import check_hardware
     from adapterflow.tasks.model_io import resolve_base
+    from adapterflow.tasks.state import check_state_folder
 
     config = load_config(config_path)
+    check_state_folder()  # writable, with room: a read-only or full one failed late, in thousands of lines
     for split, path in split_files(config.data).items():
-        if not Path(path).is_file():
-            raise DataError(f"data.{split}: file not found: {path}. Check the path (relative paths are read from the config's folder).")
-    if config.evaluate.generation and not Path(config.evaluate.generation.file).is_file():
-        raise DataError(f"evaluate.generation.file not found: {config.evaluate.generation.file}")
+        check_readable(path, split)  # exists, a readable file, its format's bytes (UTF-8 text, parquet markers)
+    if config.evaluate.generation:
+        check_readable(config.evaluate.generation.file, "evaluate.generation.file")
+    if config.promotion.forgetting:
+        check_readable(config.promotion.forgetting.file, "promotion.forgetting.file")
     resolve_base(config.model)
     check_hardware(config)
     from adapterflow.tasks.server_health import check_servers
@@ -206,16 +300,37 @@ def _stop_ephemeral_prefect_server() -> None:
         server.stop()
 
 
-def _registry_target(args) -> tuple[str, Path]:
+def _registry_target(args, writes_state: bool = False) -> tuple[str, Path]:
+    """The tracking URI and the lock folder; promote and rollback write their locks into the state folder."""
+    from adapterflow.tasks.state import check_state_folder
+
+    for option in ("staging_alias", "production_alias"):
+        if hasattr(args, option):
+            check_alias(getattr(args, option), "--" + option.replace("_", "-"))
+    if writes_state:
+        check_state_folder(free_bytes=0)
     dirs = prepare_environment(offline=True)
     quiet_library_noise()
     return args.tracking_uri or dirs.default_mlflow_uri(), dirs.root / "locks"
 
 
+def check_alias(alias: str, option: str) -> None:
+    """An alias MLflow would refuse only at the end of a promotion (after the evaluation) is refused before it."""
+    import re
+
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias) or not re.fullmatch(r"[\w\-]{1,255}", alias):
+        raise RegistryError(
+            f"{option} {alias!r} is an alias MLflow refuses: aliases are letters, digits, _ and - (1 to 255), and "
+            "'latest' and v<number> are reserved. Pick another name, e.g. production or champion."
+        )
+
+
 def cmd_promote(args) -> int:
     from adapterflow.tasks.promote import promote
 
-    uri, locks = _registry_target(args)
+    if args.staging_alias == args.production_alias:
+        raise RegistryError(f"--staging-alias and --production-alias are both {args.staging_alias!r}; they must name two aliases.")
+    uri, locks = _registry_target(args, writes_state=True)
     decision = promote(args.model_name, uri, locks, args.staging_alias, args.production_alias)
     print("\n".join(render.promotion_lines(args.model_name, decision, args.production_alias)))
     return 0 if decision.promoted else 1
@@ -224,7 +339,7 @@ def cmd_promote(args) -> int:
 def cmd_rollback(args) -> int:
     from adapterflow.tasks.promote import rollback
 
-    uri, locks = _registry_target(args)
+    uri, locks = _registry_target(args, writes_state=True)
     current, previous = rollback(args.model_name, uri, locks, args.production_alias)
     print(f"{args.model_name}: @{args.production_alias} rolled back from version {current} to version {previous}")
     return 0
@@ -253,6 +368,28 @@ def cmd_export(args) -> int:
     version = export_version(args.spec, Path(args.out), uri, merged=args.merged)
     kind = "merged model" if args.merged else "adapter"
     print(f"wrote the {kind} of {args.spec} (version {version}) to {args.out}")
+    return 0
+
+
+def cmd_infra_users(args) -> int:
+    from adapterflow.redact import redact_uri
+    from adapterflow.tasks.auth_users import create_team_users, write_passwords
+
+    uri, _ = _registry_target(args)
+    team = create_team_users(uri, args.model_name, args.trainer, args.promoter, args.reset_passwords)
+    print(f"MLflow users for registered model {args.model_name!r} on {redact_uri(uri)}:")
+    for user in team:
+        state = "created" if user.created else "new password" if user.password else "exists, password unchanged"
+        change = f"; was {user.changed_permission}" if user.changed_permission and not user.created else ""
+        print(f"  {user.name:<10} {user.permission:<7} {user.duty} ({state}{change})")
+    if not any(user.password for user in team):
+        return 0
+    if args.out:
+        write_passwords(Path(args.out), args.model_name, uri, team)
+        print(f"new passwords appended to {args.out} (mode 0600); they are not shown again.")
+    else:
+        print("new passwords, shown once (use one identity per process):")
+        print("\n".join("  " + user.export_line(args.model_name) for user in team if user.password))
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from adapterflow.errors import RegistryError
 from adapterflow.tasks.registry_queries import download_adapter
-from adapterflow.tasks.registry_tags import VersionTags
+from adapterflow.tasks.registry_tags import VersionTags, split_tag
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def judge(mlflow_client, name: str, config, candidate, incumbent: str | None) ->
     from adapterflow.tasks.model_io import resolve_base
 
     gate = config.promotion
-    _check_frozen_split(config, candidate)
+    _check_frozen_split(config, name, candidate)
     base_ref = resolve_base(config.model)
     with tempfile.TemporaryDirectory() as tmp:
         challenger = download_adapter(mlflow_client, name, candidate.version, Path(tmp) / "candidate")
@@ -98,17 +98,25 @@ def _forgetting(config, base_ref, challenger: Path, champion: Path | None) -> di
     return {"file": check.file, "candidate": ours[metric], "incumbent": theirs[metric], "drop": drop}
 
 
-def _check_frozen_split(config, candidate) -> None:
+def _check_frozen_split(config, name: str, candidate) -> None:
+    """The evaluation split is the file the version was registered with, or the gate refuses: never skipped."""
     from adapterflow.digests import file_md5
 
     split = config.evaluate.split
     recorded = VersionTags.from_tags(candidate.tags).split_md5s.get(split)
     path = Path(getattr(config.data, split))
+    if not recorded:
+        raise RegistryError(
+            f"{name} version {candidate.version} has no tag {split_tag(split)} (the md5 of its {split} split at registration), "
+            f"so the gate cannot prove it compares on the frozen split; nothing was promoted. Retrain to register a version "
+            f"that records it (adapterflow run CONFIG), or, if {path} is certainly the file it was evaluated on, set the tag "
+            f"to that file's md5 (md5sum {path}) in the MLflow UI and promote again."
+        )
     if not path.is_file():
         raise RegistryError(
             f"the evaluation split of version {candidate.version} is gone: {path}. Restore it (dvc pull) and promote again."
         )
-    if recorded and file_md5(path) != recorded:  # re-hashed on purpose: the file may have changed since registration
+    if file_md5(path) != recorded:  # re-hashed on purpose: the file may have changed since registration
         raise RegistryError(
             f"the evaluation split {path} changed since version {candidate.version} was registered (md5 {recorded}); "
             "the comparison would not be on the frozen split. Restore it (dvc checkout) or retrain."

@@ -6,9 +6,14 @@ directory, so nothing lands in `$HOME`.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from adapterflow.errors import ConfigError
 
 QUIET_ENV = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -72,6 +77,80 @@ USER_MLFLOW_URI = os.environ.get("MLFLOW_TRACKING_URI")
 def state_dirs() -> StateDirs:
     root = Path(os.environ.get("ADAPTERFLOW_HOME", Path.cwd() / ".adapterflow")).resolve()
     return StateDirs(root)
+
+
+class StateFolderError(ConfigError):
+    """The state folder (ADAPTERFLOW_HOME) cannot hold a run: not a folder, not writable, or its disk is full."""
+
+
+# A run writes model caches, checkpoints, MLflow artifacts and a DVC snapshot; below this it would fail midway.
+MIN_FREE_GB_DEFAULT = 1.0
+MIN_FREE_ENV = "ADAPTERFLOW_MIN_FREE_GB"
+
+
+def min_free_bytes() -> int:
+    """The free space a run needs in the state folder: ADAPTERFLOW_MIN_FREE_GB, else 1 GiB."""
+    text = os.environ.get(MIN_FREE_ENV)
+    try:
+        gigabytes = float(text) if text else MIN_FREE_GB_DEFAULT
+    except ValueError:
+        raise StateFolderError(f"{MIN_FREE_ENV}={text!r} is not a number of GiB; set it to e.g. 0.5, or unset it for 1.") from None
+    return int(max(gigabytes, 0.0) * 2**30)
+
+
+def check_state_folder(dirs: StateDirs | None = None, free_bytes: int | None = None) -> StateDirs:
+    """The state folder can hold a run: it is (or can be created as) a folder, it and its subfolders are
+    writable, and its disk has `free_bytes` free (default `min_free_bytes()`; 0 checks writability only).
+
+    Creates nothing: the check probes with a temporary file that it removes, in the folder or, before the
+    first run, in the nearest folder above it that exists. One StateFolderError names the folder and the fix.
+    """
+    dirs = dirs or state_dirs()
+    root = dirs.root
+    needed = min_free_bytes() if free_bytes is None else free_bytes
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = f"the state folder {root} is" if existing == root else f"the state folder {root} cannot be created: {existing} is"
+        raise StateFolderError(f"{what} a file, not a folder. Point ADAPTERFLOW_HOME at a folder (or move {existing} away).")
+    folders = [existing] if existing != root else [root, *(f for f in _subfolders(dirs) if f.is_dir())]
+    for folder in folders:
+        _probe_write(root, folder)
+    if needed:
+        free = min(shutil.disk_usage(folder).free for folder in folders)
+        if free < needed:
+            raise StateFolderError(
+                f"the state folder {root} has {free / 2**30:.2f} GiB free; a run needs at least {needed / 2**30:.2f} GiB "
+                f"(model caches, checkpoints, MLflow artifacts, the DVC snapshot). Free space on that disk or point "
+                f"ADAPTERFLOW_HOME at a folder on a disk with room ({MIN_FREE_ENV} sets the threshold)."
+            )
+    return dirs
+
+
+def _subfolders(dirs: StateDirs) -> list[Path]:
+    """The state folder's own subfolders a run writes to: any of them may have been made read-only on its own."""
+    return [dirs.prefect_home, dirs.mlflow_db.parent, dirs.mlflow_artifacts, dirs.dvc_repo.parent, dirs.runs,
+            dirs.init_cache, dirs.root / "locks", dirs.root / "logs", dirs.root / "hf"]
+
+
+def _probe_write(root: Path, folder: Path) -> None:
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".adapterflow-write-probe-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        where = "" if folder == root else f" ({folder})"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "Free space on that disk (or raise your quota)"
+        elif err.errno == errno.EROFS:
+            fix = "It is on a read-only file system: remount it read-write"
+        else:
+            fix = f"Make it writable by this user (check its owner and mode, e.g. chmod -R u+w {folder})"
+        raise StateFolderError(
+            f"the state folder {root} is not writable{where}: {err.strerror or err}. "
+            f"{fix}, or point ADAPTERFLOW_HOME at a writable folder."
+        ) from None
 
 
 def prepare_environment(offline: bool | None = None) -> StateDirs:

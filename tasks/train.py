@@ -221,9 +221,12 @@ class NonFiniteLossGuard(TrainerCallback):
         for key in ("loss", "grad_norm", "eval_loss"):
             value = (logs or {}).get(key)
             if value is not None and not math.isfinite(value):
+                # Not "rerun to resume": a rerun of the unchanged config continues from this run's checkpoints into the
+                # same divergence; a changed learning rate or data set is a new config and trains from scratch.
                 raise TrainingError(
                     f"training diverged: {key} became {value} at step {state.global_step}. Nothing was registered. "
-                    f"Lower train.learning_rate (now {args.learning_rate}) or check the data."
+                    f"Lower train.learning_rate (now {args.learning_rate}) or check the data, then run again: the changed "
+                    "config trains from scratch, without this run's checkpoints."
                 )
 
 

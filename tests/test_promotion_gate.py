@@ -62,3 +62,18 @@ def test_the_tie_breaker_needs_the_intruder_report(tiny_bert, cls_data):
     with pytest.raises(ValueError, match="needs evaluate.intruders"):
         overrides = {"promotion": {"tie_breaker": "intruder_dimensions"}, "evaluate.intruders": None}
         RunConfig.model_validate(cls_config(tiny_bert, cls_data, **overrides))
+
+
+def test_a_version_without_the_md5_of_its_evaluation_split_is_refused(tiny_bert, cls_data):
+    from types import SimpleNamespace
+
+    from adapterflow.errors import RegistryError
+    from adapterflow.tasks.gate import _check_frozen_split
+
+    config = _config(tiny_bert, cls_data)
+    older = SimpleNamespace(version="4", tags={"data.train_md5": "0" * 32, "eval_split": "test"})  # no data.test_md5
+    with pytest.raises(RegistryError) as info:
+        _check_frozen_split(config, "tiny-cls-adapter", older)
+    message = str(info.value)
+    assert message.startswith("tiny-cls-adapter version 4 has no tag data.test_md5") and "nothing was promoted" in message
+    assert "Retrain" in message and f"md5sum {cls_data['test']}" in message
