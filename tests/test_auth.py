@@ -95,6 +95,11 @@ def test_mlflow_preflight_says_unreachable_for_a_dead_server_and_masks_the_uri(n
     assert SECRET not in message and "trainer:***@127.0.0.1" in message
 
 
+def test_a_login_inside_the_uri_reaches_a_live_server(no_credentials):
+    with stub_server(MLFLOW_ROUTES, login=f"trainer:{SECRET}") as uri:
+        check_reachable(uri.replace("http://", f"http://trainer:{SECRET}@"))  # urllib alone took "trainer:..." for the host
+
+
 def test_prefect_preflight_says_unauthorised_for_a_missing_or_wrong_auth_string(no_credentials, monkeypatch):
     config = SimpleNamespace(tracking=SimpleNamespace(dvc_remote=None))
     routes = {"/api/health": (200, True), "/api/admin/version": (200, "3.9.1")}
