@@ -19,10 +19,14 @@ from pathlib import Path
 
 from adapterflow import errors
 from adapterflow.errors import TrainingError
+from adapterflow.redact import redact_text, redact_uri
 
 JOB_FILE, RESULT_FILE, ERROR_FILE = "train_job.json", "train_result.json", "train_error.json"
 LOG_FILE, PID_FILE = "train_process.log", "train.pid"
 KILL_GRACE_SECONDS = 10.0
+# The real tracking URI reaches the workers through their environment (readable by this user only), never a file:
+# train_job.json carries it redacted.
+TRACKING_URI_ENV = "ADAPTERFLOW_WORKER_TRACKING_URI"
 
 
 def launch_training(config, base_ref, init_dir: Path, run_dir: Path, tracking: dict | None, resume_from: str | None = None):
@@ -32,7 +36,7 @@ def launch_training(config, base_ref, init_dir: Path, run_dir: Path, tracking: d
     with open(run_dir / LOG_FILE, "ab") as log:
         process = subprocess.Popen(
             accelerate_command(config, job), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            cwd=run_dir,
+            cwd=run_dir, env=worker_environment(tracking),
         )
     (run_dir / PID_FILE).write_text(str(process.pid))
     with _group_killed_on_exit(process):
@@ -66,16 +70,31 @@ def accelerate_command(config, job: Path) -> list[str]:
     return command + ["-m", "adapterflow.tasks.train_worker", str(job)]
 
 
+def worker_environment(tracking: dict | None) -> dict[str, str]:
+    """This process's environment plus the real tracking URI the workers log step metrics to."""
+    env = {key: value for key, value in os.environ.items() if key != TRACKING_URI_ENV}
+    if tracking:
+        env[TRACKING_URI_ENV] = tracking["uri"]
+    return env
+
+
 def _write_job(config, base_ref, init_dir: Path, run_dir: Path, tracking: dict | None, resume_from: str | None) -> Path:
+    """The job for every rank: no credentials in it (see TRACKING_URI_ENV), and readable by this user only."""
     from dataclasses import asdict
 
+    from adapterflow.tasks.tracking import public_config
+
     job = run_dir / JOB_FILE
-    for stale in (RESULT_FILE, ERROR_FILE):
+    for stale in (RESULT_FILE, ERROR_FILE, JOB_FILE):
         (run_dir / stale).unlink(missing_ok=True)
-    job.write_text(json.dumps({
-        "config": config.model_dump(mode="json"), "base_ref": asdict(base_ref), "init_dir": str(init_dir),
-        "run_dir": str(run_dir), "tracking": tracking, "resume_from": resume_from,
-    }, indent=1))
+    public_tracking = {**tracking, "uri": redact_uri(tracking["uri"])} if tracking else None
+    text = json.dumps({
+        "config": public_config(config), "base_ref": asdict(base_ref), "init_dir": str(init_dir),
+        "run_dir": str(run_dir), "tracking": public_tracking, "resume_from": resume_from,
+    }, indent=1)
+    # Created 0600 (not chmod-ed afterwards: no moment where another user could open it).
+    with os.fdopen(os.open(job, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(text)
     return job
 
 
@@ -117,21 +136,40 @@ def _kill_group(process: subprocess.Popen) -> None:
 
 
 def _failure(code: int, run_dir: Path) -> Exception:
-    """The worker's own error when it wrote one; otherwise how the process ended and its last lines."""
+    """The worker's own error when it wrote one; otherwise how the process ended and its last lines.
+
+    The worker's error (divergence, a bad config) is deterministic: a rerun would fail the same way, so
+    it never promises a resume.
+    """
     error_file = run_dir / ERROR_FILE
     if error_file.exists():
         error = json.loads(error_file.read_text())
         kind = getattr(errors, error["type"], None)
         known = isinstance(kind, type) and issubclass(kind, errors.AdapterflowError)
-        return (kind if known else TrainingError)(error["message"])
+        return (kind if known else TrainingError)(redact_text(error["message"]))
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
     if code in (-signal.SIGKILL, 137):
         how += " (out of memory? the kernel's OOM killer sends SIGKILL)"
-    tail = "\n".join((run_dir / LOG_FILE).read_text(errors="replace").splitlines()[-15:])
+    tail = redact_text("\n".join(_read_log(run_dir / LOG_FILE).splitlines()[-15:]))
     return TrainingError(
-        f"the training process {how}. Nothing was registered. A rerun of the same config resumes from the last "
-        f"checkpoint. Log: {run_dir / LOG_FILE}; its last lines:\n{tail}"
+        f"the training process {how}. Nothing was registered. {_rerun_note(run_dir)} "
+        f"Log: {run_dir / LOG_FILE}; its last lines:\n{tail}"
     )
+
+
+def _rerun_note(run_dir: Path) -> str:
+    """What a rerun of the same config does: resume only where a complete checkpoint exists to resume from."""
+    # trainer_state.json is the Trainer's last write of a checkpoint (what tasks/resume.py resumes from).
+    if any((checkpoint / "trainer_state.json").is_file() for checkpoint in (run_dir / "checkpoints").glob("checkpoint-*")):
+        return "A rerun of the same config resumes from the last checkpoint."
+    return "No checkpoint was saved, so a rerun of the same config starts training over."
+
+
+def _read_log(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _free_port() -> int:

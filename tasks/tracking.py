@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 import time
@@ -11,9 +12,13 @@ from pathlib import Path
 
 import yaml
 
+from adapterflow.redact import redact_text
 from adapterflow.tasks.config import flatten
 
 MAX_PARAMS_PER_BATCH = 100
+# MLflow writes "View run ... at: <tracking URI>" to stdout whenever a run on a server ends: the URI with its
+# credentials, in the middle of the CLI's output. The run summary names the server's UI instead, without them.
+os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 @dataclass(frozen=True)
@@ -45,14 +50,36 @@ def open_run(config, uri: str, artifacts_root: Path, validation_files: dict, bas
     }
     run = mlflow_client.create_run(experiment_id, run_name=f"{config.name}-{config.adapter.init.method}", tags=tags)
     run_id = run.info.run_id
-    _log_params(mlflow_client, run_id, flatten(config))
+    # Params and the resolved config are stored for anyone who can read the experiment: no credentials.
+    _log_params(mlflow_client, run_id, {key: redact_text(value) for key, value in flatten(config).items()})
     with tempfile.TemporaryDirectory() as tmp:
         resolved = Path(tmp) / "config.resolved.yaml"
-        resolved.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        resolved.write_text(yaml.safe_dump(public_config(config), sort_keys=False))
         mlflow_client.log_artifact(run_id, str(resolved))
     for path in validation_files.values():
         mlflow_client.log_artifact(run_id, str(path), "validation")
     return RunRef(uri, run_id)
+
+
+def public_config(config) -> dict:
+    """The config as JSON with every credential masked: what leaves the process (the resolved-config artifact,
+    the training job file, printed lineage) is this, never `model_dump` itself."""
+    return redacted(config.model_dump(mode="json"))
+
+
+def redacted(value):
+    """Every URI inside a JSON-like value with its credentials masked; keys and structure unchanged.
+
+    A config carries credentials only in URIs (tracking.mlflow_uri, tracking.dvc_remote). Every other string
+    (data paths, names) stays byte-exact: the training worker and `promote` read this config back.
+    """
+    if isinstance(value, str):
+        return redact_text(value) if "://" in value else value
+    if isinstance(value, dict):
+        return {key: redacted(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redacted(item) for item in value]
+    return value
 
 
 def log_data_version(config, run: RunRef, data_version) -> None:

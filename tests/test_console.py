@@ -51,3 +51,55 @@ def test_a_bug_outside_a_run_keeps_its_traceback_in_the_state_folder(tmp_path, m
     assert log.parent == tmp_path / "state" / "logs" and "ZeroDivisionError" in log.read_text()
     assert message.count("Traceback (most recent call last)") == 1
     assert "ZeroDivisionError: division by zero\nerror: unexpected ZeroDivisionError: division by zero\nThis is a bug" in message
+
+
+SENTINEL = "Console-S3ntinel-pw"
+SECRET_URI = f"postgresql://mlflow:{SENTINEL}@db:5432/mlflow"
+
+
+def test_a_bugs_traceback_file_and_message_hold_no_credential(tmp_path, monkeypatch, capsys):
+    from adapterflow.flows import cli
+
+    monkeypatch.setenv("ADAPTERFLOW_HOME", str(tmp_path / "state"))
+
+    def broken(args):
+        raise RuntimeError(f"cannot open {SECRET_URI}")
+
+    monkeypatch.setattr(cli, "cmd_check", broken)
+    assert cli.main(["check", "any.yaml"]) == 70
+    message = capsys.readouterr().err
+    log = Path(message.rsplit("traceback in ", 1)[1].rstrip(".\n"))
+    for text in (message, log.read_text()):
+        assert SENTINEL not in text and "postgresql://mlflow:***@db:5432/mlflow" in text
+
+
+def test_every_log_handler_masks_messages_and_tracebacks_prefects_api_handler_included(monkeypatch):
+    import io
+    import logging
+
+    from prefect.logging.handlers import APILogHandler
+
+    from adapterflow.flows.console import quiet_failures_in_prefect_logs
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("adapterflow.test.secrets")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        quiet_failures_in_prefect_logs()
+        try:
+            raise ConnectionError(f"API request to http://alice:{SENTINEL}@mlflow:5000/api failed")
+        except ConnectionError:
+            logger.exception("tracking at %s failed", SECRET_URI)
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert SENTINEL not in text and "Traceback" in text
+    assert "tracking at postgresql://mlflow:***@db:5432/mlflow failed" in text and "http://alice:***@mlflow:5000/api" in text
+    # Prefect's handlers (the Prefect database's logs) carry the same filter.
+    api_handlers = [h for name in ("prefect.flow_runs", "prefect.task_runs") for h in logging.getLogger(name).handlers
+                    if isinstance(h, APILogHandler)]
+    assert api_handlers and all(any("Redact" in type(f).__name__ for f in h.filters) for h in api_handlers)
+    record = logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "x %s", (SECRET_URI,), None)
+    assert all(f.filter(record) for f in api_handlers[0].filters) and SENTINEL not in api_handlers[0].format(record)

@@ -1,9 +1,12 @@
-"""Training through `accelerate launch`: a killed process registers nothing and its rerun resumes; DDP matches one process."""
+"""Training through `accelerate launch`: a killed process registers nothing and its rerun resumes; DDP matches one process;
+the job file holds no credential and the failure message promises a resume only when there is a checkpoint to resume."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +15,16 @@ import pytest
 import torch
 from conftest import ROOT, cls_config, wait_for, write_config
 
-pytestmark = pytest.mark.e2e
 ACCELERATE = {"mode": "accelerate"}
+SENTINEL = "Launch-S3ntinel-pw"
+SECRET_URI = f"http://alice:{SENTINEL}@127.0.0.1:5999"
 
 
 def _first_complete_checkpoint(home: Path):
     return next(iter(home.glob("runs/*/checkpoints/checkpoint-*/trainer_state.json")), None)
 
 
+@pytest.mark.e2e
 def test_killed_training_registers_nothing_and_the_rerun_resumes_from_the_last_checkpoint(prefect_server, tmp_path, tiny_bert, cls_data):
     from mlflow.tracking import MlflowClient
     from prefect.settings import PREFECT_API_URL
@@ -83,6 +88,7 @@ def _without_dropout(model_dir: Path, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.e2e
 def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path, tiny_bert, cls_data):
     from adapterflow.tasks.config import RunConfig
     from adapterflow.tasks.init_adapter import initialize_adapter
@@ -100,3 +106,87 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
         assert torch.allclose(single[key], ddp[key], rtol=1e-4, atol=1e-5), key
     initial = __import__("safetensors.torch", fromlist=["load_file"]).load_file(Path(init.init_dir) / "adapter_model.safetensors")
     assert any(not torch.allclose(single[k], initial[k]) for k in single if "lora_B" in k)  # it trained
+
+
+# --- the job file and the failure message (no subprocess) -----------------------------------------------
+
+
+def _config(tmp_path, **overrides):
+    from adapterflow.tasks.config import RunConfig
+
+    data = {split: tmp_path / f"{split}.csv" for split in ("train", "validation", "test")}
+    return RunConfig.model_validate(cls_config(tmp_path / "model", data, **overrides))
+
+
+def _base_ref():
+    from adapterflow.tasks.model_io import BaseModelRef
+
+    return BaseModelRef("/models/tiny", None, "local:abc", "path")
+
+
+def test_the_job_file_is_private_and_holds_no_credential_the_workers_get_the_uri_in_their_environment(tmp_path, monkeypatch):
+    from adapterflow.tasks import launch, train_worker
+
+    config = _config(tmp_path, **{"tracking.mlflow_uri": SECRET_URI})
+    tracking = {"uri": SECRET_URI, "run_id": "r1"}
+    (tmp_path / launch.JOB_FILE).write_text("an older job, world-readable")
+    os.chmod(tmp_path / launch.JOB_FILE, 0o644)
+    job = launch._write_job(config, _base_ref(), tmp_path / "init", tmp_path, tracking, None)
+
+    assert stat.S_IMODE(job.stat().st_mode) == 0o600  # created so, not an older file's mode kept
+    text = job.read_text()
+    assert SENTINEL not in text and "http://alice:***@127.0.0.1:5999" in text
+    loaded = json.loads(text)
+    assert loaded["tracking"] == {"uri": "http://alice:***@127.0.0.1:5999", "run_id": "r1"}
+    assert loaded["config"]["tracking"]["mlflow_uri"] == "http://alice:***@127.0.0.1:5999"
+
+    env = launch.worker_environment(tracking)
+    assert env[launch.TRACKING_URI_ENV] == SECRET_URI and env["PATH"] == os.environ["PATH"]
+    assert launch.TRACKING_URI_ENV not in launch.worker_environment(None)
+    monkeypatch.setenv(launch.TRACKING_URI_ENV, SECRET_URI)
+    assert train_worker._tracking(loaded) == tracking  # the worker logs to the real server
+    assert train_worker._tracking({**loaded, "tracking": None}) is None
+
+
+def _crashed_run(tmp_path: Path, log: str, checkpoint: bool) -> Path:
+    from adapterflow.tasks import launch
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / launch.LOG_FILE).write_text(log)
+    if checkpoint:
+        (run_dir / "checkpoints" / "checkpoint-2").mkdir()
+        (run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    return run_dir
+
+
+def test_a_crash_before_any_checkpoint_says_a_rerun_starts_over_and_masks_credentials_in_the_log_tail(tmp_path, monkeypatch):
+    from adapterflow.tasks import launch
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "env-" + SENTINEL)
+    log = f"step 1\nMlflowException: API request to {SECRET_URI}/api/2.0/mlflow/runs/log-batch failed\nauth env-{SENTINEL}\n"
+    run_dir = _crashed_run(tmp_path, log, checkpoint=False)
+    (run_dir / "checkpoints" / "checkpoint-1").mkdir()  # cut short: no trainer_state.json, nothing to resume
+    message = str(launch._failure(1, run_dir))
+    assert "the training process exited with code 1" in message and "API request to http://alice:***@127.0.0.1:5999" in message
+    assert SENTINEL not in message
+    assert "resumes" not in message and "a rerun of the same config starts training over" in message
+
+
+def test_a_crash_after_a_checkpoint_says_the_rerun_resumes(tmp_path):
+    from adapterflow.tasks import launch
+
+    message = str(launch._failure(-signal.SIGKILL, _crashed_run(tmp_path, "step 3\n", checkpoint=True)))
+    assert "killed by signal 9" in message and "A rerun of the same config resumes from the last checkpoint." in message
+
+
+def test_divergence_from_the_workers_error_file_never_promises_a_resume(tmp_path):
+    from adapterflow.errors import TrainingError
+    from adapterflow.tasks import launch
+
+    run_dir = _crashed_run(tmp_path, "step 3\n", checkpoint=True)  # even with checkpoints: it would diverge again
+    diverged = "training diverged: loss became nan at step 3. Nothing was registered. Lower train.learning_rate (now 10) or check the data."
+    (run_dir / launch.ERROR_FILE).write_text(json.dumps({"type": "TrainingError", "message": diverged}))
+    error = launch._failure(3, run_dir)
+    assert isinstance(error, TrainingError) and str(error) == diverged
+    assert "resume" not in str(error) and "rerun" not in str(error).lower()
