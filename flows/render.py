@@ -2,7 +2,8 @@
 
 The plain text is a stable interface (scripts and tests read it); the rich form is free to change.
 A row is (label, value) where the plain line is label + value, (None, text) for a free line, or
-(HEADING, text) for a heading.
+(HEADING, text) for a heading. Nothing printed here holds a credential: every line goes through
+adapterflow.redact (URIs' passwords, secret query values, secret environment values masked).
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from pathlib import Path
 
 from rich.text import Text
 
+from adapterflow.redact import MASK, redact_text, redact_uri
+
 Row = tuple[str | None, str]
 HEADING = "=="
 
 
 def show(rows: list[Row]) -> None:
     """Print rows: a rich grid on a terminal, otherwise the exact plain lines."""
+    rows = [(label, redact_text(text)) for label, text in rows]
     if not sys.stdout.isatty():
         print(plain(rows))
         return
@@ -60,9 +64,23 @@ def summary_rows(summary: dict, dirs, seconds: float) -> list[Row]:
         ("stage seconds    ", "  ".join(f"{k} {v:.1f}" for k, v in summary["timings"].items())),
         (None, ""),
         (None, "Open the dashboards on this data:"),
-        (None, f"  {_script('mlflow')} ui --backend-store-uri {summary['tracking_uri']} --port 5000"),
+        *_mlflow_ui_rows(summary["tracking_uri"]),
         (None, f"  PREFECT_HOME={dirs.prefect_home} {_script('prefect')} server start"),
     ]
+
+
+def _mlflow_ui_rows(uri: str) -> list[Row]:
+    """Where to see the run: a tracking server's own UI, else `mlflow ui` on the store. Credentials never printed."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        return [(None, f"  {urlunsplit((parts.scheme, parts.netloc.rsplit('@', 1)[-1], parts.path, '', ''))} (the MLflow server's UI)")]
+    shown = redact_uri(uri)
+    rows = [(None, f"  {_script('mlflow')} ui --backend-store-uri {shown} --port 5000")]
+    if MASK in shown:
+        rows.append((None, f"  (the password shows as {MASK}: pass it in the environment, e.g. PGPASSWORD or ~/.pgpass)"))
+    return rows
 
 
 def skipped_line(summary: dict) -> str:
@@ -141,7 +159,7 @@ def promotion_lines(model_name: str, decision, production_alias: str) -> list[st
     if decision.forgetting:
         check = decision.forgetting
         lines.append(f"  forgetting set {check['file']}: candidate {check['candidate']:.4f}, production {check['incumbent']:.4f}")
-    return lines
+    return [redact_text(line) for line in lines]
 
 
 def show_status(name: str, state) -> None:
@@ -161,7 +179,7 @@ def status_text(name: str, state) -> str:
     lines += [f"  {e['when']:<26} {e['action']:<9} v{e.get('from')} → v{e['to']}  {e.get('reason', '')}" for e in state.history]
     if not state.history:
         lines.append("  no promotion yet")
-    return "\n".join(lines)
+    return redact_text("\n".join(lines))
 
 
 def lineage_rows(name: str, info) -> list[Row]:
@@ -169,6 +187,7 @@ def lineage_rows(name: str, info) -> list[Row]:
     import yaml
 
     from adapterflow.tasks.registry_tags import metric_text
+    from adapterflow.tasks.tracking import redacted
 
     tags = info.tags
     files = [(None, f"  {split:<10} {info.data_paths.get(split, '?')}  md5 {md5}") for split, md5 in sorted(tags.split_md5s.items())]
@@ -183,7 +202,7 @@ def lineage_rows(name: str, info) -> list[Row]:
         ("metrics         ", "  ".join(f"{k}={metric_text(v)}" for k, v in sorted(tags.metrics.items()))),
         ("compared        ", "; ".join(_comparison(e) for e in info.comparisons) or "never (not promoted or refused yet)"),
         (None, "config:"),
-        (None, yaml.safe_dump(info.config, sort_keys=False).rstrip()),
+        (None, yaml.safe_dump(redacted(info.config), sort_keys=False).rstrip()),  # a version logged before redaction
     ]
 
 
@@ -258,5 +277,5 @@ def _rich_status(name: str, state) -> None:
     history = Table("when", "action", "from → to", "reason", title="history", title_justify="left")
     for event in state.history:
         before = f"v{event['from']}" if event.get("from") else "base"
-        history.add_row(event["when"], event["action"], f"{before} → v{event['to']}", event.get("reason", ""))
+        history.add_row(event["when"], event["action"], f"{before} → v{event['to']}", redact_text(event.get("reason", "")))
     console.print(history if state.history else "history: no promotion yet")

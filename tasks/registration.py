@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from adapterflow.errors import RegistryError
+from adapterflow.redact import redact_text
 from adapterflow.tasks.config import BUNDLED_MODELS
 from adapterflow.tasks.registry_tags import COMPLETE, INCOMPLETE, REGISTRATION_TAG, ModelTags, VersionTags
 from adapterflow.tasks.tracking import RunRef, client
@@ -45,7 +46,7 @@ def _register(config, run: RunRef, adapter_dir: Path, base_ref, tags: dict[str, 
     # Tags go in with the version itself, so a version never exists without its lineage.
     version = mlflow_client.create_model_version(
         name, info.model_uri, run_id=run.run_id, tags={**tags, REGISTRATION_TAG: INCOMPLETE}, model_id=info.model_id,
-        description=description or None,
+        description=redact_text(description) or None,
     )
     _wait_until_ready(mlflow_client, name, version.version)
     mlflow_client.set_model_version_tag(name, version.version, REGISTRATION_TAG, COMPLETE)
@@ -79,7 +80,7 @@ def _describe_registered_model(mlflow_client, name: str, config, base_ref) -> No
     """Create the model if needed; its description and tags follow the latest config."""
     from mlflow.exceptions import MlflowException
 
-    description = registered_model_description(config, base_ref)
+    description = redact_text(registered_model_description(config, base_ref))
     try:
         mlflow_client.get_registered_model(name)
         mlflow_client.update_registered_model(name, description=description)
@@ -99,7 +100,7 @@ def base_label(config, base_ref) -> str:
 
 
 def registered_model_description(config, base_ref) -> str:
-    labels = f" over the labels {', '.join(config.data.labels)}" if config.data.labels else ""
+    labels = f" over the labels {', '.join(map(str, config.data.labels))}" if config.data.labels else ""
     return (
         f"LoRA adapters for {config.task}{labels} on the base model `{base_label(config, base_ref)}`, retrained by the "
         f"adapterflow config `{config.name}`.\n\n"

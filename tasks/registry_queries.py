@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterflow.errors import RegistryError
+from adapterflow.redact import redact_text
 from adapterflow.tasks.registry_tags import INCOMPLETE, VersionTags, read_events, registration_state
 from adapterflow.tasks.server_health import check_reachable
-from adapterflow.tasks.tracking import client
+from adapterflow.tasks.tracking import client, public_config
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Lineage:
     experiment_id: str
     tags: VersionTags
     data_paths: Mapping[str, str]  # split -> the file the run's config named
-    config: dict  # the resolved run config, as JSON
+    config: dict  # the resolved run config, as JSON, credentials masked (versions logged before redaction too)
     comparisons: tuple[dict, ...]  # the events this version took part in, oldest first
 
 
@@ -67,7 +68,7 @@ def lineage(name: str, version: str, uri: str) -> Lineage:
         version=record.version, run_id=record.run_id, experiment_id=mlflow_client.get_run(record.run_id).info.experiment_id,
         tags=VersionTags.from_tags(record.tags),
         data_paths={split: getattr(config.data, split) for split in ("train", "validation", "test") if getattr(config.data, split)},
-        config=config.model_dump(mode="json"), comparisons=tuple(events[when] for when in sorted(events)),
+        config=public_config(config), comparisons=tuple(events[when] for when in sorted(events)),
     )
 
 
@@ -136,7 +137,7 @@ def download_adapter(mlflow_client, name: str, version: str, folder: Path) -> Pa
         source = mlflow_client.get_model_version_download_uri(name, version)
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(folder), tracking_uri=mlflow_client.tracking_uri))
     except Exception as err:
-        reason = str(err).splitlines()[0]
+        reason = redact_text((str(err).splitlines() or [""])[0])  # a server's error names its URL
         raise RegistryError(f"{name} version {version}: its adapter cannot be read ({reason}); it cannot serve as production.") from None
     adapter = root / "artifacts" / "adapter"
     if not (adapter / "adapter_config.json").is_file():

@@ -1,7 +1,9 @@
 """The registry's tag schema: what a registered version, its model and its events say, as MLflow tags.
 
 Every writer and reader goes through here. Names and value formats are a stored contract: versions
-registered earlier must still read, so a change here needs a migration, never a rename.
+registered earlier must still read, so a change here needs a migration, never a rename. Text values
+are written through adapterflow.redact (a tag is readable by everyone who can read the registry);
+fingerprints (md5s, hashes, the commit) and numbers are written as they are: they are compared and read back.
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from adapterflow.redact import redact_text
+
 REGISTRATION_TAG = "adapterflow.registration"
 INCOMPLETE, COMPLETE = "incomplete", "complete"  # the version's registration state
 EVENT_PREFIX = "adapterflow.event."  # + the event's time stamp; the value is the event as JSON
 HISTORY_TAG = "adapterflow.production_history"  # on the model: earlier production versions, JSON list
 METRIC_PREFIX = "metric."
 SPLIT_PREFIX, SPLIT_SUFFIX = "data.", "_md5"  # data.<split>_md5: md5 of the split file as trained on
+# Written exactly, never through redact (with data.<split>_md5 and metric.*): fingerprints that are compared, and numbers.
+EXACT_TAGS = ("data_md5", "git_commit", "config_hash", "lora_r", "lora_alpha", "train_steps", "learning_rate", "intruder_dimensions")
 
 
 def split_tag(split: str) -> str:
@@ -60,7 +66,7 @@ class VersionTags:
             **{split_tag(s): md5 for s, md5 in self.split_md5s.items()},
             "intruder_dimensions": _text(self.intruder_dimensions), "checkpoint_merge": self.checkpoint_merge,
         }
-        return {k: v for k, v in tags.items() if v is not None}
+        return {k: v if _is_exact(k) else redact_text(v) for k, v in tags.items() if v is not None}
 
     @classmethod
     def from_tags(cls, tags: Mapping[str, str]) -> VersionTags:
@@ -88,8 +94,10 @@ def registration_state(tags: Mapping[str, str]) -> str | None:
 
 
 def event_tag(event: dict) -> tuple[str, str]:
-    """(name, value) of the tag recording one promotion, refusal or rollback; `event['when']` names it."""
-    return EVENT_PREFIX + event["when"], json.dumps(event)
+    """(name, value) of the tag recording one promotion, refusal or rollback; `event['when']` names it.
+
+    The reason is free text (a registry error may name a URL): masked like every other text value."""
+    return EVENT_PREFIX + event["when"], redact_text(json.dumps(event))
 
 
 def read_events(tags: Mapping[str, str]) -> dict[str, dict]:
@@ -118,8 +126,12 @@ class ModelTags:
     def to_tags(self) -> dict[str, str]:
         tags = {"task": self.task, "base_model": self.base_model, "gate_metric": self.gate_metric}
         if self.labels:
-            tags["labels"] = ", ".join(self.labels)
-        return tags
+            tags["labels"] = ", ".join(map(str, self.labels))
+        return {key: redact_text(value) for key, value in tags.items()}
+
+
+def _is_exact(tag: str) -> bool:
+    return tag in EXACT_TAGS or tag.startswith(METRIC_PREFIX) or _split_of(tag) is not None
 
 
 def _split_of(tag: str) -> str | None:

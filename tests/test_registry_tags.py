@@ -75,3 +75,20 @@ def test_model_tags():
     expected = {"task": "t", "base_model": "b", "gate_metric": "accuracy", "labels": "a, b"}
     assert ModelTags("t", "b", "accuracy", ("a", "b")).to_tags() == expected
     assert "labels" not in ModelTags("t", "b", "perplexity").to_tags()
+
+
+SENTINEL = "Tags-S3ntinel-pw"
+
+
+def test_text_tags_and_events_are_masked_and_fingerprints_and_numbers_kept_byte_for_byte(monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", "73a8b759")  # a secret that happens to be part of an md5: the md5 tag must not change
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "808824")  # ... or of a metric
+    stored = {**STORED, "base_model": f"http://u:{SENTINEL}@hub.internal/m", "checkpoint_merge": "chose merged 73a8b759"}
+    tags = VersionTags.from_tags(stored).to_tags()
+    assert tags["data_md5"] == STORED["data_md5"] and tags["data.train_md5"] == "aa" and tags["config_hash"] == "c0ffee"
+    assert tags["metric.accuracy"] == "0.808824"
+    assert tags["base_model"] == "http://u:***@hub.internal/m" and tags["checkpoint_merge"] == "chose merged ***"
+    assert ModelTags("t", f"http://u:{SENTINEL}@h/m", "accuracy").to_tags()["base_model"] == "http://u:***@h/m"
+    event = {"action": "refused", "to": "2", "when": "20250101T000000.1Z", "reason": f"cannot read http://u:{SENTINEL}@h/x"}
+    name, value = event_tag(event)
+    assert SENTINEL not in value and json.loads(value)["reason"] == "cannot read http://u:***@h/x"

@@ -123,3 +123,57 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.stdout == "line 0\nline 1\n"
     assert result.stderr == "" and result.returncode == 141
+
+
+# --- credentials never printed ----------------------------------------------------------------------
+
+SENTINEL = "Render-S3ntinel-pw"
+
+
+def test_the_summary_names_a_tracking_server_without_its_credentials(summary, monkeypatch):
+    dirs = SimpleNamespace(prefect_home="/state/prefect")
+    summary["tracking_uri"] = f"http://alice:{SENTINEL}@mlflow.internal:5000"
+    for tty in (False, True):
+        text = _printed(monkeypatch, tty, lambda: render.show(render.summary_rows(summary, dirs, 1.0)))
+        assert SENTINEL not in text and "alice" not in text
+        assert "http://mlflow.internal:5000 (the MLflow server's UI)" in text and "--backend-store-uri" not in text
+
+
+def test_a_database_store_in_the_summary_has_its_password_masked(summary, monkeypatch):
+    dirs = SimpleNamespace(prefect_home="/state/prefect")
+    summary["tracking_uri"] = f"postgresql://mlflow:{SENTINEL}@db:5432/mlflow"
+    text = _printed(monkeypatch, False, lambda: render.show(render.summary_rows(summary, dirs, 1.0)))
+    assert SENTINEL not in text and "--backend-store-uri postgresql://mlflow:***@db:5432/mlflow --port 5000" in text
+    assert "PGPASSWORD" in text  # how to pass the password instead
+
+
+def _lineage(config: dict, reason: str):
+    from adapterflow.tasks.registry_queries import Lineage
+
+    event = {"when": "20250101T000000.1Z", "action": "refused", "from": None, "to": "1", "reason": reason}
+    return Lineage("1", "run1", "0", VersionTags.from_tags({"data_md5": "73a8", "data.train_md5": "aa"}), {"train": "/d/train.csv"},
+                   config, (event,))
+
+
+def test_lineage_masks_a_config_logged_before_redaction(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-" + SENTINEL)
+    config = {"name": "demo", "tracking": {"mlflow_uri": f"postgresql://u:{SENTINEL}@db/mlflow",
+                                           "dvc_remote": f"https://dvc.example/store?token={SENTINEL}"},
+              "note": f"key aws-{SENTINEL}"}
+    text = _printed(monkeypatch, False, lambda: render.show(render.lineage_rows("m", _lineage(config, "ok"))))
+    assert SENTINEL not in text
+    assert "mlflow_uri: postgresql://u:***@db/mlflow" in text and "dvc_remote: https://dvc.example/store?token=***" in text
+    assert "data md5 (DVC)  73a8" in text and "train      /d/train.csv  md5 aa" in text
+
+
+def test_status_and_promotion_lines_mask_a_reason_that_names_a_url(monkeypatch):
+    from adapterflow.tasks.gate import Decision
+
+    reason = f"its adapter cannot be read (API request to http://a:{SENTINEL}@h:5000/api failed)"
+    event = {"when": "20250101T000000.1Z", "action": "refused", "from": None, "to": "1", "reason": reason}
+    state = ModelStatus({}, (), (event,))
+    for tty in (False, True):
+        text = _printed(monkeypatch, tty, lambda: render.show_status("m", state))
+        assert SENTINEL not in text and "http://a:***@h:5000" in text.replace("\n", "")
+    decision = Decision(False, "1", None, "accuracy", 0.5, 0.6, reason)
+    assert SENTINEL not in "\n".join(render.promotion_lines("m", decision, "production"))
