@@ -144,11 +144,14 @@ def test_compose_servers_point_at_postgres_and_minio(compose):
 
 def test_compose_servers_require_a_login(compose):
     import configparser
+    from importlib.metadata import entry_points
 
     services = compose["services"]
     pg_env = services["postgres"]["environment"]
     mlflow = services["mlflow"]
-    assert _option(mlflow["command"], "--app-name") == "basic-auth"
+    # adapterflow-auth: basic-auth plus MANAGE to move @production (tasks/auth_app.py, tests/test_auth_app.py), an installed app
+    assert _option(mlflow["command"], "--app-name") == "adapterflow-auth"
+    assert any(e.name == "adapterflow-auth" for e in entry_points(group="mlflow.app"))
     env = mlflow["environment"]
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == "<MLFLOW_AUTH_ADMIN_PASSWORD>"  # required, no default
     assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == "<MLFLOW_FLASK_SERVER_SECRET_KEY>"
@@ -162,7 +165,8 @@ def test_compose_servers_require_a_login(compose):
     assert users_db.username == pg_env["POSTGRES_USER"] and users_db.password is None  # libpq reads PGPASSWORD
     create = services["create-auth-database"]
     assert create["environment"]["PGPASSWORD"] == pg_env["POSTGRES_PASSWORD"] and "CREATE DATABASE mlflow_auth" in create["command"][0]
-    assert "Flask-WTF" in (INFRA / mlflow["build"]["dockerfile"]).read_text()  # mlflow[auth]: the app refuses to start without it
+    dockerfile = INFRA / mlflow["build"]["context"] / mlflow["build"]["dockerfile"]
+    assert "Flask-WTF" in dockerfile.read_text()  # mlflow[auth]: the app refuses to start without it
 
     server, worker = services["prefect-server"]["environment"], services["prefect-worker"]["environment"]
     assert server["PREFECT_SERVER_API_AUTH_STRING"] == worker["PREFECT_API_AUTH_STRING"] == "<PREFECT_API_AUTH_STRING>"

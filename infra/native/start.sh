@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Start Postgres, SeaweedFS (S3), an MLflow server and a Prefect server on loopback, without a
-# container engine, and write STATE/env.sh for clients. Both servers require a login: MLflow with its
-# basic-auth app (users in the Postgres database mlflow_auth; the admin's credentials in STATE/admin.env),
-# Prefect with an auth string (PREFECT_API_AUTH_STRING in env.sh).
+# container engine, and write STATE/env.sh for clients. Both servers require a login: MLflow with
+# adapterflow's auth app, basic-auth plus MANAGE to move @production (users in the Postgres database
+# mlflow_auth; the admin's credentials in STATE/admin.env), Prefect with an auth string (PREFECT_API_AUTH_STRING in env.sh).
 #   infra/native/start.sh [STATE]       (default $ADAPTERFLOW_INFRA_DIR or .adapterflow/infra)
 #   source STATE/env.sh
 #   (source STATE/admin.env; adapterflow infra users MODEL --out FILE)   # once: the trainer and the promoter
@@ -12,6 +12,7 @@
 # ADAPTERFLOW_PREFECT_PORT 4200; SeaweedFS' internal ones: ADAPTERFLOW_WEED_{MASTER,VOLUME,FILER}_PORT
 # 9333/8080/8888 and ADAPTERFLOW_WEED_*_GRPC_PORT (each port + 10000, S3 included).
 # Bucket: ADAPTERFLOW_S3_BUCKET (adapterflow). Services already running for STATE are kept, on their ports.
+# Aliases only MANAGE may move: ADAPTERFLOW_PROTECTED_ALIASES (production; comma-separated), read when MLflow starts.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -246,9 +247,10 @@ s3_env() {
 }
 
 # Artifacts are proxied (--serve-artifacts is the default): clients need no S3 credentials.
-# The basic-auth app: every request but /health needs a user; users may read everything
-# (default_permission READ) and create experiments and models; writing to a registered model
-# someone else created needs a grant (adapterflow infra users). Passwords and keys go by environment.
+# adapterflow-auth (tasks/auth_app.py): MLflow's basic-auth app, where every request but /health needs a
+# user; users may read everything (default_permission READ) and create experiments and models; writing
+# to a registered model someone else created needs a grant (adapterflow infra users); and moving
+# @production (ADAPTERFLOW_PROTECTED_ALIASES) needs MANAGE on the model. Passwords and keys go by environment.
 start_mlflow() {
     write_auth_config
     # Job execution (GenAI features adapterflow does not use) would add 8 worker processes.
@@ -257,10 +259,10 @@ start_mlflow() {
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" \
         MLFLOW_AUTH_CONFIG_PATH="$STATE/mlflow/basic_auth.ini" MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_ADMIN_PASSWORD" \
         MLFLOW_FLASK_SERVER_SECRET_KEY="$MLFLOW_SECRET_KEY" \
-        "$MLFLOW" server --app-name basic-auth --host "$HOST" --port "$MLFLOW_PORT" --workers 1 \
+        "$MLFLOW" server --app-name adapterflow-auth --host "$HOST" --port "$MLFLOW_PORT" --workers 1 \
         --backend-store-uri "postgresql://$DB_USER@$HOST:$PG_PORT/mlflow" \
         --artifacts-destination "s3://$BUCKET/mlflow"
-    log "mlflow started (basic-auth; the admin's credentials in $STATE/admin.env)"
+    log "mlflow started (adapterflow-auth: basic-auth + MANAGE for @production; the admin's credentials in $STATE/admin.env)"
 }
 
 # MLflow's auth settings; no secret in them (libpq reads PGPASSWORD, the admin password comes by environment).
