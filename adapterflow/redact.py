@@ -51,6 +51,21 @@ def redact_text(text: str) -> str:
     return _mask_env_secrets(_URI.sub(lambda match: redact_uri(match.group(0)), text))
 
 
+def redact_values(value):
+    """Every URI inside a JSON-like value with its credentials masked; keys, structure and every other string unchanged.
+
+    A config carries credentials only in URIs (tracking.mlflow_uri, tracking.dvc_remote). Other strings
+    (data paths, names) stay byte-exact: the training worker and `promote` read such a config back.
+    """
+    if isinstance(value, str):
+        return redact_text(value) if "://" in value else value
+    if isinstance(value, dict):
+        return {key: redact_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_values(item) for item in value]
+    return value
+
+
 def _masked_netloc(netloc: str) -> str:
     if "@" not in netloc:
         return netloc

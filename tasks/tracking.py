@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from adapterflow.redact import redact_text
+from adapterflow.redact import redact_text, redact_values
 from adapterflow.tasks.config import flatten
 
 MAX_PARAMS_PER_BATCH = 100
@@ -64,22 +64,7 @@ def open_run(config, uri: str, artifacts_root: Path, validation_files: dict, bas
 def public_config(config) -> dict:
     """The config as JSON with every credential masked: what leaves the process (the resolved-config artifact,
     the training job file, printed lineage) is this, never `model_dump` itself."""
-    return redacted(config.model_dump(mode="json"))
-
-
-def redacted(value):
-    """Every URI inside a JSON-like value with its credentials masked; keys and structure unchanged.
-
-    A config carries credentials only in URIs (tracking.mlflow_uri, tracking.dvc_remote). Every other string
-    (data paths, names) stays byte-exact: the training worker and `promote` read this config back.
-    """
-    if isinstance(value, str):
-        return redact_text(value) if "://" in value else value
-    if isinstance(value, dict):
-        return {key: redacted(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redacted(item) for item in value]
-    return value
+    return redact_values(config.model_dump(mode="json"))
 
 
 def log_data_version(config, run: RunRef, data_version) -> None:

@@ -162,6 +162,7 @@ NOT_FINITE = [
         (_tracking(dvc_remote="-d"), "tracking.dvc_remote: starts with '-'"),
         (_tracking(dvc_remote=" "), "tracking.dvc_remote: is empty"),
         (_tracking(dvc_remote="s3://bucket/x\n[core]"), "tracking.dvc_remote: contains a control character"),
+        (_tracking(dvc_remote="ssh://deploy:hunter2@host/dvc"), "tracking.dvc_remote: carries a credential"),
         # Labels: all strings or all integers.
         (lambda c: c["data"].update(labels=[0, "games", 2]), "data.labels must be all strings or all integers; got int, str"),
         (lambda c: c["data"].update(labels=[True, False]), "yes/no, true/false and on/off without quotes are YAML booleans: quote them"),
@@ -180,6 +181,7 @@ NOT_FINITE = [
          "aliases-equal", "alias-latest", "alias-latest-upper", "alias-version", "alias-space", "alias-dot", "alias-empty",
          "alias-too-long", "seed-2-32", "seed-negative", "timezone-unknown", "timezone-path", "timezone-localtime",
          "dvc-remote-option", "dvc-remote-short-option", "dvc-remote-blank", "dvc-remote-newline",
+         "dvc-remote-credential",
          "labels-mixed", "labels-bool", "labels-float", "labels-int-duplicate", "labels-int-too-big",
          *(p.id for p in NOT_FINITE)],
 )
@@ -602,3 +604,11 @@ def test_a_model_that_needs_its_own_code_is_refused_unless_trusted(tmp_path, tin
     assert load_tokenizer(ref)("a test").input_ids
     assert (folder / "code-ran").exists() and model.config.id2label == {0: "0", 1: "1", 2: "2"}
     assert ref.identity != resolve_base(untrusted.model).identity  # the code it runs is part of its identity
+
+
+def test_the_config_hash_ignores_credentials(tmp_path, tiny_bert, cls_data):
+    def digest(uri):
+        return load_config(write_config(tmp_path / "c.yaml", cls_config(tiny_bert, cls_data, **{"tracking.mlflow_uri": uri}))).digest()
+
+    assert digest("http://alice:old-pw@mlflow:5000") == digest("http://alice:new-pw@mlflow:5000")
+    assert digest("http://alice:pw@mlflow:5000") != digest("http://alice:pw@other:5000")
