@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from adapterflow.errors import ConfigError, RegistryError
+from adapterflow.redact import redact_text, redact_uri
 
 
 def export_version(spec: str, out: Path, tracking_uri: str, merged: bool = False) -> str:
@@ -29,7 +30,8 @@ def export_version(spec: str, out: Path, tracking_uri: str, merged: bool = False
         version = mlflow_client.get_model_version_by_alias(name, alias)
         source = mlflow_client.get_model_version_download_uri(name, version.version)
     except MlflowException as err:
-        raise RegistryError(f"no version of {name} has the alias @{alias} at {tracking_uri}: {err.message.splitlines()[0]}") from None
+        raise RegistryError(f"no version of {name} has the alias @{alias} at {redact_uri(tracking_uri)}: "
+                            f"{redact_text(err.message.splitlines()[0])}") from None
     with tempfile.TemporaryDirectory(prefix="adapterflow-export-") as scratch:
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=scratch, tracking_uri=tracking_uri))
         adapter = folder / "artifacts" / "adapter"
@@ -60,7 +62,7 @@ def _write_merged(adapter: Path, cfg: dict, out: Path) -> None:
     from adapterflow.tasks.model_io import BaseModelRef, bundled_folder, load_model, load_tokenizer
 
     location = str(bundled_folder(cfg["bundled"])) if cfg["source"] == "bundled" else cfg["name_or_path"]
-    ref = BaseModelRef(location, cfg.get("revision"), cfg["identity"], cfg["source"])
+    ref = BaseModelRef(location, cfg.get("revision"), cfg["identity"], cfg["source"], cfg.get("trust_remote_code", False))
     model = PeftModel.from_pretrained(load_model(ref, cfg["task"], cfg.get("labels")), str(adapter)).merge_and_unload()
     model.save_pretrained(out)  # transformers 5 writes safetensors only
     load_tokenizer(ref).save_pretrained(out)

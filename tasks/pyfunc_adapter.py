@@ -16,7 +16,7 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
         from adapterflow.tasks.model_io import BaseModelRef, load_model, load_tokenizer
 
         cfg = context.model_config
-        ref = BaseModelRef(_base_location(cfg), cfg.get("revision"), cfg["identity"], cfg["source"])
+        ref = BaseModelRef(_base_location(cfg), cfg.get("revision"), cfg["identity"], cfg["source"], cfg.get("trust_remote_code", False))
         self.task, self.labels = cfg["task"], cfg.get("labels")
         self.tokenizer = load_tokenizer(ref)
         base = load_model(ref, self.task, self.labels)

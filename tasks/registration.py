@@ -122,7 +122,7 @@ def _pyfunc_config(config, base_ref) -> dict:
         "task": config.task, "labels": config.data.labels, "max_length": config.data.max_length,
         "source": base_ref.source, "bundled": config.model.bundled, "name_or_path": base_ref.name_or_path,
         "bundled_package": BUNDLED_MODELS.get(config.model.bundled) if config.model.bundled else None,
-        "revision": base_ref.revision, "identity": base_ref.identity,
+        "revision": base_ref.revision, "identity": base_ref.identity, "trust_remote_code": base_ref.trust_remote_code,
         "max_new_tokens": generation.max_new_tokens if generation else DEFAULT_MAX_NEW_TOKENS,
     }
 

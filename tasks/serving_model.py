@@ -23,8 +23,9 @@ class LoraAdapterModel(mlflow.pyfunc.PythonModel):
         self.task, self.labels, self.max_length = cfg["task"], cfg.get("labels"), cfg["max_length"]
         self.max_new_tokens = cfg.get("max_new_tokens", 64)
         location = base_location(cfg)
-        self.tokenizer = load_tokenizer(location, cfg.get("revision"), self.task)
-        base = load_base(location, cfg.get("revision"), self.task, self.labels)
+        trust = bool(cfg.get("trust_remote_code", False))  # as the config said at registration; off for older versions
+        self.tokenizer = load_tokenizer(location, cfg.get("revision"), self.task, trust)
+        base = load_base(location, cfg.get("revision"), self.task, self.labels, trust)
         self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).eval()
 
     def predict(self, context, model_input, params=None):
@@ -60,10 +61,10 @@ def base_location(cfg: dict) -> str:
     return cfg["name_or_path"]
 
 
-def load_tokenizer(location: str, revision: str | None, task: str):
+def load_tokenizer(location: str, revision: str | None, task: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(location, **_revision(revision))
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **_revision(revision))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if task == "causal_lm":
@@ -71,14 +72,14 @@ def load_tokenizer(location: str, revision: str | None, task: str):
     return tokenizer
 
 
-def load_base(location: str, revision: str | None, task: str, labels: list[str] | list[int] | None):
+def load_base(location: str, revision: str | None, task: str, labels: list[str] | list[int] | None, trust_remote_code: bool = False):
     """Full precision: a 4-bit training base is a memory saving for training, not needed to serve."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected: the adapter brings it
-    kwargs = {"dtype": torch.float32, **_revision(revision)}
+    kwargs = {"dtype": torch.float32, "trust_remote_code": trust_remote_code, **_revision(revision)}
     if task == "sequence_classification":
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
         return AutoModelForSequenceClassification.from_pretrained(location, **kwargs)
