@@ -19,6 +19,7 @@ def export_version(spec: str, out: Path, tracking_uri: str, merged: bool = False
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from adapterflow.tasks.registry_queries import require_safetensors
     from adapterflow.tasks.tracking import client
 
     name, alias = _parse(spec)
@@ -35,6 +36,7 @@ def export_version(spec: str, out: Path, tracking_uri: str, merged: bool = False
     with tempfile.TemporaryDirectory(prefix="adapterflow-export-") as scratch:
         folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=scratch, tracking_uri=tracking_uri))
         adapter = folder / "artifacts" / "adapter"
+        require_safetensors(adapter, f"{name}@{alias}")
         if merged:
             _write_merged(adapter, _model_config(folder), out)
         else:

@@ -116,6 +116,9 @@ def aliases_of(model) -> dict[str, str]:
     return {alias: str(version) for alias, version in model.aliases.items()}
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
 def version_config(mlflow_client, version):
     """The resolved run config a version was trained with (logged with its run)."""
     import yaml
@@ -142,7 +145,18 @@ def download_adapter(mlflow_client, name: str, version: str, folder: Path) -> Pa
     adapter = root / "artifacts" / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise RegistryError(f"{name} version {version} has no adapter files; it cannot serve as production.")
+    require_safetensors(adapter, f"{name} version {version}")
     return adapter
+
+
+def require_safetensors(adapter: Path, what: str) -> None:
+    """Weights are read only from safetensors: a pickle-based file (.bin, .pt, .pkl) in a registry folder is refused
+    before peft could unpickle it, whoever put it there."""
+    pickled = sorted(p.name for p in adapter.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickled or not (adapter / "adapter_model.safetensors").is_file():
+        found = f"pickle-based weight files ({', '.join(pickled)})" if pickled else "no adapter_model.safetensors"
+        raise RegistryError(f"{what}: its adapter folder holds {found}; adapterflow reads adapter weights only from safetensors. "
+                            "Re-register it from a run (adapterflow run) or save it with save_pretrained(safe_serialization=True).")
 
 
 def reachable_client(uri: str):

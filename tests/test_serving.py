@@ -277,3 +277,21 @@ def test_versions_pickled_before_models_from_code_still_load(tiny_bert, tmp_path
     assert (tmp_path / "old" / "python_model.pkl").is_file()
     predicted = list(mlflow.pyfunc.load_model(str(tmp_path / "old")).predict(pd.DataFrame({"text": TEXTS})))
     assert len(predicted) == 2 and set(predicted) <= set(LABELS)
+
+
+def test_adapter_weights_are_read_only_from_safetensors(tmp_path):
+    from adapterflow.errors import RegistryError
+    from adapterflow.tasks.registry_queries import require_safetensors
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    require_safetensors(adapter, "m version 1")
+    (adapter / "adapter_model.bin").write_bytes(b"pickle")  # peft would torch.load it
+    with pytest.raises(RegistryError, match=r"pickle-based weight files \(adapter_model.bin\)"):
+        require_safetensors(adapter, "m version 1")
+    (adapter / "adapter_model.bin").unlink()
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(RegistryError, match="no adapter_model.safetensors"):
+        require_safetensors(adapter, "m version 1")
