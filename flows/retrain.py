@@ -1,7 +1,8 @@
-"""The retraining flow, one stage per line: the body below is the pipeline's diagram."""
+"""The retraining flow, one stage per line: the body of `_retrain` below is the pipeline's diagram."""
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from contextlib import contextmanager
@@ -10,8 +11,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from adapterflow.digests import file_md5
-from adapterflow.errors import AdapterflowError, DataError
+from adapterflow.errors import AdapterflowError
 from adapterflow.flows import warm
 from adapterflow.flows.console import keep_traceback, quiet_failures_in_prefect_logs
 from adapterflow.flows.stages import (
@@ -30,38 +30,48 @@ from adapterflow.flows.stages import (
     version_stage,
 )
 from adapterflow.tasks.config import load_config
-from adapterflow.tasks.data_io import split_files
+from adapterflow.tasks.embedded_store import prepare_tracking_store
 from adapterflow.tasks.hardware import check_hardware
 from adapterflow.tasks.model_io import resolve_base
 from adapterflow.tasks.registry_queries import unchanged_version
+from adapterflow.tasks.resume import alive_while, resume_key
 from adapterflow.tasks.server_health import check_reachable, check_servers
 from adapterflow.tasks.state import quiet_library_noise, state_dirs
 from adapterflow.tasks.tracking import end_run, system_metrics
+from adapterflow.tasks.version_data import snapshot_splits
 
 
 @flow(name="adapterflow-retrain", log_prints=False, validate_parameters=False)
 def retrain(config_path: str, force: bool = False) -> dict:
     """`force` retrains even when staging or production already holds this exact config and data."""
     config, dirs, uri = _prepare(config_path)
-    split_md5s = _split_md5s(config)  # hashed once: the skip check, init cache key, resume key and version tags share them
-    unchanged = None if force else unchanged_version(config, uri, split_md5s)
+    run_dir = _new_run_dir(dirs.runs, config.name)
+    with alive_while(run_dir):  # released when this flow ends, or by the OS when its process dies
+        return _retrain(config, dirs, uri, run_dir, force)
+
+
+def _retrain(config, dirs, uri: str, run_dir: Path, force: bool) -> dict:
+    """The stages. `config` is the user's: its digest, data paths and params are what the run records. Every stage
+    that reads data gets `run_config`, the same config reading the run's own copy of the split files."""
+    snapshot, unchanged = _snapshot_unless_unchanged(config, uri, run_dir, force)
     if unchanged:
         return _skipped(config, uri, *unchanged)
-    run_dir, base_ref, clock = _new_run_dir(dirs.runs, config.name), resolve_base(config.model), _StageClock()
-    validation = clock("validate", validate_stage, config, run_dir)
+    run_config, split_md5s, base_ref, clock = snapshot.config, snapshot.md5s, resolve_base(config.model), _StageClock()
+    validation = clock("validate", validate_stage, snapshot, run_dir)
     run = clock("track", open_run_stage, config, uri, dirs.mlflow_artifacts, validation, base_ref)
-    versioning = version_stage.submit(config, dirs.dvc_repo, dirs.dvc_remote, run)  # beside init and training
+    versioning = version_stage.submit(snapshot, dirs.dvc_repo, dirs.dvc_remote, run_dir, run)  # beside init and training
     with _failure_marks_run(run, versioning, config.tracking.system_metrics_seconds, run_dir):
-        init = clock("initialize", init_stage, config, base_ref, run_dir, dirs.init_cache, run, split_md5s)
-        train_config = training_config(config, init)
-        trained = clock("train", train_stage, train_config, base_ref, init.init_dir, run_dir, run, split_md5s)
-        merge = clock("merge", merge_choice_stage, config, base_ref, trained, run_dir, run) if trained.merged_adapter_dir else None
+        init = clock("initialize", init_stage, run_config, base_ref, run_dir, dirs.init_cache, run, split_md5s)
+        train_config, recorded_config = training_config(run_config, init), training_config(config, init)
+        key = resume_key(recorded_config, base_ref, split_md5s)
+        trained = clock("train", train_stage, train_config, base_ref, init.init_dir, run_dir, run, key)
+        merge = clock("merge", merge_choice_stage, run_config, base_ref, trained, run_dir, run) if trained.merged_adapter_dir else None
         adapter_dir = merge.adapter_dir if merge else trained.adapter_dir
-        evaluation = clock("evaluate", evaluate_stage, config, base_ref, adapter_dir, run_dir, run)
-        spectral = clock("spectral", spectral_stage, config, base_ref, adapter_dir, run_dir, run) if config.evaluate.intruders else None
+        evaluation = clock("evaluate", evaluate_stage, run_config, base_ref, adapter_dir, run_dir, run)
+        spectral = clock("spectral", spectral_stage, run_config, base_ref, adapter_dir, run_dir, run) if config.evaluate.intruders else None
         candidate = Candidate(adapter_dir, init, trained, evaluation, spectral, merge)
         data_version = versioning.result()
-        registered = clock("register", register_stage, train_config, base_ref, run, candidate, data_version, split_md5s)
+        registered = clock("register", register_stage, recorded_config, base_ref, run, candidate, data_version, split_md5s)
         promotion = clock("promote", promote_stage, config, uri, dirs.root / "locks") if config.promotion.promote == "auto" else None
         close_run_stage(run, clock.seconds)
     summary = {
@@ -85,19 +95,26 @@ def _prepare(config_path: str):
     check_hardware(config)
     dirs = state_dirs()
     uri = config.tracking.mlflow_uri or dirs.default_mlflow_uri()
+    prepare_tracking_store(uri)  # a fresh SQLite store is created once, under a lock: a concurrent run waits for it
     check_reachable(uri)
     check_servers(config)
     return config, dirs, uri
 
 
-def _split_md5s(config) -> dict[str, str]:
-    """md5 of each split file; a missing file fails here as validation would report it."""
-    digests = {}
-    for split, path in split_files(config.data).items():
-        if not Path(path).is_file():
-            raise DataError(f"data.{split}: file not found: {path}. Check the path (relative paths are read from the config's folder).")
-        digests[split] = file_md5(Path(path))
-    return digests
+def _snapshot_unless_unchanged(config, uri: str, run_dir: Path, force: bool):
+    """(the run's copy of its splits, None), or (None, (alias, version)) when a version holds this exact config and
+    data. The split files are hashed once, as they are copied: the skip check, init cache key, resume key and version
+    tags share those md5s. A skipped run, or one whose files cannot be copied, leaves no run folder."""
+    try:
+        snapshot = snapshot_splits(config, run_dir)
+        unchanged = None if force else unchanged_version(config, uri, snapshot.md5s)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    if unchanged:
+        shutil.rmtree(run_dir)
+        return None, unchanged
+    return snapshot, None
 
 
 def _bnb_cpu_path(config, device: str) -> str | None:

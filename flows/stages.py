@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # their modules import torch/pandas, which flows/warm.py impo
     from adapterflow.tasks.init_adapter import InitOutcome
     from adapterflow.tasks.registry_tags import VersionTags
     from adapterflow.tasks.train import TrainResult
-    from adapterflow.tasks.version_data import DataVersion
+    from adapterflow.tasks.version_data import DataVersion, Snapshot
 
 STAGE = dict(cache_policy=NO_CACHE, persist_result=False)
 STORAGE_RETRIES = dict(retries=2, retry_delay_seconds=2)
@@ -75,10 +75,16 @@ class Promotion:
 
 
 @task(name="validate-data", retries=0, **STAGE)
-def validate_stage(config, run_dir: Path) -> Validation:
+def validate_stage(snapshot: Snapshot, run_dir: Path) -> Validation:
+    """The run's copy of the splits (the bytes it trains on), reported by the names of the files the config gave."""
+    from adapterflow.errors import DataError
     from adapterflow.tasks.validate_data import validate_data
 
-    report = validate_data(config)
+    config = snapshot.config
+    try:
+        report = validate_data(config)
+    except DataError as err:
+        raise DataError(snapshot.naming_sources(str(err))) from None
     files = report.write(run_dir / "validation")
     create_table_artifact(table=report.as_table(), key="data-validation", description=f"Data validation for {config.name}: passed")
     return Validation({k: str(v) for k, v in files.items()}, dict(report.row_counts), len(report.rows))
@@ -92,13 +98,13 @@ def open_run_stage(config, uri: str, artifacts_root: Path, validation: Validatio
 
 
 @task(name="version-data", **STORAGE_RETRIES, **STAGE)
-def version_stage(config, repo: Path, default_remote: Path, run: RunRef) -> DataVersion:
-    """DVC add + push of the split files; the run gets the digest, the .dvc file and the dataset input."""
+def version_stage(snapshot: Snapshot, repo: Path, default_remote: Path, run_dir: Path, run: RunRef) -> DataVersion:
+    """DVC add + push of the run's copy of the splits; the run gets the digest, the .dvc file and the dataset input."""
     from adapterflow.tasks.tracking import log_data_version
     from adapterflow.tasks.version_data import version_data
 
-    data_version = version_data(config, repo, default_remote)
-    log_data_version(config, run, data_version)
+    data_version = version_data(snapshot, repo, default_remote, run_dir)
+    log_data_version(snapshot.config, run, data_version)
     return data_version
 
 
@@ -123,14 +129,14 @@ def training_config(config, init: InitOutcome):
 
 
 @task(name="train", retries=0, **STAGE)
-def train_stage(config, base_ref, init_dir: str, run_dir: Path, run: RunRef, split_md5s: Mapping[str, str]) -> TrainResult:
-    """Resumes an interrupted run of the same config, data and base; logs the loss curves."""
+def train_stage(config, base_ref, init_dir: str, run_dir: Path, run: RunRef, key: dict) -> TrainResult:
+    """Resumes an interrupted run with the same resume `key` (config, data, base); logs the loss curves."""
     from adapterflow.tasks.launch import launch_training
-    from adapterflow.tasks.resume import interrupted_checkpoint, mark_finished, resume_key
+    from adapterflow.tasks.resume import interrupted_checkpoint, mark_finished
     from adapterflow.tasks.run_plots import plot_loss_curves
     from adapterflow.tasks.train import train_adapter
 
-    resume_from = interrupted_checkpoint(run_dir, resume_key(config, base_ref, split_md5s), config.name)
+    resume_from = interrupted_checkpoint(run_dir, key, config.name)
     if resume_from:
         get_run_logger().info(f"resuming the interrupted run's training from {resume_from}")
     train = launch_training if config.train.launch.mode == "accelerate" else train_adapter

@@ -1,12 +1,51 @@
-"""Resuming an interrupted training: the rerun of the same config, data and base continues its last checkpoint."""
+"""Resuming an interrupted training: the rerun of the same config, data and base continues its last checkpoint.
+
+A run folder is interrupted only when its flow is gone. The flow holds an exclusive flock on the
+folder's lock file while it runs (`alive_while`); the OS releases it when the process ends, however
+it ends (SIGKILL, OOM, a crash). A run whose lock is held is alive, and its checkpoints are never
+taken over: it rotates them away as it trains.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
-KEY_FILE, RESULT_FILE = "resume_key.json", "train_result.json"
+KEY_FILE, RESULT_FILE, LOCK_FILE = "resume_key.json", "train_result.json", "run.lock"
+
+
+@contextmanager
+def alive_while(run_dir: Path):
+    """Marks the run folder as in use for the block (the flow's life): no other run resumes from it meanwhile."""
+    with open(run_dir / LOCK_FILE, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new folder: nobody else can hold it
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_alive(run_dir: Path) -> bool:
+    """Whether a process holds the run folder's lock now (tried without waiting, and released at once)."""
+    try:
+        descriptor = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:  # from before the lock existed, or gone with its folder: nobody holds it
+        return False
+    except OSError:  # another user's run, say: what cannot be checked is not taken over
+        return True
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(descriptor)
 
 
 def resume_key(config, base_ref, split_md5s: Mapping[str, str]) -> dict:
@@ -17,10 +56,11 @@ def resume_key(config, base_ref, split_md5s: Mapping[str, str]) -> dict:
 def interrupted_checkpoint(run_dir: Path, key: dict, name: str) -> str | None:
     """The last complete checkpoint of the newest earlier run with this key that never finished training.
 
-    Only the newest matching run counts: an older interrupted run was already superseded.
+    Runs still alive (another flow running the same config now) are skipped. Of the others, only the
+    newest matching run counts: an older interrupted run was already superseded.
     """
     (run_dir / KEY_FILE).write_text(json.dumps(key))
-    earlier = [d for d in run_dir.parent.glob(f"{name}-*") if d != run_dir and _same_key(d, key)]
+    earlier = [d for d in run_dir.parent.glob(f"{name}-*") if d != run_dir and _same_key(d, key) and not is_alive(d)]
     if not earlier:
         return None
     newest = max(earlier, key=lambda d: d.name)  # run folders are named <name>-<date>-<time>-<id>
