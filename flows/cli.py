@@ -222,7 +222,9 @@ def cmd_run(args) -> int:
     from adapterflow.flows.retrain import retrain
 
     warm.start()
+    from adapterflow.tasks.embedded_store import prepare_prefect_store
 
+    prepare_prefect_store()  # a fresh Prefect database is created once, under a lock: two first runs would race on it
     console.quiet_failures_in_prefect_logs()
     quiet_library_noise()
     try:
@@ -249,7 +251,9 @@ def cmd_serve(args) -> int:
     schedule = check_schedule(config.schedule)
     prepare_environment(offline=config.model.hub_id is None)
     from adapterflow.flows.retrain import retrain
+    from adapterflow.tasks.embedded_store import prepare_prefect_store
 
+    prepare_prefect_store()
     console.quiet_failures_in_prefect_logs()
     quiet_library_noise()
     print(f"serving deployment adapterflow-retrain/{config.name} ({schedule}); Ctrl-C stops it.")

@@ -42,6 +42,9 @@ def _plain_line(label: str | None, text: str) -> str:
 # --- the run summary ----------------------------------------------------------------------------
 
 
+REMOTE_CODE_NOTE = "model.trust_remote_code is on: the base model's own Python code ran"
+
+
 def summary_rows(summary: dict, dirs, seconds: float) -> list[Row]:
     metrics = "  ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items())
     validation, init, train = summary["validation"], summary["init"], summary["train"]
@@ -55,6 +58,7 @@ def summary_rows(summary: dict, dirs, seconds: float) -> list[Row]:
         *_init_report_rows(init),
         ("training         ", f"{train['steps']} steps in {train['seconds']:.0f} s on {train['device']}" + _launch_note(train)),
         *([("bnb cpu path     ", summary["bnb_cpu_path"])] if summary.get("bnb_cpu_path") else []),
+        *([("remote code      ", REMOTE_CODE_NOTE)] if summary.get("trust_remote_code") else []),
         *_merge_rows(summary.get("merge")),
         (f"metrics ({summary['eval_split']})  ", metrics),
         *_spectral_rows(summary.get("spectral")),

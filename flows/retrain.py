@@ -29,14 +29,14 @@ from adapterflow.flows.stages import (
     validate_stage,
     version_stage,
 )
+from adapterflow.redact import redact_uri
 from adapterflow.tasks.config import load_config
-from adapterflow.tasks.embedded_store import prepare_tracking_store
 from adapterflow.tasks.hardware import check_hardware
 from adapterflow.tasks.model_io import resolve_base
 from adapterflow.tasks.registry_queries import unchanged_version
 from adapterflow.tasks.resume import alive_while, resume_key
 from adapterflow.tasks.server_health import check_reachable, check_servers
-from adapterflow.tasks.state import quiet_library_noise, state_dirs
+from adapterflow.tasks.state import check_state_folder, quiet_library_noise, state_dirs
 from adapterflow.tasks.tracking import end_run, system_metrics
 from adapterflow.tasks.version_data import snapshot_splits
 
@@ -80,7 +80,8 @@ def _retrain(config, dirs, uri: str, run_dir: Path, force: bool) -> dict:
         "merge": merge.to_dict() if merge else None,
         "model_name": registered.model_name, "version": registered.version, "alias": registered.alias, "data_md5": data_version.digest,
         "promotion": promotion.to_dict() if promotion else None, "validation": validation.to_dict(), "run_dir": str(run_dir),
-        "tracking_uri": uri, "timings": clock.seconds, "bnb_cpu_path": _bnb_cpu_path(config, trained.device),
+        "tracking_uri": redact_uri(uri), "timings": clock.seconds, "bnb_cpu_path": _bnb_cpu_path(config, trained.device),
+        "trust_remote_code": config.model.trust_remote_code,
     }
     create_markdown_artifact(markdown=_summary_markdown(summary), key="retrain-summary", description=config.name)
     return summary
@@ -94,9 +95,9 @@ def _prepare(config_path: str):
     config = load_config(config_path)
     check_hardware(config)
     dirs = state_dirs()
+    check_state_folder(dirs)
     uri = config.tracking.mlflow_uri or dirs.default_mlflow_uri()
-    prepare_tracking_store(uri)  # a fresh SQLite store is created once, under a lock: a concurrent run waits for it
-    check_reachable(uri)
+    check_reachable(uri)  # creates a fresh SQLite store once, under a lock: a concurrent run waits for it
     check_servers(config)
     return config, dirs, uri
 
@@ -128,7 +129,7 @@ def _bnb_cpu_path(config, device: str) -> str | None:
 def _skipped(config, uri: str, alias: str, version: str) -> dict:
     get_run_logger().info(f"skipped: {config.registry.model_name} version {version} (@{alias}) was trained on this exact config and data")
     return {"skipped": True, "name": config.name, "model_name": config.registry.model_name, "alias": alias, "version": version,
-            "tracking_uri": uri}
+            "tracking_uri": redact_uri(uri)}
 
 
 class _StageClock:

@@ -69,6 +69,14 @@ def test_a_4bit_cpu_run_says_its_bitsandbytes_path_once_after_training(summary, 
     assert sum(line.startswith("bnb cpu path") for line in lines) == 1
 
 
+def test_remote_code_is_said_only_when_it_ran(summary, monkeypatch):
+    dirs = SimpleNamespace(prefect_home="/state/prefect")
+    assert "remote code" not in _printed(monkeypatch, False, lambda: render.show(render.summary_rows(summary, dirs, 1.0)))
+    summary["trust_remote_code"] = True
+    printed = _printed(monkeypatch, False, lambda: render.show(render.summary_rows(summary, dirs, 1.0)))
+    assert "remote code      model.trust_remote_code is on" in printed
+
+
 def test_on_a_terminal_the_summary_is_a_rich_grid(summary, monkeypatch):
     dirs = SimpleNamespace(prefect_home="/state/prefect")
     text = _printed(monkeypatch, True, lambda: render.show(render.summary_rows(summary, dirs, 200.4)))
