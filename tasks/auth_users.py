@@ -6,8 +6,9 @@ MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN), read by MLflow's own reques
 without authentication (the embedded SQLite default, a server started without `--app-name
 basic-auth`) has no users: every check here passes there and the acting user is the OS user.
 
-The server lets EDIT set any alias; adapterflow itself requires MANAGE to move @production or roll
-it back (`require_manage`), and the server refuses a trainer anything past EDIT.
+The `adapterflow-auth` server app (tasks/auth_app.py) refuses to move a protected alias (@production)
+without MANAGE, whatever client asks; `promote` and `rollback` check it first (`require_manage`) so they
+stop before evaluating anything.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def create_team_users(uri: str, model: str, trainer: str = "trainer", promoter: 
     if identity is None:
         raise RegistryError(
             f"the MLflow store at {redact_uri(uri)} has no authentication, so it has no users to create. Start the server "
-            "with --app-name basic-auth (infra/native/start.sh and infra/compose.yaml do) and pass its URI with --tracking-uri "
+            "with --app-name adapterflow-auth (infra/native/start.sh and infra/compose.yaml do) and pass its URI with --tracking-uri "
             "or MLFLOW_TRACKING_URI."
         )
     if not identity.is_admin:
