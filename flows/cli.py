@@ -130,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="validate a config and run the retraining flow")
     run.add_argument("config", help="path of the run's YAML config, e.g. configs/demo.yaml")
     run.add_argument("--force", action="store_true", help="retrain even if staging/production holds this exact config and data")
+    loudness = run.add_mutually_exclusive_group()
+    loudness.add_argument("--quiet", action="store_true", help="print the summary only (and warnings): no stage lines, no progress")
+    loudness.add_argument("--verbose", action="store_true", help="the libraries' own logs too (Prefect, MLflow, transformers)")
     run.set_defaults(handler=cmd_run)
     serve = sub.add_parser("serve", help="serve the retrain flow as a Prefect deployment on the config's schedule")
     serve.add_argument("config")
@@ -215,6 +218,7 @@ def preflight(config_path: str):
 
 
 def cmd_run(args) -> int:
+    _set_output_mode(args)
     config = preflight(args.config)
     dirs = prepare_environment(offline=config.model.hub_id is None)
     start = time.perf_counter()
@@ -241,6 +245,17 @@ def cmd_run(args) -> int:
 
     gc.freeze()
     return 0
+
+
+def _set_output_mode(args) -> None:
+    """The flow runs in this process and reads the mode from the environment (a served run has none: normal)."""
+    import os
+
+    from adapterflow.flows.progress import OUTPUT_ENV
+
+    os.environ[OUTPUT_ENV] = "quiet" if args.quiet else "verbose" if args.verbose else "normal"
+    if args.verbose:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"  # read when Prefect sets its logging up, before prepare_environment's default
 
 
 def cmd_serve(args) -> int:

@@ -5,15 +5,131 @@
   `every_seconds`, whichever comes first, so a log shows the run moving;
 - the Prefect UI: a progress artifact that moves with training.
 Each is a journal sink: `records(list)` and `close()`.
+
+And the lines a run says as it goes (`say`): stage starts and ends, notices. They go to stderr (stdout
+keeps the summary scripts read) and to the Prefect run's log, through their own logger: Prefect's
+own INFO chatter stays off (PREFECT_LOGGING_LEVEL=WARNING) while these lines pass.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 import time
 from collections.abc import Callable
 
 PLAIN_EVERY_SECONDS = 30.0
 ARTIFACT_EVERY_SECONDS = 5.0
+OUTPUT_ENV = "ADAPTERFLOW_OUTPUT"  # quiet | normal | verbose: `adapterflow run --quiet/--verbose`; served runs: normal
+LOGGER_NAME = "adapterflow.progress"
+
+
+def output_mode() -> str:
+    mode = os.environ.get(OUTPUT_ENV, "normal")
+    return mode if mode in ("quiet", "normal", "verbose") else "normal"
+
+
+def on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+_terminal_console = None
+
+
+def terminal_console():
+    """One rich console on stderr for the bar and the lines: a line printed while the bar is live lands above it."""
+    global _terminal_console
+    if _terminal_console is None:
+        from rich.console import Console
+
+        _terminal_console = Console(stderr=True, highlight=False)
+    return _terminal_console
+
+
+class _UserLines(logging.Handler):
+    """stderr: through the shared console on a terminal, else as a timestamped line (a log file, a Prefect worker's log)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            if on_terminal():
+                terminal_console().print(text, markup=False, soft_wrap=True)
+            else:
+                sys.stderr.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+                sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def progress_logger() -> logging.Logger:
+    """The logger `say` writes to: the terminal's lines (warnings only under --quiet) and the Prefect run's log."""
+    from adapterflow.redact import RedactingFilter
+
+    logger = logging.getLogger(LOGGER_NAME)
+    if not logger.handlers:
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # not also through Prefect's console handler on the root logger
+        for handler in (_UserLines(), _PrefectRunLog()):
+            handler.addFilter(RedactingFilter())
+            logger.addHandler(handler)
+    logger.handlers[0].setLevel(logging.WARNING if output_mode() == "quiet" else logging.INFO)
+    return logger
+
+
+class _PrefectRunLog(logging.Handler):
+    """Prefect's API log handler for records that name their flow run; outside a run there is nowhere to send them."""
+
+    def __init__(self):
+        super().__init__()
+        self.api = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not getattr(record, "flow_run_id", None):
+            return
+        if self.api is None:
+            from prefect.logging.handlers import APILogHandler  # imported when a run speaks, not with the CLI
+
+            self.api = APILogHandler()
+        self.api.handle(record)
+
+
+def say(text: str, level: int = logging.INFO) -> None:
+    progress_logger().log(level, text, extra={"flow_run_id": _flow_run_id()})
+
+
+def notice(text: str) -> None:
+    """A notice (an outage, a stopped display): shown even under --quiet."""
+    say(text, logging.WARNING)
+
+
+def _flow_run_id():
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    task_run = TaskRunContext.get()
+    if task_run is not None:
+        return task_run.task_run.flow_run_id
+    flow_run = FlowRunContext.get()
+    return flow_run.flow_run.id if flow_run is not None and flow_run.flow_run else None
+
+
+def display_sink():
+    """The live training display for this output mode: a bar on a terminal, plain lines elsewhere, none when quiet."""
+    mode = output_mode()
+    if mode == "quiet":
+        return None
+    if on_terminal():
+        return TerminalBar(terminal_console())
+    return PlainLines(say)
+
+
+def apply_verbosity() -> None:
+    """--verbose: the libraries' own INFO logs as well (Prefect's, MLflow's, transformers', ...)."""
+    if output_mode() != "verbose":
+        return
+    logging.getLogger().setLevel(logging.INFO)
+    for name in ("prefect", "mlflow", "py.warnings", "transformers", "great_expectations", "accelerate"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 class TrainingProgress:
@@ -81,8 +197,10 @@ class PlainLines:
     def _line(self) -> None:
         progress = self.progress
         share = f" ({100 * progress.step // progress.max_steps}%)" if progress.max_steps else ""
-        eta = "" if progress.finished else f"  eta {duration(progress.eta_seconds())}"
-        self.emit(f"train  step {progress.step}/{progress.max_steps or '?'}{share}  {progress.stats()}{eta}".rstrip())
+        parts = [f"train  step {progress.step}/{progress.max_steps or '?'}{share}", progress.stats()]
+        if not progress.finished:
+            parts.append(f"eta {duration(progress.eta_seconds())}")
+        self.emit("  ".join(part for part in parts if part))
         self._last = (time.monotonic(), progress.step)
 
 

@@ -75,16 +75,77 @@ def summary_rows(summary: dict, dirs, seconds: float) -> list[Row]:
 
 def _mlflow_ui_rows(uri: str) -> list[Row]:
     """Where to see the run: a tracking server's own UI, else `mlflow ui` on the store. Credentials never printed."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    if uri.startswith(("http://", "https://")):
-        parts = urlsplit(uri)
-        return [(None, f"  {urlunsplit((parts.scheme, parts.netloc.rsplit('@', 1)[-1], parts.path, '', ''))} (the MLflow server's UI)")]
+    if _server_ui(uri):
+        return [(None, f"  {_server_ui(uri)} (the MLflow server's UI)")]
     shown = redact_uri(uri)
-    rows = [(None, f"  {_script('mlflow')} ui --backend-store-uri {shown} --port 5000")]
+    rows = [(None, f"  {_mlflow_ui_command(uri)}")]
     if MASK in shown:
         rows.append((None, f"  (the password shows as {MASK}: pass it in the environment, e.g. PGPASSWORD or ~/.pgpass)"))
     return rows
+
+
+def _server_ui(uri: str) -> str | None:
+    """A tracking server's UI address without its login; None for a store `mlflow ui` must serve."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    parts = urlsplit(uri)
+    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
+
+
+def _mlflow_ui_command(uri: str) -> str:
+    return f"{_script('mlflow')} ui --backend-store-uri {redact_uri(uri)} --port {MLFLOW_UI_PORT}"
+
+
+MLFLOW_UI_PORT = 5000
+
+
+def mlflow_run_link(uri: str, experiment_id: str, run_id: str) -> tuple[str, str]:
+    """(the run's page in the MLflow UI, how to open it): the server's page, or the page `mlflow ui` will serve."""
+    server = _server_ui(uri)
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if server:
+        url = f"{server.rstrip('/')}/{page}"
+        return url, url
+    url = f"http://127.0.0.1:{MLFLOW_UI_PORT}/{page}"
+    return url, f"{url} once `{_mlflow_ui_command(uri)}` runs"
+
+
+# --- lines while the run goes (stderr) ---------------------------------------------------------------
+
+
+def stage_start_line(name: str) -> str:
+    return f"{name:<10} started"
+
+
+def stage_end_line(name: str, seconds: float, result) -> str:
+    outcome = stage_outcome(name, result)
+    return redact_text(f"{name:<10} done in {seconds:.1f} s" + (f": {outcome}" if outcome else ""))
+
+
+def stage_outcome(name: str, result) -> str:
+    """A stage's key result in a few words; the stages' result records are read by their fields."""
+    if name == "validate":
+        counts = ", ".join(f"{split} {rows}" for split, rows in result.row_counts.items())
+        return f"{sum(result.row_counts.values())} rows passed {result.checks} checks ({counts})"
+    if name == "track":
+        return f"MLflow run {result.run_id}"
+    if name == "initialize":
+        return f"{result.method} in {result.seconds:.2f} s (cache {result.cache})"
+    if name == "train":
+        return f"{result.steps} steps on {result.device}, loss {result.train_loss:.4f}, {result.samples_per_second:.1f} samples/s"
+    if name == "merge":
+        return f"{result.chosen} adapter chosen"
+    if name == "evaluate":
+        return f"{result.split}: " + "  ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
+    if name == "spectral":
+        return f"{result['intruders_total']:.0f} intruder dimensions"
+    if name == "register":
+        return f"{result.model_name} version {result.version} @{result.alias}"
+    if name == "promote":
+        return ("promoted" if result.promoted else "not promoted") + f": {result.reason}"
+    return ""
 
 
 def skipped_line(summary: dict) -> str:

@@ -9,11 +9,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.runtime import flow_run
 
 from adapterflow.errors import AdapterflowError
-from adapterflow.flows import warm
+from adapterflow.flows import render, warm
 from adapterflow.flows.console import keep_traceback, quiet_failures_in_prefect_logs
+from adapterflow.flows.progress import apply_verbosity, say
 from adapterflow.flows.stages import (
     Candidate,
     close_run_stage,
@@ -45,6 +47,7 @@ from adapterflow.tasks.version_data import snapshot_splits
 def retrain(config_path: str, force: bool = False) -> dict:
     """`force` retrains even when staging or production already holds this exact config and data."""
     config, dirs, uri = _prepare(config_path)
+    say(f"adapterflow: {config.name} from {config_path}; Prefect flow run '{flow_run.name}'")
     run_dir = _new_run_dir(dirs.runs, config.name)
     with alive_while(run_dir):  # released when this flow ends, or by the OS when its process dies
         return _retrain(config, dirs, uri, run_dir, force)
@@ -59,6 +62,7 @@ def _retrain(config, dirs, uri: str, run_dir: Path, force: bool) -> dict:
     run_config, split_md5s, base_ref, clock = snapshot.config, snapshot.md5s, resolve_base(config.model), _StageClock()
     validation = clock("validate", validate_stage, snapshot, run_dir)
     run = clock("track", open_run_stage, config, uri, dirs.mlflow_artifacts, validation, base_ref)
+    _announce_run(run, config.name)
     versioning = version_stage.submit(snapshot, dirs.dvc_repo, dirs.dvc_remote, run_dir, run)  # beside init and training
     with _failure_marks_run(run, versioning, config.tracking.system_metrics_seconds, run_dir):
         init = clock("initialize", init_stage, run_config, base_ref, run_dir, dirs.init_cache, run, split_md5s)
@@ -71,6 +75,7 @@ def _retrain(config, dirs, uri: str, run_dir: Path, force: bool) -> dict:
         spectral = clock("spectral", spectral_stage, run_config, base_ref, adapter_dir, run_dir, run) if config.evaluate.intruders else None
         candidate = Candidate(adapter_dir, init, trained, evaluation, spectral, merge)
         data_version = versioning.result()
+        say(f"{'version':<10} data md5 {data_version.digest} (DVC)")
         registered = clock("register", register_stage, recorded_config, base_ref, run, candidate, data_version, split_md5s)
         promotion = clock("promote", promote_stage, config, uri, dirs.root / "locks") if config.promotion.promote == "auto" else None
         close_run_stage(run, clock.seconds)
@@ -92,6 +97,7 @@ def _prepare(config_path: str):
     warm.wait()
     quiet_library_noise()
     quiet_failures_in_prefect_logs()
+    apply_verbosity()
     config = load_config(config_path)
     check_hardware(config)
     dirs = state_dirs()
@@ -139,10 +145,26 @@ class _StageClock:
         self.seconds: dict[str, float] = {}
 
     def __call__(self, name: str, stage, *args):
+        say(render.stage_start_line(name))
         start = time.perf_counter()
         result = stage(*args)
         self.seconds[name] = round(time.perf_counter() - start, 2)
+        say(render.stage_end_line(name, self.seconds[name], result))
         return result
+
+
+def _announce_run(run, name: str) -> None:
+    """The MLflow run's page, on stderr and as a Prefect link artifact, as soon as the run exists."""
+    from adapterflow.tasks.tracking import client
+
+    experiment_id = client(run.uri).get_run(run.run_id).info.experiment_id
+    url, how = render.mlflow_run_link(run.uri, experiment_id, run.run_id)
+    say(f"{'mlflow':<10} run {run.run_id}: {how}")
+    create_link_artifact(link=url, link_text=f"MLflow run {run.run_id}", key=MLFLOW_LINK_ARTIFACT_KEY,
+                         description=f"{name}: metrics, params and artifacts of this run in MLflow")
+
+
+MLFLOW_LINK_ARTIFACT_KEY = "mlflow-run"
 
 
 @contextmanager

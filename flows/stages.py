@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from adapterflow.flows.progress import say
 from adapterflow.tasks.tracking import RunRef, log_files, log_metrics
 
 if TYPE_CHECKING:  # their modules import torch/pandas, which flows/warm.py imports on its thread first
@@ -130,7 +132,9 @@ def training_config(config, init: InitOutcome):
 
 @task(name="train", retries=0, **STAGE)
 def train_stage(config, base_ref, init_dir: str, run_dir: Path, run: RunRef, key: dict) -> TrainResult:
-    """Resumes an interrupted run with the same resume `key` (config, data, base); logs the loss curves."""
+    """Resumes an interrupted run with the same resume `key` (config, data, base); shows and ships the training's
+    journal while it runs; logs the loss curves. A failure names the run folder and the MLflow run."""
+    from adapterflow.errors import AdapterflowError
     from adapterflow.tasks.launch import launch_training
     from adapterflow.tasks.resume import interrupted_checkpoint, mark_finished
     from adapterflow.tasks.run_plots import plot_loss_curves
@@ -138,15 +142,43 @@ def train_stage(config, base_ref, init_dir: str, run_dir: Path, run: RunRef, key
 
     resume_from = interrupted_checkpoint(run_dir, key, config.name)
     if resume_from:
-        get_run_logger().info(f"resuming the interrupted run's training from {resume_from}")
-    train = launch_training if config.train.launch.mode == "accelerate" else train_adapter
-    result = train(config, base_ref, Path(init_dir), run_dir, run.to_dict(), resume_from)
+        say(f"train      resuming the interrupted run's training from {resume_from}")
+    try:
+        with _following_training(run_dir, run, config.name):
+            if config.train.launch.mode == "accelerate":
+                result = launch_training(config, base_ref, Path(init_dir), run_dir, resume_from)
+            else:  # in this process: the journal draws the progress, not the Trainer's own bar
+                result = train_adapter(config, base_ref, Path(init_dir), run_dir, resume_from, quiet=True)
+    except AdapterflowError as err:
+        raise type(err)(f"{err}\nRun folder: {run_dir}  MLflow run: {run.run_id}") from None
     mark_finished(run_dir, result.to_dict())
     (run_dir / "plots").mkdir(exist_ok=True)
     curves = plot_loss_curves(run_dir / "train_log.json", run_dir / "plots" / "loss_curves.png")
     if curves:
         log_files(run, [curves], "plots")
     return result
+
+
+SHIP_DRAIN_SECONDS = 5.0  # at the end of training; what is still unsent stays in the journal for `adapterflow register`
+
+
+@contextmanager
+def _following_training(run_dir: Path, run: RunRef, name: str):
+    """While training runs: the journal shipped to MLflow, drawn on the terminal (or as log lines) and as a Prefect
+    progress artifact, all from a thread of this process; the training itself never waits on any of them."""
+    from adapterflow.flows.progress import PrefectProgressArtifact, display_sink, notice
+    from adapterflow.tasks.journal import JOURNAL_FILE, JournalFollower
+    from adapterflow.tasks.metrics_shipper import MetricsShipper, ShipperSink
+
+    shipper = ShipperSink(MetricsShipper(run_dir, run.uri, run.run_id, notice), SHIP_DRAIN_SECONDS)
+    display = display_sink()
+    artifact = PrefectProgressArtifact(PROGRESS_ARTIFACT_KEY, f"Training {name}")
+    sinks = [shipper, *([display] if display else []), artifact]
+    with JournalFollower(run_dir / JOURNAL_FILE, sinks, say=notice):
+        yield
+
+
+PROGRESS_ARTIFACT_KEY = "training-progress"
 
 
 @task(name="choose-merged-or-final", retries=0, **STAGE)

@@ -98,12 +98,15 @@ class JournalFollower:
     """
 
     def __init__(self, path: Path, sinks: list, interval: float = 0.5, say=print):
+        import contextvars
         import threading
 
         self.path, self.sinks, self.interval, self.say = Path(path), list(sinks), interval, say
         self.offset = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="journal-follower", daemon=True)
+        # The caller's context (Prefect's run context): what the sinks publish is attached to the run that follows.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run,), name="journal-follower", daemon=True)
 
     def __enter__(self) -> "JournalFollower":
         self._thread.start()

@@ -19,24 +19,21 @@ from pathlib import Path
 
 from adapterflow import errors
 from adapterflow.errors import TrainingError
-from adapterflow.redact import redact_text, redact_uri
+from adapterflow.redact import redact_text
 
 JOB_FILE, RESULT_FILE, ERROR_FILE = "train_job.json", "train_result.json", "train_error.json"
 LOG_FILE, PID_FILE = "train_process.log", "train.pid"
 KILL_GRACE_SECONDS = 10.0
-# The real tracking URI reaches the workers through their environment (readable by this user only), never a file:
-# train_job.json carries it redacted.
-TRACKING_URI_ENV = "ADAPTERFLOW_WORKER_TRACKING_URI"
 
 
-def launch_training(config, base_ref, init_dir: Path, run_dir: Path, tracking: dict | None, resume_from: str | None = None):
+def launch_training(config, base_ref, init_dir: Path, run_dir: Path, resume_from: str | None = None):
+    """The workers report through the run's journal only (tasks/journal.py): they need no tracking server."""
     from adapterflow.tasks.train import TrainResult
 
-    job = _write_job(config, base_ref, init_dir, run_dir, tracking, resume_from)
+    job = _write_job(config, base_ref, init_dir, run_dir, resume_from)
     with open(run_dir / LOG_FILE, "ab") as log:
         process = subprocess.Popen(
-            accelerate_command(config, job), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            cwd=run_dir, env=worker_environment(tracking),
+            accelerate_command(config, job), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=run_dir,
         )
     (run_dir / PID_FILE).write_text(str(process.pid))
     with _group_killed_on_exit(process):
@@ -70,16 +67,8 @@ def accelerate_command(config, job: Path) -> list[str]:
     return command + ["-m", "adapterflow.tasks.train_worker", str(job)]
 
 
-def worker_environment(tracking: dict | None) -> dict[str, str]:
-    """This process's environment plus the real tracking URI the workers log step metrics to."""
-    env = {key: value for key, value in os.environ.items() if key != TRACKING_URI_ENV}
-    if tracking:
-        env[TRACKING_URI_ENV] = tracking["uri"]
-    return env
-
-
-def _write_job(config, base_ref, init_dir: Path, run_dir: Path, tracking: dict | None, resume_from: str | None) -> Path:
-    """The job for every rank: no credentials in it (see TRACKING_URI_ENV), and readable by this user only."""
+def _write_job(config, base_ref, init_dir: Path, run_dir: Path, resume_from: str | None) -> Path:
+    """The job for every rank: no credentials in it (the config is masked), and readable by this user only."""
     from dataclasses import asdict
 
     from adapterflow.tasks.tracking import public_config
@@ -87,10 +76,9 @@ def _write_job(config, base_ref, init_dir: Path, run_dir: Path, tracking: dict |
     job = run_dir / JOB_FILE
     for stale in (RESULT_FILE, ERROR_FILE, JOB_FILE):
         (run_dir / stale).unlink(missing_ok=True)
-    public_tracking = {**tracking, "uri": redact_uri(tracking["uri"])} if tracking else None
     text = json.dumps({
         "config": public_config(config), "base_ref": asdict(base_ref), "init_dir": str(init_dir),
-        "run_dir": str(run_dir), "tracking": public_tracking, "resume_from": resume_from,
+        "run_dir": str(run_dir), "resume_from": resume_from,
     }, indent=1)
     # Created 0600 (not chmod-ed afterwards: no moment where another user could open it).
     with os.fdopen(os.open(job, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:

@@ -120,3 +120,25 @@ def _read_offset(path: Path) -> int:
         return int(path.read_text().strip() or 0)
     except (OSError, ValueError):
         return 0
+
+
+class ShipperSink:
+    """The shipper as a journal sink (tasks/journal.py JournalFollower): it ships as records arrive, backing off
+    while the server is away so the other sinks are not slowed by its probes; at the end it keeps trying for
+    `drain_seconds` at most, and what is still unsent stays in the journal for `adapterflow register`."""
+
+    def __init__(self, shipper: MetricsShipper, drain_seconds: float = 5.0, max_backoff: float = 30.0):
+        self.shipper, self.drain_seconds, self.max_backoff = shipper, drain_seconds, max_backoff
+        self.backoff, self.next_try = 0.0, 0.0
+
+    def records(self, records: list[dict]) -> None:
+        if time.monotonic() < self.next_try:
+            return
+        if self.shipper.ship():
+            self.backoff = 0.0
+        else:
+            self.backoff = min(max(2 * self.backoff, 1.0), self.max_backoff)
+            self.next_try = time.monotonic() + self.backoff
+
+    def close(self) -> None:
+        self.shipper.drain(self.drain_seconds)

@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from adapterflow.errors import ConfigError, TrainingError
 from adapterflow.tasks.checkpoint_merge import CheckpointSnapshots
+from adapterflow.tasks.journal import JOURNAL_FILE, TrainingJournal
 
 
 @dataclass(frozen=True)
@@ -32,18 +33,17 @@ class TrainResult:
         return asdict(self)
 
 
-def train_adapter(
-    config, base_ref, init_dir: Path, run_dir: Path, tracking: dict | None = None, resume_from: str | None = None
-) -> TrainResult:
-    """Fine-tune from `init_dir` (or resume a checkpoint); `tracking` ({"uri", "run_id"}) streams step metrics to MLflow.
+def train_adapter(config, base_ref, init_dir: Path, run_dir: Path, resume_from: str | None = None, quiet: bool = False) -> TrainResult:
+    """Fine-tune from `init_dir` (or resume a checkpoint); progress and step metrics go to the run's journal only.
 
-    Under torch distributed every rank trains and rank 0 alone writes the adapter.
+    Under torch distributed every rank trains and rank 0 alone writes the adapter and the journal.
+    `quiet`: no Trainer progress bar or log prints (in the flow's process, which draws its own from the journal).
     """
     from adapterflow.adapters import save_trained_adapter
 
     snapshots = CheckpointSnapshots(config.train.checkpoint_merge.checkpoints) if config.train.checkpoint_merge else None
-    callbacks = [NonFiniteLossGuard()] + ([StepMetricsLogger(**tracking)] if tracking else []) + ([snapshots] if snapshots else [])
-    trainer, device = _build_trainer(config, base_ref, init_dir, run_dir, callbacks)
+    callbacks = [NonFiniteLossGuard(), TrainingJournal(run_dir / JOURNAL_FILE)] + ([snapshots] if snapshots else [])
+    trainer, device = _build_trainer(config, base_ref, init_dir, run_dir, callbacks, quiet)
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
@@ -228,41 +228,3 @@ class NonFiniteLossGuard(TrainerCallback):
                     f"Lower train.learning_rate (now {args.learning_rate}) or check the data, then run again: the changed "
                     "config trains from scratch, without this run's checkpoints."
                 )
-
-
-class StepMetricsLogger(TrainerCallback):
-    """Per-step metrics into an existing MLflow run.
-
-    Not transformers' MLflowCallback: that one starts and ends runs itself and logs every
-    TrainingArguments field as a param, which clashes with the run the flow owns.
-    """
-
-    def __init__(self, uri: str, run_id: str):
-        from mlflow.tracking import MlflowClient
-
-        self.client, self.run_id = MlflowClient(uri), run_id
-        self.last_time, self.last_step = time.perf_counter(), 0
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        from mlflow.entities import Metric
-
-        if not state.is_world_process_zero:
-            return
-        now, step = time.perf_counter(), state.global_step
-        values = {_metric_name(k): v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        if step > self.last_step and "train/loss" in values:
-            samples = (step - self.last_step) * args.per_device_train_batch_size * args.gradient_accumulation_steps
-            values["train/samples_per_second"] = samples / max(now - self.last_time, 1e-9)
-            self.last_time, self.last_step = now, step
-        stamp = int(time.time() * 1000)
-        metrics = [Metric(key, float(value), stamp, step) for key, value in values.items()]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
-
-
-def _metric_name(key: str) -> str:
-    if key.startswith("eval_"):
-        return "eval/" + key.removeprefix("eval_")
-    if key.startswith("train_"):  # the end-of-training summary (mean loss, runtime)
-        return "train/final_" + key.removeprefix("train_")
-    return "train/" + key

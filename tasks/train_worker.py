@@ -1,8 +1,9 @@
 """One training process started by `accelerate launch` (see tasks/launch.py): `python -m tasks.train_worker JOB`.
 
 Every rank trains; rank 0 alone saves the adapter and writes the result, or the error a user can
-act on, for the flow to read. The job file holds the tracking URI redacted; the real one comes in
-the environment (launch.TRACKING_URI_ENV). What this process writes (its error file, its log) is redacted.
+act on, for the flow to read. Progress and metrics go to the run's journal (tasks/journal.py), which the
+flow follows and ships: this process never talks to a tracking server. What it writes (its error file,
+its log) is redacted.
 """
 
 from __future__ import annotations
@@ -38,37 +39,17 @@ def main(job_path: str) -> int:
 
 
 def _train(job: dict):
+    from adapterflow.flows.console import redact_every_log_handler
     from adapterflow.tasks.config import RunConfig
     from adapterflow.tasks.model_io import BaseModelRef
     from adapterflow.tasks.state import quiet_library_noise
     from adapterflow.tasks.train import train_adapter
 
     quiet_library_noise()
-    tracking = _tracking(job)
-    _redact_logs(tracking)
+    redact_every_log_handler()  # a library's warning quoting a URL reaches the training log masked
     config = RunConfig.model_validate(job["config"])
     base_ref = BaseModelRef(**job["base_ref"])
-    return train_adapter(config, base_ref, Path(job["init_dir"]), Path(job["run_dir"]), tracking, job["resume_from"])
-
-
-def _tracking(job: dict) -> dict | None:
-    """{"uri", "run_id"} with the real URI from the environment (the job file's is redacted)."""
-    from adapterflow.tasks.launch import TRACKING_URI_ENV
-
-    tracking = job["tracking"]
-    if not tracking:
-        return None
-    return {**tracking, "uri": os.environ.get(TRACKING_URI_ENV) or tracking["uri"]}
-
-
-def _redact_logs(tracking: dict | None) -> None:
-    """MLflow's warnings (a retried request names its URL) reach the training log masked."""
-    from adapterflow.flows.console import redact_every_log_handler
-
-    if tracking:
-        import mlflow  # noqa: F401  (it sets up its own log handler, which must get the filter too)
-
-    redact_every_log_handler()
+    return train_adapter(config, base_ref, Path(job["init_dir"]), Path(job["run_dir"]), job["resume_from"])
 
 
 def _is_user_error(err: Exception) -> bool:

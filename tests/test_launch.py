@@ -71,9 +71,20 @@ def _trained_adapter(tmp_path, tiny_bert, cls_data, processes: int, init_dir: Pa
     config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **overrides))
     run_dir = tmp_path / name
     run_dir.mkdir()
-    result = launch_training(config, resolve_base(config.model), init_dir, run_dir, None)
+    result = launch_training(config, resolve_base(config.model), init_dir, run_dir)
     assert result.processes == processes and result.steps == 4
+    _journal_from_one_rank(run_dir)
     return load_file(Path(result.adapter_dir) / "adapter_model.safetensors")
+
+
+def _journal_from_one_rank(run_dir: Path) -> None:
+    """Every rank runs the journal callback; only rank 0 writes, so each event appears once."""
+    from adapterflow.tasks.journal import JOURNAL_FILE, read_records
+
+    records, _ = read_records(run_dir / JOURNAL_FILE, 0)
+    events = [r["event"] for r in records]
+    assert events.count("begin") == 1 and events.count("end") == 1, events
+    assert [r["step"] for r in records if r["event"] == "log" and "train/loss" in r["metrics"]] == [1, 2, 3, 4]
 
 
 def _without_dropout(model_dir: Path, folder: Path) -> Path:
@@ -124,28 +135,20 @@ def _base_ref():
     return BaseModelRef("/models/tiny", None, "local:abc", "path")
 
 
-def test_the_job_file_is_private_and_holds_no_credential_the_workers_get_the_uri_in_their_environment(tmp_path, monkeypatch):
-    from adapterflow.tasks import launch, train_worker
+def test_the_job_file_is_private_and_holds_no_credential_and_the_workers_get_no_tracking_uri(tmp_path):
+    from adapterflow.tasks import launch
 
     config = _config(tmp_path, **{"tracking.mlflow_uri": SECRET_URI})
-    tracking = {"uri": SECRET_URI, "run_id": "r1"}
     (tmp_path / launch.JOB_FILE).write_text("an older job, world-readable")
     os.chmod(tmp_path / launch.JOB_FILE, 0o644)
-    job = launch._write_job(config, _base_ref(), tmp_path / "init", tmp_path, tracking, None)
+    job = launch._write_job(config, _base_ref(), tmp_path / "init", tmp_path, None)
 
     assert stat.S_IMODE(job.stat().st_mode) == 0o600  # created so, not an older file's mode kept
     text = job.read_text()
     assert SENTINEL not in text and "http://alice:***@127.0.0.1:5999" in text
     loaded = json.loads(text)
-    assert loaded["tracking"] == {"uri": "http://alice:***@127.0.0.1:5999", "run_id": "r1"}
+    assert "tracking" not in loaded  # the workers write the journal; the flow ships it
     assert loaded["config"]["tracking"]["mlflow_uri"] == "http://alice:***@127.0.0.1:5999"
-
-    env = launch.worker_environment(tracking)
-    assert env[launch.TRACKING_URI_ENV] == SECRET_URI and env["PATH"] == os.environ["PATH"]
-    assert launch.TRACKING_URI_ENV not in launch.worker_environment(None)
-    monkeypatch.setenv(launch.TRACKING_URI_ENV, SECRET_URI)
-    assert train_worker._tracking(loaded) == tracking  # the worker logs to the real server
-    assert train_worker._tracking({**loaded, "tracking": None}) is None
 
 
 def _crashed_run(tmp_path: Path, log: str, checkpoint: bool) -> Path:
