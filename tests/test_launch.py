@@ -45,6 +45,7 @@ def test_killed_training_registers_nothing_and_the_rerun_resumes_from_the_last_c
         flow.kill()
     assert flow.returncode == 4, err
     assert "the training process was killed by signal 9" in err and "resumes from the last checkpoint" in err
+    assert f"Run folder: {killed_run}  MLflow run: " in err and "Traceback" not in err  # where to look, in the message
     uri = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     assert not client.search_registered_models()

@@ -110,3 +110,10 @@ def test_without_a_terminal_the_log_gets_step_lines_and_stdout_the_summary_alone
         logs = prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[link.flow_run_id])))
     said = [log.message for log in logs]  # the Prefect UI's log of the run moves as the terminal does
     assert any("train  step 12/12 (100%)" in line for line in said) and any(line.startswith("register") for line in said), said
+
+
+def test_quiet_prints_the_summary_only(prefect_server, tmp_path, tiny_bert, cls_data):
+    result = run_cli("run", "--quiet", str(_config(tmp_path, tiny_bert, cls_data)), home=tmp_path / "state")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("\n== adapterflow: tiny-cls done in")
+    assert "started" not in result.stderr and "train  step" not in result.stderr and "done in" not in result.stderr, result.stderr
