@@ -83,12 +83,20 @@ def run_race(config, base_ref, run_dir: Path, cache_root: Path | None, train_md5
         for contender in alive:
             _advance(config, base_ref, contender, steps, outcomes[contender.label].init_dir, run_dir / "race")
         alive = sorted(alive, key=lambda c: c.last_loss)
+        _say_round(round_index, len(schedule), alive, steps)
         if round_index < len(schedule) - 1:
             alive = alive[: schedule[round_index + 1][0]]
     winner = alive[0]
     table = [dict(asdict(c), init=None, rounds=len(c.eval_losses), won=c is winner) for c in contenders]
     (run_dir / "race.json").write_text(json.dumps(table, indent=1))
     return {"winner": winner, "outcome": outcomes[winner.label], "table": table, "schedule": schedule}
+
+
+def _say_round(round_index: int, rounds: int, ranked: list[Contender], steps: int) -> None:
+    from adapterflow.flows.progress import say
+
+    standings = ", ".join(f"{c.label} {c.last_loss:.4f}" for c in ranked)
+    say(f"{'init race':<10} round {round_index + 1}/{rounds}: {len(ranked)} contenders × {steps} steps; validation loss {standings}")
 
 
 def _with_init(config, init):

@@ -117,3 +117,18 @@ def test_quiet_prints_the_summary_only(prefect_server, tmp_path, tiny_bert, cls_
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("\n== adapterflow: tiny-cls done in")
     assert "started" not in result.stderr and "train  step" not in result.stderr and "done in" not in result.stderr, result.stderr
+
+
+def test_the_init_race_reports_each_round(tiny_bert, cls_data, tmp_path, capsys):
+    from adapterflow.tasks.config import RunConfig
+    from adapterflow.tasks.init_adapter import initialize_adapter
+    from adapterflow.tasks.model_io import resolve_base
+
+    init = {"method": "auto", "candidates": ["lora", "pissa"], "lr_multipliers": [0.1, 1.0], "budget": 0.5}
+    config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": init, "train.max_steps": 40}))
+    initialize_adapter(config, resolve_base(config.model), tmp_path / "run", tmp_path / "cache")
+    rounds = re.findall(r"init race  round (\d)/2: (\d) contenders × (\d+) steps; validation loss ((?:\S+@\S+ [\d.]+(?:, )?)+)$",
+                        capsys.readouterr().err, re.M)
+    assert [(r, n, steps) for r, n, steps, _ in rounds] == [("1", "4", "2"), ("2", "2", "5")]  # 20 race steps, halving
+    losses = [float(entry.rsplit(" ", 1)[1]) for entry in rounds[0][3].split(", ")]
+    assert len(losses) == 4 and losses == sorted(losses)  # the standings, best first
