@@ -132,8 +132,8 @@ class ShipperSink:
         self.backoff, self.next_try = 0.0, 0.0
 
     def records(self, records: list[dict]) -> None:
-        if time.monotonic() < self.next_try:
-            return
+        if time.monotonic() < self.next_try or not (self.backoff or any(r.get("event") == "log" for r in records)):
+            return  # waiting out a backoff, or only step records arrived: nothing new to send
         if self.shipper.ship():
             self.backoff = 0.0
         else:

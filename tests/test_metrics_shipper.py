@@ -47,3 +47,22 @@ def test_a_dead_http_server_is_noticed_without_mlflow_retries(tmp_path):
     _journal(tmp_path, [1])
     assert not shipper.drain(seconds=0.5, poll=0.1)
     assert len(said) == 1 and "secret-pw" not in said[0]
+
+
+def test_as_a_sink_it_backs_off_while_the_server_is_away_and_gives_up_at_close_within_its_drain(tmp_path, monkeypatch):
+    import time
+
+    from adapterflow.tasks.metrics_shipper import ShipperSink
+
+    probes = []
+    monkeypatch.setattr(MetricsShipper, "_server_answers", lambda self: probes.append(1) and False)
+    sink = ShipperSink(MetricsShipper(tmp_path, "http://127.0.0.1:1", "r", lambda line: None), drain_seconds=0.3)
+    _journal(tmp_path, [1])
+    log = [{"event": "log"}]
+    sink.records(log)
+    sink.records(log)  # within the backoff: no second probe
+    sink.records([{"event": "step"}])
+    assert len(probes) == 1
+    start = time.monotonic()
+    sink.close()
+    assert time.monotonic() - start < 2.5 and sink.shipper.pending()  # what did not go stays in the journal

@@ -185,3 +185,19 @@ def test_status_and_promotion_lines_mask_a_reason_that_names_a_url(monkeypatch):
         assert SENTINEL not in text and "http://a:***@h:5000" in text.replace("\n", "")
     decision = Decision(False, "1", None, "accuracy", 0.5, 0.6, reason)
     assert SENTINEL not in "\n".join(render.promotion_lines("m", decision, "production"))
+
+
+def test_the_mlflow_run_link_names_a_server_page_without_its_login_or_the_mlflow_ui_command():
+    url, how = render.mlflow_run_link("https://bob:s3cret@mlflow.example.com/", "7", "abc123")
+    assert url == how == "https://mlflow.example.com/#/experiments/7/runs/abc123"
+    url, how = render.mlflow_run_link("sqlite:////state/mlflow/mlflow.db", "1", "abc123")
+    assert url == "http://127.0.0.1:5000/#/experiments/1/runs/abc123"
+    assert how.startswith(url + " once `") and "ui --backend-store-uri sqlite:////state/mlflow/mlflow.db --port 5000`" in how
+
+
+def test_stage_end_lines_carry_each_stage_s_key_result():
+    validation = SimpleNamespace(row_counts={"train": 48, "test": 18}, checks=9)
+    registration = SimpleNamespace(model_name="m", version="3", alias="staging")
+    assert render.stage_end_line("validate", 0.31, validation) == "validate   done in 0.3 s: 66 rows passed 9 checks (train 48, test 18)"
+    assert render.stage_end_line("register", 1.0, registration) == "register   done in 1.0 s: m version 3 @staging"
+    assert render.stage_start_line("train") == "train      started"
