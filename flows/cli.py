@@ -218,8 +218,11 @@ def preflight(config_path: str):
 
 
 def cmd_run(args) -> int:
+    from adapterflow.flows.progress import say
+
     _set_output_mode(args)
     config = preflight(args.config)
+    say(f"adapterflow: {args.config} checked ({config.task}, init {config.adapter.init.method}); starting the flow")
     dirs = prepare_environment(offline=config.model.hub_id is None)
     start = time.perf_counter()
     from adapterflow.flows import warm

@@ -70,7 +70,8 @@ def test_a_terminal_shows_stage_lines_in_order_and_a_live_training_bar(prefect_s
     starts = [_position(screen, rf"{stage}\s+started") for stage in STAGES]
     ends = [_position(screen, rf"{stage}\s+done in [\d.]+ s") for stage in STAGES]
     assert starts == sorted(starts) and all(start < end for start, end in zip(starts, ends))
-    assert _position(screen, r"adapterflow: tiny-cls from .*run\.yaml; Prefect flow run '") < starts[0]
+    assert _position(screen, r"adapterflow: .*run\.yaml checked \(sequence_classification, init lora\); starting the flow") < _position(
+        screen, r"adapterflow: tiny-cls from .*run\.yaml; Prefect flow run '") < starts[0]
     assert _position(screen, r"mlflow\s+run [0-9a-f]{32}: http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32} once `") < starts[2]
     assert re.search(r"validate\s+done in [\d.]+ s: 84 rows passed \d+ checks \(train 48, validation 18, test 18\)", screen)
     assert re.search(r"initialize\s+done in [\d.]+ s: lora in [\d.]+ s \(cache miss\)", screen)
