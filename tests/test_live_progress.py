@@ -133,3 +133,10 @@ def test_the_init_race_reports_each_round(tiny_bert, cls_data, tmp_path, capsys)
     assert [(r, n, steps) for r, n, steps, _ in rounds] == [("1", "4", "2"), ("2", "2", "5")]  # 20 race steps, halving
     losses = [float(entry.rsplit(" ", 1)[1]) for entry in rounds[0][3].split(", ")]
     assert len(losses) == 4 and losses == sorted(losses)  # the standings, best first
+
+
+def test_verbose_adds_the_libraries_logs(prefect_server, tmp_path, tiny_bert, cls_data):
+    result = run_cli("run", "--verbose", str(_config(tmp_path, tiny_bert, cls_data)), home=tmp_path / "state")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\| INFO\s+\| Flow run '.+' - Finished in state Completed", result.stderr), result.stderr  # Prefect's own
+    assert re.search(r"register\s+done in", result.stderr) and result.stdout.startswith("\n== adapterflow: tiny-cls done in")
