@@ -41,6 +41,7 @@ def train_adapter(config, base_ref, init_dir: Path, run_dir: Path, resume_from: 
     """
     from adapterflow.adapters import save_trained_adapter
 
+    run_dir.mkdir(parents=True, exist_ok=True)  # the journal is written from the first step, before any checkpoint
     snapshots = CheckpointSnapshots(config.train.checkpoint_merge.checkpoints) if config.train.checkpoint_merge else None
     callbacks = [NonFiniteLossGuard(), TrainingJournal(run_dir / JOURNAL_FILE)] + ([snapshots] if snapshots else [])
     trainer, device = _build_trainer(config, base_ref, init_dir, run_dir, callbacks, quiet)
