@@ -67,10 +67,12 @@ class MetricsShipper:
 
     def _server_answers(self) -> bool:
         """A quick /health first: MLflow's client retries a dead server for minutes before it gives up."""
+        from adapterflow.tasks.server_health import _without_login  # urllib would take user:password for the host
+
         if not self.uri.startswith(("http://", "https://")):
             return True
         try:
-            urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_SECONDS).close()
+            urllib.request.urlopen(_without_login(self.uri.rstrip("/") + "/health"), timeout=HEALTH_TIMEOUT_SECONDS).close()
             return True
         except (urllib.error.URLError, OSError):
             return False

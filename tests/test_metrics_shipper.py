@@ -66,3 +66,24 @@ def test_as_a_sink_it_backs_off_while_the_server_is_away_and_gives_up_at_close_w
     start = time.monotonic()
     sink.close()
     assert time.monotonic() - start < 2.5 and sink.shipper.pending()  # what did not go stays in the journal
+
+
+def test_a_server_whose_uri_carries_a_login_is_probed_without_it(tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        shipper = MetricsShipper(tmp_path, f"http://alice:pw@127.0.0.1:{server.server_port}", "r", print)
+        assert shipper._server_answers()
+    finally:
+        server.shutdown()
