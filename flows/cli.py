@@ -222,8 +222,9 @@ def cmd_run(args) -> int:
 
     _set_output_mode(args)
     config = preflight(args.config)
-    say(f"adapterflow: {args.config} checked ({config.task}, init {config.adapter.init.method}); starting the flow")
+    # Before the first line: saying it imports prefect, which reads its logging level (WARNING, set here) once.
     dirs = prepare_environment(offline=config.model.hub_id is None)
+    say(f"adapterflow: {args.config} checked ({config.task}, init {config.adapter.init.method}); starting the flow")
     start = time.perf_counter()
     from adapterflow.flows import warm
     from adapterflow.flows.retrain import retrain

@@ -82,12 +82,15 @@ def test_a_terminal_shows_stage_lines_in_order_and_a_live_training_bar(prefect_s
     assert _position(screen, r"adapterflow: tiny-cls done in \d+ s") > ends[-1]  # the summary comes last
 
 
-def test_without_a_terminal_the_log_gets_step_lines_and_stdout_the_summary_alone(prefect_server, tmp_path, tiny_bert, cls_data):
+def test_without_a_terminal_the_log_gets_step_lines_and_stdout_the_summary_alone(
+    prefect_server, tmp_path, tiny_bert, cls_data, monkeypatch
+):
     from mlflow.tracking import MlflowClient
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter, LogFilterFlowRunId
 
     home = tmp_path / "state"
+    monkeypatch.delenv("PREFECT_LOGGING_LEVEL", raising=False)  # as a user's shell has it: the CLI sets its own default
     result = run_cli("run", str(_config(tmp_path, tiny_bert, cls_data)), home=home)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("\n== adapterflow: tiny-cls done in") and "started" not in result.stdout
@@ -95,6 +98,7 @@ def test_without_a_terminal_the_log_gets_step_lines_and_stdout_the_summary_alone
     assert steps and steps[-1] == ("12", "100"), result.stderr
     assert [int(step) for step, _ in steps] == sorted(int(step) for step, _ in steps)
     assert re.search(r"^\d\d:\d\d:\d\d train\s+done in [\d.]+ s: 12 steps on cpu, loss", result.stderr, re.M), result.stderr
+    assert "| INFO" not in result.stderr, result.stderr  # Prefect's own task-run chatter stays out of the default view
 
     uri = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
     run_id = re.search(r"mlflow run\s+([0-9a-f]{32})", result.stdout).group(1)
