@@ -69,16 +69,25 @@ def test_header_only_file_is_refused(tiny_bert, cls_data):
         validate_data(_config(tiny_bert, cls_data))
 
 
-def test_chat_rows_are_checked_through_their_contents(tiny_llama, tmp_path):
-    chat = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(12)]
-    chat[3]["messages"] = []
+def _chat_rows(count: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(count)]
+
+
+def _chat_config(chat: list[dict], tiny_llama, tmp_path) -> RunConfig:
+    """A causal-LM config whose train and validation splits are `chat`, as JSONL."""
     paths = {s: write_jsonl(tmp_path / f"{s}.jsonl", chat) for s in ("train", "validation")}
-    config = RunConfig.model_validate({
+    return RunConfig.model_validate({
         "name": "chat", "task": "causal_lm", "model": {"path": str(tiny_llama)},
         "data": {"train": str(paths["train"]), "validation": str(paths["validation"]), "messages_field": "messages",
                  "checks": {"min_rows": 5}},
         "train": {"max_steps": 1}, "evaluate": {"split": "validation"}, "registry": {"model_name": "m"},
     })
+
+
+def test_chat_rows_are_checked_through_their_contents(tiny_llama, tmp_path):
+    chat = _chat_rows(12)
+    chat[3]["messages"] = []
+    config = _chat_config(chat, tiny_llama, tmp_path)
     with pytest.raises(DataError, match="column_values_to_not_be_null on '_messages_text': 1 of 12"):
         validate_data(config)
 
@@ -147,15 +156,9 @@ def test_labels_of_the_other_type_are_a_type_mismatch_with_the_fix(tiny_bert, cl
 
 
 def test_null_chat_rows_are_refused_on_their_own_column(tiny_llama, tmp_path):
-    chat = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(12)]
+    chat = _chat_rows(12)
     chat[5]["messages"] = None
-    paths = {s: write_jsonl(tmp_path / f"{s}.jsonl", chat) for s in ("train", "validation")}
-    config = RunConfig.model_validate({
-        "name": "chat", "task": "causal_lm", "model": {"path": str(tiny_llama)},
-        "data": {"train": str(paths["train"]), "validation": str(paths["validation"]), "messages_field": "messages",
-                 "checks": {"min_rows": 5}},
-        "train": {"max_steps": 1}, "evaluate": {"split": "validation"}, "registry": {"model_name": "m"},
-    })
+    config = _chat_config(chat, tiny_llama, tmp_path)
     with pytest.raises(DataError, match="column_values_to_not_be_null on 'messages': 1 of 12"):
         validate_data(config)
 
