@@ -51,6 +51,13 @@ def redact_text(text: str) -> str:
     return _mask_env_secrets(_URI.sub(lambda match: redact_uri(match.group(0)), text))
 
 
+def without_login(url: str) -> str:
+    """The URL minus its user:password@, for a request that needs no login (a /health probe): urllib would take
+    the login for the host."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])) if "@" in parts.netloc else url
+
+
 def redact_values(value):
     """Every URI inside a JSON-like value with its credentials masked; keys, structure and every other string unchanged.
 

@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from adapterflow.redact import redact_uri
+from adapterflow.redact import redact_uri, without_login
 from adapterflow.tasks.journal import JOURNAL_FILE, read_records
 
 SHIPPED_FILE = "progress.shipped"
@@ -67,12 +67,10 @@ class MetricsShipper:
 
     def _server_answers(self) -> bool:
         """A quick /health first: MLflow's client retries a dead server for minutes before it gives up."""
-        from adapterflow.tasks.server_health import _without_login  # urllib would take user:password for the host
-
         if not self.uri.startswith(("http://", "https://")):
             return True
         try:
-            urllib.request.urlopen(_without_login(self.uri.rstrip("/") + "/health"), timeout=HEALTH_TIMEOUT_SECONDS).close()
+            urllib.request.urlopen(without_login(self.uri.rstrip("/") + "/health"), timeout=HEALTH_TIMEOUT_SECONDS).close()
             return True
         except (urllib.error.URLError, OSError):
             return False

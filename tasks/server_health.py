@@ -10,11 +10,10 @@ from __future__ import annotations
 import base64
 import os
 import urllib.error
-import urllib.parse
 import urllib.request
 
 from adapterflow.errors import RegistryError
-from adapterflow.redact import redact_text, redact_uri
+from adapterflow.redact import redact_text, redact_uri, without_login
 from adapterflow.tasks.embedded_store import prepare_tracking_store
 from adapterflow.tasks.tracking import client
 
@@ -47,7 +46,7 @@ def check_servers(config) -> None:
 
 def _check_answers(url: str, what: str, fix: str, any_status: bool = False) -> None:
     try:
-        urllib.request.urlopen(_without_login(url), timeout=10).close()
+        urllib.request.urlopen(without_login(url), timeout=10).close()
     except urllib.error.HTTPError:
         if not any_status:  # an S3 endpoint answers 403 to an unsigned request: it is up
             raise RegistryError(f"{what} answered with an error. {fix}") from None
@@ -64,7 +63,7 @@ def _check_prefect_login(url: str, what: str) -> None:
     elif api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     try:
-        urllib.request.urlopen(urllib.request.Request(_without_login(url), headers=headers), timeout=10).close()
+        urllib.request.urlopen(urllib.request.Request(without_login(url), headers=headers), timeout=10).close()
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
             refused = "it refused PREFECT_API_AUTH_STRING" if auth_string else "it requires a login"
@@ -74,16 +73,10 @@ def _check_prefect_login(url: str, what: str) -> None:
         pass  # it answered /health a moment ago; the flow's own client reports anything else
 
 
-def _without_login(url: str) -> str:
-    """urllib cannot open a URL with user:password@ (it takes it for the host); /health needs no login anyway."""
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])) if "@" in parts.netloc else url
-
-
 def _check_server_answers(uri: str) -> None:
     """One quick request to the server's /health: MLflow's client would retry a dead server for minutes."""
     try:
-        urllib.request.urlopen(_without_login(uri.rstrip("/") + "/health"), timeout=10).close()
+        urllib.request.urlopen(without_login(uri.rstrip("/") + "/health"), timeout=10).close()
     except (urllib.error.URLError, OSError) as err:
         reason = redact_text(str(getattr(err, "reason", err)))
         raise RegistryError(f"MLflow at {redact_uri(uri)} cannot be reached ({reason}). "

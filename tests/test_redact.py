@@ -38,3 +38,10 @@ def test_values_of_secret_environment_variables_are_masked_anywhere(monkeypatch)
 def test_log_records_are_rewritten_before_any_handler_formats_them():
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "cannot reach %s", (f"http://u:{SENTINEL}@h",), None)
     assert RedactingFilter().filter(record) and SENTINEL not in record.getMessage()
+
+
+def test_a_probe_url_loses_its_login_and_keeps_the_rest():
+    from adapterflow.redact import without_login
+
+    assert without_login(f"http://alice:{SENTINEL}@mlflow:5000/health") == "http://mlflow:5000/health"
+    assert without_login("http://mlflow:5000/health") == "http://mlflow:5000/health"
