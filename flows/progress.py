@@ -6,7 +6,8 @@
 - the Prefect UI: a progress artifact that moves with training.
 Each is a journal sink: `records(list)` and `close()`.
 
-And the lines a run says as it goes (`say`): stage starts and ends, notices. They go to stderr (stdout
+And the lines a run says as it goes (`say`): stage starts and ends, notices, and the calibration batches a
+data-driven initializer runs before training (`calibration_display`, given to it as its progress hook). They go to stderr (stdout
 keeps the summary scripts read) and to the Prefect run's log, through their own logger: Prefect's
 own INFO chatter stays off (PREFECT_LOGGING_LEVEL=WARNING) while these lines pass.
 """
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 
 PLAIN_EVERY_SECONDS = 30.0
+CALIBRATION_EVERY_SECONDS = 2.0  # plain calibration lines: at most this often, and always the last
 ARTIFACT_EVERY_SECONDS = 5.0
 OUTPUT_ENV = "ADAPTERFLOW_OUTPUT"  # quiet | normal | verbose: `adapterflow run --quiet/--verbose`; served runs: normal
 LOGGER_NAME = "adapterflow.progress"
@@ -261,3 +263,107 @@ class PrefectProgressArtifact:
         else:
             update_progress_artifact(self.artifact_id, self.percent(), description=self.description)
         self._last = time.monotonic()
+
+
+class CalibrationLines:
+    """`initialize calibration batch 3/8 (eva)`: at most one line per `every_seconds`, and always the last.
+
+    The hook a data-driven initializer calls after each calibration pass with (done, total); total None is an
+    open-ended pass (EVA runs until its components converge), which ends with a call (done, done).
+    """
+
+    def __init__(self, method: str, unit: str = "batch", emit: Callable[[str], None] = say,
+                 every_seconds: float | None = None, clock: Callable[[], float] = time.monotonic):
+        self.method, self.unit, self.emit, self.clock = method, unit, emit, clock
+        self.every_seconds = CALIBRATION_EVERY_SECONDS if every_seconds is None else every_seconds
+        self._last_time, self._said, self._pending = clock(), 0, None
+
+    def __call__(self, done: int, total: int | None) -> None:
+        self._pending = (done, total)
+        if done == total or self.clock() - self._last_time >= self.every_seconds:
+            self._line()
+
+    def close(self) -> None:
+        if self._pending and self._pending[0] > self._said:
+            self._line()
+
+    def _line(self) -> None:
+        done, total = self._pending
+        self.emit(calibration_line(self.method, self.unit, done, total))
+        self._last_time, self._said = self.clock(), done
+
+
+PLURALS = {"batch": "batches", "sample": "samples"}
+
+
+def calibration_line(method: str, unit: str, done: int, total: int | None) -> str:
+    if total is None:  # open-ended: the method stops when its estimate converges
+        return f"{'initialize':<10} calibration {unit} {done} ({method}, until converged)"
+    return f"{'initialize':<10} calibration {unit} {done}/{total} ({method})"
+
+
+class CalibrationBar:
+    """The calibration passes as a rich bar on the terminal, redrawn in place; it stays on screen when done."""
+
+    def __init__(self, method: str, unit: str = "batch", console=None):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn(f"{'initialize':<10} calibration {PLURALS.get(unit, unit)}"),
+            BarColumn(), MofNCompleteColumn(), TextColumn(f"({method})"), TimeElapsedColumn(),
+            console=console or Console(stderr=True), transient=False,
+        )
+        self.task = None
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("calibration", total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+
+class _NoCalibrationDisplay:
+    def __call__(self, done: int, total: int | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Guarded:
+    """A display that fails is dropped with one notice: it must never break the initializer it watches."""
+
+    def __init__(self, display):
+        self.display = display
+
+    def __call__(self, done: int, total: int | None) -> None:
+        self._call(self.display, done, total)
+
+    def close(self) -> None:
+        self._call(getattr(self.display, "close", None))
+
+    def _call(self, function, *args) -> None:
+        if function is None:
+            return
+        try:
+            function(*args)
+        except Exception as err:
+            notice(f"progress: {type(self.display).__name__} stopped ({type(err).__name__}: {err})")
+            self.display = _NoCalibrationDisplay()
+
+
+def calibration_display(method: str, unit: str = "batch"):
+    """The calibration hook for this output mode: a bar on a terminal, plain lines elsewhere, nothing when quiet.
+
+    Call it (done, total) from the initializer; `close()` when the initializer returns or fails.
+    """
+    if output_mode() == "quiet":
+        return _NoCalibrationDisplay()
+    if on_terminal():
+        return _Guarded(CalibrationBar(method, unit, terminal_console()))
+    return _Guarded(CalibrationLines(method, unit))

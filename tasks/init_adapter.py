@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -223,12 +224,29 @@ def _compute(config, base_ref, init_dir: Path) -> dict:
     quantization = None if in_full_precision else config.model.quantization
     model = load_model(base_ref, config.task, config.data.labels, config.model.dtype, quantization)
     probe = tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt")
-    calibration = calibration_data(config, tokenizer) if configured_initializer(config).needs_data else None
-    peft_model, report = initialize(model, lora_settings(config), method, InitContext(probe=dict(probe), calibration=calibration))
+    initializer = configured_initializer(config)
+    if not initializer.needs_data:
+        peft_model, report = initialize(model, lora_settings(config), method, InitContext(probe=dict(probe)))
+    else:
+        with calibration_progress(method, initializer.calibration) as progress:
+            context = InitContext(probe=dict(probe), calibration=calibration_data(config, tokenizer), progress=progress)
+            peft_model, report = initialize(model, lora_settings(config), method, context)
     export_init(peft_model, init_dir, method)
     if in_full_precision:
         report.notes.append(f"computed on the full-precision base; training quantizes the residual ({config.model.quantization})")
     return report.to_dict()
+
+
+@contextmanager
+def calibration_progress(method: str, calibration: str):
+    """The hook that shows the initializer's calibration passes (flows/progress.py), closed however init ends."""
+    from adapterflow.flows.progress import calibration_display
+
+    display = calibration_display(method, "sample" if calibration == "samples" else "batch")
+    try:
+        yield display
+    finally:
+        display.close()
 
 
 def runs_in_full_precision(method: str) -> bool:

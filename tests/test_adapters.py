@@ -367,3 +367,28 @@ def test_eva_reports_the_explained_variance_of_the_kept_components(tiny_bert):
     a = dict(lora_layers(peft_model))[f"base_model.model.{layer}"].lora_A["default"].weight.detach()
     along_a = (centered @ a.T).square().sum(0) / centered.square().sum()
     assert torch.allclose(torch.tensor(report.spectra[layer]), along_a, rtol=0.05)
+
+
+def test_eva_reports_each_calibration_batch_and_ends_at_the_total(tiny_bert):
+    """EVA cycles its batches until convergence: open-ended counts (total None), then one call (n, n)."""
+    calls = []
+    context = InitContext(probe=_probe(), calibration=_calibration(), progress=lambda done, total: calls.append((done, total)))
+    initialize(_model(tiny_bert, "sequence_classification"), _settings("bert", "eva"), "eva", context)
+    passes = calls[-1][0]
+    assert passes >= 2 and calls == [(done, None) for done in range(1, passes + 1)] + [(passes, passes)]
+
+
+def test_corda_reports_each_calibration_sample_with_its_total(tiny_bert):
+    calls = []
+    context = InitContext(probe=_probe(), calibration=_calibration(20, 1), progress=lambda done, total: calls.append((done, total)))
+    initialize(_model(tiny_bert, "sequence_classification"), _settings("bert", "corda"), "corda", context)
+    assert calls == [(done, 20) for done in range(1, 21)]
+
+
+def test_the_progress_hook_is_a_no_op_by_default():
+    from adapterflow.adapters.context import no_progress, reported
+
+    assert InitContext(probe={}).progress is no_progress
+    calls = []
+    assert list(reported(iter("abc"), lambda done, total: calls.append((done, total)))) == ["a", "b", "c"]
+    assert calls == [(1, None), (2, None), (3, None), (3, 3)]  # an iterable without a length: open-ended, then closed

@@ -228,3 +228,12 @@ def test_lora_sb_check_catches_a_plain_lora_fallback(folders):
     plain = get_peft_model(_model(folders["bert"], "bert"), _settings("bert").lora_config(True))
     with pytest.raises(InitError, match="no gradient was estimated"):
         verify_lora_sb(plain, _settings("bert", "lora_sb", update_lr=1e-3))
+
+
+@pytest.mark.parametrize("method", ["lora_ga", "lora_sb"])
+def test_gradient_inits_report_each_calibration_batch_up_to_the_total(folders, method):
+    calls = []
+    knobs = {"update_lr": 1e-3} if method == "lora_sb" else {}
+    context = InitContext(probe=_probe(), calibration=_batches("bert", 5), progress=lambda done, total: calls.append((done, total)))
+    initialize(_model(folders["bert"], "bert"), _settings("bert", method, batches=4, **knobs), method, context)
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]  # the configured batches, not all five offered

@@ -139,6 +139,25 @@ def test_the_init_race_reports_each_round(tiny_bert, cls_data, tmp_path, capsys)
     assert len(losses) == 4 and losses == sorted(losses)  # the standings, best first
 
 
+@pytest.mark.parametrize("init", [{"method": "eva"}, {"method": "lora_ga", "batches": 3}])
+def test_the_initialize_stage_reports_its_calibration_batches(tiny_bert, cls_data, tmp_path, capsys, monkeypatch, init):
+    """In the flow's process, as init_stage runs it: plain lines (no terminal here), the last one at the total."""
+    from adapterflow.flows import progress
+    from adapterflow.tasks.config import RunConfig
+    from adapterflow.tasks.init_adapter import initialize_adapter
+    from adapterflow.tasks.model_io import resolve_base
+
+    monkeypatch.setattr(progress, "CALIBRATION_EVERY_SECONDS", 0.0)  # every pass, not one per 2 s
+    config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": init}))
+    initialize_adapter(config, resolve_base(config.model), tmp_path / "run", tmp_path / "cache")
+    lines = re.findall(r"^\d\d:\d\d:\d\d initialize calibration batch (.+)$", capsys.readouterr().err, re.M)
+    if init["method"] == "lora_ga":
+        assert lines == ["1/3 (lora_ga)", "2/3 (lora_ga)", "3/3 (lora_ga)"]
+    else:  # EVA cycles its batches until its components converge: open-ended counts, then the total it took
+        passes = len(lines) - 1
+        assert passes >= 2 and lines == [f"{n} (eva, until converged)" for n in range(1, passes + 1)] + [f"{passes}/{passes} (eva)"]
+
+
 def test_verbose_adds_the_libraries_logs(prefect_server, tmp_path, tiny_bert, cls_data):
     result = run_cli("run", "--verbose", str(_config(tmp_path, tiny_bert, cls_data)), home=tmp_path / "state")
     assert result.returncode == 0, result.stderr

@@ -1,10 +1,20 @@
 """Progress from the journal: plain lines at a steady pace, a bar with step counts, percentages for Prefect."""
 
 import io
+import re
 
 from rich.console import Console
 
-from adapterflow.flows.progress import PlainLines, PrefectProgressArtifact, TerminalBar, duration
+from adapterflow.flows import progress
+from adapterflow.flows.progress import (
+    CalibrationBar,
+    CalibrationLines,
+    PlainLines,
+    PrefectProgressArtifact,
+    TerminalBar,
+    calibration_display,
+    duration,
+)
 
 
 def _records(steps: int, total: int = 100, start: float = 1000.0):
@@ -52,3 +62,76 @@ def test_prefect_percentages_reach_100_at_the_end(monkeypatch):
 
 def test_durations_read_as_people_write_them():
     assert [duration(s) for s in (None, 7, 95, 3725)] == ["?", "7s", "1m35s", "1h02m"]
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_calibration_lines_come_every_two_seconds_and_always_the_last():
+    lines, clock = [], _Clock()
+    hook = CalibrationLines("lora_ga", emit=lines.append, clock=clock)
+    for done in range(1, 9):
+        clock.now += 0.7
+        hook(done, 8)
+    hook.close()
+    assert lines == [f"initialize calibration batch {n}/8 (lora_ga)" for n in (3, 6, 8)]  # 2.1 s, 4.2 s, the last
+
+
+def test_open_ended_calibration_counts_until_converged_then_ends_at_its_total():
+    lines, clock = [], _Clock()
+    hook = CalibrationLines("eva", emit=lines.append, clock=clock)
+    for done in range(1, 6):
+        clock.now += 1.0
+        hook(done, None)
+    hook(5, 5)
+    hook.close()
+    assert lines == ["initialize calibration batch 2 (eva, until converged)", "initialize calibration batch 4 (eva, until converged)",
+                     "initialize calibration batch 5/5 (eva)"]
+
+
+def test_calibration_close_says_where_an_interrupted_pass_stopped():
+    lines = []
+    hook = CalibrationLines("corda", "sample", emit=lines.append, clock=_Clock())
+    hook(1, 128)
+    hook(2, 128)
+    hook.close()
+    assert lines == ["initialize calibration sample 2/128 (corda)"]
+
+
+def test_calibration_bar_draws_counts_in_place():
+    out = io.StringIO()
+    bar = CalibrationBar("eva", console=Console(file=out, force_terminal=True, width=160))
+    for done in range(1, 4):
+        bar(done, None)
+    bar(3, 3)
+    bar.close()
+    text = out.getvalue()
+    assert "initialize calibration batches" in text and "3/3" in text and "(eva)" in text
+
+
+def test_calibration_display_follows_the_output_mode(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "CALIBRATION_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "on_terminal", lambda: False)
+    for mode, expected in (("quiet", []), ("normal", ["1/2", "2/2"])):
+        monkeypatch.setenv(progress.OUTPUT_ENV, mode)
+        display = calibration_display("lora_sb")
+        display(1, 2)
+        display(2, 2)
+        display.close()
+        assert re.findall(r"initialize calibration batch (\S+) \(lora_sb\)$", capsys.readouterr().err, re.M) == expected
+
+
+def test_a_failing_calibration_display_is_dropped_with_one_notice(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "on_terminal", lambda: False)
+    monkeypatch.setattr(CalibrationLines, "__call__", lambda self, done, total: 1 / 0)
+    display = calibration_display("eva")
+    display(1, None)
+    display(2, None)
+    display.close()
+    assert capsys.readouterr().err.count("progress: CalibrationLines stopped (ZeroDivisionError") == 1
+

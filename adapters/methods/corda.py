@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from adapterflow.adapters.context import reported
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.methods.basic import ranks_of
 from adapterflow.adapters.registry import InitConfig, Initializer, SampleSource, register
@@ -50,7 +51,7 @@ def apply_corda(model, settings, context):
     config = settings.lora_config("corda", corda_config=CordaConfig(corda_method=mode))
 
     def run_model():
-        for sample in context.calibration:
+        for sample in reported(context.calibration, context.progress):
             model(**sample)
 
     import torch

@@ -36,8 +36,9 @@ def apply_eva(model, settings, context):
     eva = EvaConfig(rho=settings.init.rho, tau=settings.init.tau, whiten=settings.init.whiten)
     peft_model = get_peft_model(model, settings.lora_config("eva", eva_config=eva))
     seen, handles = watch_eva_hooks(peft_model)
+    forward, passes = counted_forward(context.progress)
     try:
-        initialize_lora_eva_weights(peft_model, dataloader=context.calibration, show_progress_bar=False)
+        initialize_lora_eva_weights(peft_model, dataloader=context.calibration, forward_fn=forward, show_progress_bar=False)
     except ValueError as err:
         if "unpack" not in str(err):
             raise
@@ -50,10 +51,29 @@ def apply_eva(model, settings, context):
     finally:
         for handle in handles:
             handle.remove()
+    context.progress(passes(), passes())  # open-ended until now: it stopped when its components converged
     report = InitReport(method="eva", ranks=ranks_of(peft_model))
     report.notes.append(f"rank budget {settings.r} x {len(report.ranks)} layers redistributed with rho={eva.rho}")
     record_explained_variance(report, explained_variance(seen, report.ranks))
     return peft_model, report
+
+
+def counted_forward(progress):
+    """peft's default forward (`model(**inputs)`) that reports each calibration batch to `progress`.
+
+    EVA cycles its batches until every layer's components converge, so the total is open (None).
+    Returns the forward and a function giving the passes so far.
+    """
+    done = 0
+
+    def forward(model, inputs):
+        nonlocal done
+        output = model(**inputs)
+        done += 1
+        progress(done, None)
+        return output
+
+    return forward, lambda: done
 
 
 def watch_eva_hooks(peft_model):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from adapterflow.adapters.context import reported
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.methods.basic import ranks_of
 from adapterflow.adapters.registry import InitConfig, Initializer, register
@@ -48,7 +49,7 @@ def estimate_gradients(model, settings, context) -> int:
     batches = labelled_batches(context.calibration, settings.init.batches)
 
     def train_step():
-        for batch in batches:
+        for batch in reported(batches, context.progress):
             model(**batch).loss.backward()
 
     with warnings.catch_warnings():
