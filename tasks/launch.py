@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,23 +25,76 @@ from adapterflow.redact import redact_text
 JOB_FILE, RESULT_FILE, ERROR_FILE = "train_job.json", "train_result.json", "train_error.json"
 LOG_FILE, PID_FILE = "train_process.log", "train.pid"
 KILL_GRACE_SECONDS = 10.0
+STARTUP_NOTE_SECONDS = 5.0  # while the workers start: a line this often until their first journal record
+STARTUP_POLL_SECONDS = 0.5
 
 
-def launch_training(config, base_ref, init_dir: Path, run_dir: Path, resume_from: str | None = None):
-    """The workers report through the run's journal only (tasks/journal.py): they need no tracking server."""
+def launch_training(config, base_ref, init_dir: Path, run_dir: Path, resume_from: str | None = None, say=None):
+    """The workers report through the run's journal only (tasks/journal.py): they need no tracking server.
+
+    Until their first journal record (~10 s of imports and model loading) `say` (flows/progress.py's by default)
+    tells that they are starting, then every few seconds that they still are (WorkerStartup).
+    """
+    from adapterflow.tasks.journal import JOURNAL_FILE
     from adapterflow.tasks.train import TrainResult
 
     job = _write_job(config, base_ref, init_dir, run_dir, resume_from)
+    startup = WorkerStartup(run_dir / JOURNAL_FILE, config.train.launch.processes, say or _say)
     with open(run_dir / LOG_FILE, "ab") as log:
         process = subprocess.Popen(
             accelerate_command(config, job), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=run_dir,
         )
     (run_dir / PID_FILE).write_text(str(process.pid))
     with _group_killed_on_exit(process):
-        code = process.wait()
+        code = wait_reporting_startup(process, startup)
     if code != 0:
         raise _failure(code, run_dir)
     return TrainResult(**json.loads((run_dir / RESULT_FILE).read_text()))
+
+
+class WorkerStartup:
+    """The workers' startup, until their first journal record: one line as they start, then one every
+    `every_seconds` while they still are. A resumed run's journal has old records: only lines after
+    `offset` (its size at launch) count."""
+
+    def __init__(self, journal: Path, processes: int, say, every_seconds: float = STARTUP_NOTE_SECONDS, clock=time.monotonic):
+        self.journal, self.processes, self.say, self.every_seconds, self.clock = Path(journal), processes, say, every_seconds, clock
+        self.offset = self.journal.stat().st_size if self.journal.exists() else 0
+        self.start = clock()
+        self.next_note = self.start + every_seconds
+        self.started = False
+        say(f"{'train':<10} starting {self._workers()}…")
+
+    def poll(self) -> bool:
+        """True once the workers have written to the journal; until then, a line every `every_seconds`."""
+        from adapterflow.tasks.journal import read_records
+
+        if not self.started:
+            self.started = bool(read_records(self.journal, self.offset)[0])
+        now = self.clock()
+        if not self.started and now >= self.next_note:
+            self.say(f"{'train':<10} still starting {self._workers()} ({now - self.start:.0f} s so far)")
+            self.next_note += self.every_seconds
+        return self.started
+
+    def _workers(self) -> str:
+        return f"{self.processes} accelerate worker{'s' if self.processes != 1 else ''}"
+
+
+def wait_reporting_startup(process: subprocess.Popen, startup: WorkerStartup, interval: float = STARTUP_POLL_SECONDS) -> int:
+    """`process.wait()`, polling `startup` until the workers are up."""
+    while not startup.poll():
+        try:
+            return process.wait(interval)
+        except subprocess.TimeoutExpired:
+            continue
+    return process.wait()
+
+
+def _say(text: str) -> None:
+    from adapterflow.flows.progress import say
+
+    say(text)
 
 
 def accelerate_command(config, job: Path) -> list[str]:

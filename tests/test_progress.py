@@ -135,3 +135,34 @@ def test_a_failing_calibration_display_is_dropped_with_one_notice(monkeypatch, c
     display.close()
     assert capsys.readouterr().err.count("progress: CalibrationLines stopped (ZeroDivisionError") == 1
 
+
+def test_accelerate_startup_says_it_starts_then_every_five_seconds_until_the_first_journal_record(tmp_path):
+    from adapterflow.tasks.launch import WorkerStartup
+
+    journal = tmp_path / "progress.jsonl"
+    journal.write_text('{"event": "end", "step": 4, "time": 1.0}\n')  # a resumed run's journal: old records do not count
+    lines, clock = [], _Clock()
+    startup = WorkerStartup(journal, 2, lines.append, clock=clock)
+    seen = []
+    for _ in range(25):  # 12.5 s of polls every 0.5 s; the workers' first record after 11 s
+        clock.now += 0.5
+        if clock.now == 11.0:
+            with open(journal, "a") as handle:
+                handle.write('{"event": "begin", "step": 0, "max_steps": 8, "time": 2.0}\n')
+        seen.append(startup.poll())
+    assert lines == ["train      starting 2 accelerate workers…", "train      still starting 2 accelerate workers (5 s so far)",
+                     "train      still starting 2 accelerate workers (10 s so far)"]
+    assert seen.index(True) == 21 and all(seen[21:])
+
+
+def test_a_fast_accelerate_startup_says_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from adapterflow.tasks.launch import WorkerStartup, wait_reporting_startup
+
+    lines = []
+    startup = WorkerStartup(tmp_path / "progress.jsonl", 1, lines.append)
+    process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    assert wait_reporting_startup(process, startup, interval=0.05) == 3
+    assert lines == ["train      starting 1 accelerate worker…"]
