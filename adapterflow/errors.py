@@ -39,3 +39,8 @@ class RegistryError(AdapterflowError):
     """The model registry refused or cannot be reached."""
 
     exit_code = 5
+
+
+# Not an error: the run trained and kept its adapter, but a service stayed down, so registration (or the data
+# push, or some tracking) waits for `adapterflow register RUN_DIR`. A scheduler sees it apart from 0 and from failures.
+DEFERRED_EXIT_CODE = 6

@@ -415,6 +415,9 @@ class TrackingSpec(Strict):
     dvc_remote: str | None = None
     # CPU, memory, disk, network (and GPU where present) sampled into the run as system/* metrics; 0 turns it off.
     system_metrics_seconds: float = Field(5.0, ge=0.0)
+    # At registration, how long to wait for an MLflow server that does not answer before leaving the registration
+    # (with the adapter and all it needs) in the run folder for `adapterflow register RUN_DIR`.
+    wait_for_server_seconds: float = Field(300.0, ge=0.0, le=86400.0)
 
     @field_validator("dvc_remote")
     @classmethod
@@ -507,7 +510,8 @@ class RunConfig(Strict):
         Credentials in URIs are masked first: the hash is a registry tag anyone with read access sees (a weak
         password must not be guessable from it), and a rotated password must not make a run look new.
         """
-        text = json.dumps(redact_values(self.model_dump(mode="json")), sort_keys=True)
+        # How long to wait for a server trains nothing differently: excluded, so digests stay what they were.
+        text = json.dumps(redact_values(self.model_dump(mode="json", exclude={"tracking": {"wait_for_server_seconds"}})), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

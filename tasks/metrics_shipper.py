@@ -8,28 +8,27 @@ has (same key, step, time and value), so a batch resent after a cut-off answer d
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from adapterflow.redact import redact_uri, without_login
+from adapterflow.redact import redact_uri
 from adapterflow.tasks.journal import JOURNAL_FILE, read_records
+from adapterflow.tasks.outages import OUTAGES, Outages, mlflow_answers
 
 SHIPPED_FILE = "progress.shipped"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
-HEALTH_TIMEOUT_SECONDS = 2.0
 
 
 class MetricsShipper:
-    """Sends every journal metric not yet sent; says once when the server goes away and once when it is back."""
+    """Sends every journal metric not yet sent; an outage is reported once when it starts and once when it ends
+    (through `say` when given, else the process's outage report)."""
 
-    def __init__(self, run_dir: Path, uri: str, run_id: str, say: Callable[[str], None]):
+    def __init__(self, run_dir: Path, uri: str, run_id: str, say: Callable[[str], None] | None = None):
         self.journal, self.shipped_file = Path(run_dir) / JOURNAL_FILE, Path(run_dir) / SHIPPED_FILE
-        self.uri, self.run_id, self.say = uri, run_id, say
+        self.uri, self.run_id = uri, run_id
+        self.outages = Outages(say) if say else OUTAGES
+        self.service = f"MLflow at {redact_uri(uri)}"
         self.offset = _read_offset(self.shipped_file)
-        self.outage_started: float | None = None
-        self.waiting = 0
         self._client = None
 
     def ship(self) -> bool:
@@ -67,25 +66,13 @@ class MetricsShipper:
 
     def _server_answers(self) -> bool:
         """A quick /health first: MLflow's client retries a dead server for minutes before it gives up."""
-        if not self.uri.startswith(("http://", "https://")):
-            return True
-        try:
-            urllib.request.urlopen(without_login(self.uri.rstrip("/") + "/health"), timeout=HEALTH_TIMEOUT_SECONDS).close()
-            return True
-        except (urllib.error.URLError, OSError):
-            return False
+        return mlflow_answers(self.uri)
 
     def _outage(self, points: int) -> None:
-        self.waiting = max(self.waiting, points)
-        if self.outage_started is None:
-            self.outage_started = time.monotonic()
-            self.say(f"MLflow at {redact_uri(self.uri)} is not answering; training goes on, its metrics wait in {self.journal}")
+        self.outages.down(self.service, f"training goes on; its metrics wait in {self.journal}")
 
     def _recovered(self) -> None:
-        if self.outage_started is not None:
-            seconds = time.monotonic() - self.outage_started
-            self.say(f"MLflow is back after {seconds:.0f} s; the metrics that waited are being sent")
-            self.outage_started = None
+        self.outages.up(self.service)
 
     def _advance(self, offset: int) -> None:
         self.offset = offset

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from adapterflow.errors import RegistryError
@@ -17,41 +19,120 @@ SERVING_MODEL = Path(__file__).with_name("serving_model.py")
 DEFAULT_MAX_NEW_TOKENS = 64
 
 
-def register_adapter(config, run: RunRef, adapter_dir: Path, base_ref, tags: VersionTags, description: str = "") -> str:
+REQUEST_FILE = "registration.json"  # in the run folder: what `adapterflow register RUN_DIR` registers
+REGISTERED_FILE = "registered.json"  # in the run folder, once the alias has moved: the run's version
+
+
+@dataclass(frozen=True)
+class RegistrationRequest:
+    """Everything registering a run's adapter needs, without the config or the base model: written to the run
+    folder before the first try, so a registration deferred by an outage is the same one, made later."""
+
+    model_name: str
+    staging_alias: str
+    adapter_dir: str
+    task: str
+    pyfunc_config: dict
+    requirements: list[str]
+    version_tags: dict[str, str]
+    description: str
+    model_description: str
+    model_tags: dict[str, str]
+    run_started_ms: int  # the alias never moves back to this version past one from a run started later
+
+    def save(self, run_dir: Path) -> None:
+        (Path(run_dir) / REQUEST_FILE).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RegistrationRequest | None:
+        try:
+            return cls(**json.loads((Path(run_dir) / REQUEST_FILE).read_text()))
+        except FileNotFoundError:
+            return None
+
+
+def registration_request(config, base_ref, adapter_dir: Path, tags: VersionTags, description: str, run_started_ms: int):
+    labels = tuple(config.data.labels) if config.data.labels else None
+    return RegistrationRequest(
+        model_name=config.registry.model_name, staging_alias=config.registry.staging_alias, adapter_dir=str(adapter_dir),
+        task=config.task, pyfunc_config=_pyfunc_config(config, base_ref), requirements=_requirements(config),
+        version_tags=tags.to_tags(), description=redact_text(description),
+        model_description=redact_text(registered_model_description(config, base_ref)),
+        model_tags=ModelTags(config.task, base_label(config, base_ref), config.gate_metric(), labels).to_tags(),
+        run_started_ms=run_started_ms,
+    )
+
+
+def registered_version(run_dir: Path) -> str | None:
+    try:
+        return json.loads((Path(run_dir) / REGISTERED_FILE).read_text())["version"]
+    except FileNotFoundError:
+        return None
+
+
+def register_adapter(request: RegistrationRequest, run: RunRef, run_dir: Path) -> str:
     """Log the adapter as a pyfunc model of this run, register it with its tags, point `staging` at it.
 
-    Moving the alias is the last step: a crash anywhere before it leaves the alias where it was,
-    and the half-registered version keeps its registration tag at INCOMPLETE.
+    Once per run, however often it is called: a version of this run already in the registry is finished
+    (its tag, its alias), not made again. Moving the alias is the last step: a crash anywhere before it
+    leaves the alias where it was, and the half-registered version keeps its registration tag at INCOMPLETE.
     """
     # MLflow's SQL registry looks the logged model up through the process-wide URI, so it is set
     # for the whole registration, then put back.
     with _fluent_tracking_uri(run.uri):
-        return _register(config, run, adapter_dir, base_ref, tags.to_tags(), description)
+        version = _existing_version(client(run.uri), request.model_name, run.run_id) or _register(request, run)
+    mlflow_client = client(run.uri)
+    _wait_until_ready(mlflow_client, request.model_name, version)
+    mlflow_client.set_model_version_tag(request.model_name, version, REGISTRATION_TAG, COMPLETE)
+    _move_staging(mlflow_client, request, version)
+    (Path(run_dir) / REGISTERED_FILE).write_text(json.dumps({"model_name": request.model_name, "version": version}))
+    return version
 
 
-def _register(config, run: RunRef, adapter_dir: Path, base_ref, tags: dict[str, str], description: str) -> str:
+def _register(request: RegistrationRequest, run: RunRef) -> str:
     import mlflow
 
-    signature, example = _signature(config.task)
+    signature, example = _signature(request.task)
     with mlflow.start_run(run_id=run.run_id):
         # Models-from-code: MLflow stores serving_model.py itself (no pickle), which imports nothing from adapterflow.
         info = mlflow.pyfunc.log_model(
-            name="adapter", python_model=str(SERVING_MODEL), artifacts={"adapter": str(adapter_dir)},
-            model_config=_pyfunc_config(config, base_ref), pip_requirements=_requirements(config),
+            name="adapter", python_model=str(SERVING_MODEL), artifacts={"adapter": request.adapter_dir},
+            model_config=request.pyfunc_config, pip_requirements=request.requirements,
             signature=signature, input_example=example,
         )
     mlflow_client = client(run.uri)
-    name = config.registry.model_name
-    _describe_registered_model(mlflow_client, name, config, base_ref)
+    _describe_registered_model(mlflow_client, request)
     # Tags go in with the version itself, so a version never exists without its lineage.
     version = mlflow_client.create_model_version(
-        name, info.model_uri, run_id=run.run_id, tags={**tags, REGISTRATION_TAG: INCOMPLETE}, model_id=info.model_id,
-        description=redact_text(description) or None,
+        request.model_name, info.model_uri, run_id=run.run_id, tags={**request.version_tags, REGISTRATION_TAG: INCOMPLETE},
+        model_id=info.model_id, description=request.description or None,
     )
-    _wait_until_ready(mlflow_client, name, version.version)
-    mlflow_client.set_model_version_tag(name, version.version, REGISTRATION_TAG, COMPLETE)
-    mlflow_client.set_registered_model_alias(name, config.registry.staging_alias, version.version)
     return str(version.version)
+
+
+def _existing_version(mlflow_client, name: str, run_id: str) -> str | None:
+    """This run's version, when an earlier try registered it (the run id is the version's source run)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = mlflow_client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None  # no such model yet
+    return str(min(int(v.version) for v in versions)) if versions else None
+
+
+def _move_staging(mlflow_client, request: RegistrationRequest, version: str) -> None:
+    """Staging names the newest trained version: a late registration does not take it from a run started later."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = mlflow_client.get_model_version_by_alias(request.model_name, request.staging_alias)
+    except MlflowException:
+        current = None
+    if current is not None and current.version != version and current.run_id:
+        if mlflow_client.get_run(current.run_id).info.start_time > request.run_started_ms:
+            return
+    mlflow_client.set_registered_model_alias(request.model_name, request.staging_alias, version)
 
 
 @contextmanager
@@ -76,19 +157,17 @@ def _wait_until_ready(mlflow_client, name: str, version: str, timeout: float = 3
         raise RegistryError(f"{name} version {version} failed registration (status {status}); no alias was moved.")
 
 
-def _describe_registered_model(mlflow_client, name: str, config, base_ref) -> None:
+def _describe_registered_model(mlflow_client, request: RegistrationRequest) -> None:
     """Create the model if needed; its description and tags follow the latest config."""
     from mlflow.exceptions import MlflowException
 
-    description = redact_text(registered_model_description(config, base_ref))
+    name = request.model_name
     try:
         mlflow_client.get_registered_model(name)
-        mlflow_client.update_registered_model(name, description=description)
+        mlflow_client.update_registered_model(name, description=request.model_description)
     except MlflowException:
-        mlflow_client.create_registered_model(name, description=description)
-    labels = tuple(config.data.labels) if config.data.labels else None
-    model_tags = ModelTags(config.task, base_label(config, base_ref), config.gate_metric(), labels)
-    for key, value in model_tags.to_tags().items():
+        mlflow_client.create_registered_model(name, description=request.model_description)
+    for key, value in request.model_tags.items():
         mlflow_client.set_registered_model_tag(name, key, value)
 
 

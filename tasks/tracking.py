@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import yaml
 
-from adapterflow.redact import redact_text, redact_values
+from adapterflow.redact import redact_text, redact_uri, redact_values
 from adapterflow.tasks.config import flatten
+from adapterflow.tasks.outages import OUTAGES, mlflow_answers
+from adapterflow.tasks.outbox import Outbox, apply, artifact_op, dataset_op, metrics_op, tag_op, terminate_op
 
 MAX_PARAMS_PER_BATCH = 100
 # MLflow writes "View run ... at: <tracking URI>" to stdout whenever a run on a server ends: the URI with its
@@ -27,9 +30,15 @@ class RunRef:
 
     uri: str
     run_id: str
+    # The run folder whose outbox keeps what the server could not take (tasks/outbox.py); None: write or raise.
+    run_dir: str | None = None
+    started_ms: int = 0  # the MLflow run's start time
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
+
+    def service(self) -> str:
+        return f"MLflow at {redact_uri(self.uri)}"
 
 
 def client(uri: str):
@@ -38,7 +47,7 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def open_run(config, uri: str, artifacts_root: Path, validation_files: dict, base_ref) -> RunRef:
+def open_run(config, uri: str, artifacts_root: Path, validation_files: dict, base_ref, run_dir: Path | None = None) -> RunRef:
     """Create the run with params, the resolved config and the validation report."""
     mlflow_client = client(uri)
     # A server stores artifacts in its own artifact store (S3, ...): a local folder would stay on this machine.
@@ -58,7 +67,7 @@ def open_run(config, uri: str, artifacts_root: Path, validation_files: dict, bas
         mlflow_client.log_artifact(run_id, str(resolved))
     for path in validation_files.values():
         mlflow_client.log_artifact(run_id, str(path), "validation")
-    return RunRef(uri, run_id)
+    return RunRef(uri, run_id, str(run_dir) if run_dir else None, run.info.start_time)
 
 
 def public_config(config) -> dict:
@@ -69,10 +78,8 @@ def public_config(config) -> dict:
 
 def log_data_version(config, run: RunRef, data_version) -> None:
     """The DVC md5 as a run tag, the .dvc file that pins the data, and the dataset input."""
-    mlflow_client = client(run.uri)
-    mlflow_client.set_tag(run.run_id, "adapterflow.data_md5", data_version.digest)
-    mlflow_client.log_artifact(run.run_id, data_version.dvc_file, "data")
-    _log_dataset(mlflow_client, run.run_id, config, data_version)
+    deliver(run, [tag_op("adapterflow.data_md5", data_version.digest), artifact_op(data_version.dvc_file, "data"),
+                  _dataset_op(config, data_version)])
 
 
 def _experiment_id(mlflow_client, name: str, artifacts_root: Path) -> str:
@@ -91,53 +98,105 @@ def _log_params(mlflow_client, run_id: str, params: dict[str, str]) -> None:
         mlflow_client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
 
 
-def _log_dataset(mlflow_client, run_id: str, config, data_version) -> None:
+def _dataset_op(config, data_version) -> dict:
     """The train split as an MLflow dataset input whose digest is its DVC md5."""
     import mlflow.data
-    from mlflow.entities import DatasetInput, InputTag
 
     from adapterflow.tasks.data_io import read_split
 
     frame = read_split(data_version.paths["train"], "train")
     dataset = mlflow.data.from_pandas(
         frame, source=data_version.paths["train"], name=f"{config.name}-train", digest=data_version.files["train"]
-    )
-    tags = [InputTag("mlflow.data.context", "training"), InputTag("dvc.md5.snapshot", data_version.digest)]
-    mlflow_client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
-
+    )._to_mlflow_entity()
+    fields = {k: getattr(dataset, k) for k in ("name", "digest", "source_type", "source", "schema", "profile")}
+    return dataset_op(fields, {"mlflow.data.context": "training", "dvc.md5.snapshot": data_version.digest})
 
 
 def log_metrics(run: RunRef, metrics: dict[str, float], prefix: str = "") -> None:
-    from mlflow.entities import Metric
-
-    stamp = int(time.time() * 1000)
-    client(run.uri).log_batch(run.run_id, metrics=[Metric(prefix + k, float(v), stamp, 0) for k, v in metrics.items()])
+    deliver(run, [metrics_op({prefix + k: v for k, v in metrics.items()}, int(time.time() * 1000))])
 
 
 def log_files(run: RunRef, paths, folder: str | None = None) -> None:
-    mlflow_client = client(run.uri)
-    for path in paths:
-        mlflow_client.log_artifact(run.run_id, str(path), folder)
+    deliver(run, [artifact_op(path, folder) for path in paths])
+
+
+def deliver(run: RunRef, ops: list[dict]) -> None:
+    """Applies the writes now; a run with a folder keeps them in its outbox while its server does not answer,
+    after what is already waiting there (the order MLflow sees is the order the run wrote in)."""
+    if run.run_dir is None or not is_server(run.uri):
+        for op in ops:
+            apply(client(run.uri), run.run_id, op)
+        return
+    with _OUTBOX_LOCK:  # the flow's threads (versioning, system metrics) write beside its stages
+        Outbox(run.run_dir).add(ops)
+        flush_outbox(run)
+
+
+_OUTBOX_LOCK = threading.RLock()
+
+
+def flush_outbox(run: RunRef) -> bool:
+    """True when nothing waits in the run's outbox any more; an outage is reported once, not raised."""
+    with _OUTBOX_LOCK:
+        return _flush(run)
+
+
+def _flush(run: RunRef) -> bool:
+    outbox = Outbox(run.run_dir)
+    if not outbox.pending():
+        return True
+    if mlflow_answers(run.uri):
+        try:
+            outbox.replay(client(run.uri), run.run_id)
+            OUTAGES.up(run.service())
+            return True
+        except Exception:
+            if mlflow_answers(run.uri):
+                raise  # the server answers and refused: a real error, not an outage
+    OUTAGES.down(run.service(), f"the run goes on; what it logs waits in {outbox.path}")
+    return False
 
 
 @contextmanager
 def system_metrics(run: RunRef, interval_seconds: float):
-    """MLflow's own system-metrics sampler on a thread, into the run the flow owns."""
+    """CPU, memory, disk, network (and GPU) every `interval_seconds` as system/* metrics, from a thread.
+
+    MLflow's collectors, not its monitor thread: that one asks the server for the run's status on every
+    sample, retrying a dead server for minutes, and the flow would wait on it at the end of the run.
+    These samples go through `deliver`, so an outage keeps them in the run's outbox.
+    """
     if not interval_seconds:
         yield
         return
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(run.run_id, sampling_interval=interval_seconds, samples_before_logging=1, tracking_uri=run.uri)
-    monitor.start()
+    collectors = SystemMetricsMonitor(run.run_id, sampling_interval=interval_seconds, tracking_uri=run.uri)
+    stop = threading.Event()
+
+    def sample() -> None:
+        step = 0
+        while not stop.wait(interval_seconds):
+            collectors.collect_metrics()
+            metrics = collectors.aggregate_metrics()
+            for monitor in collectors.monitors:
+                monitor.clear_metrics()
+            try:
+                deliver(run, [metrics_op({"system/" + k: v for k, v in metrics.items()}, int(time.time() * 1000), step)])
+            except Exception:  # a refused write of a sample is not worth a run; the next sample tries again
+                pass
+            step += 1
+
+    thread = threading.Thread(target=sample, name="adapterflow-system-metrics", daemon=True)
+    thread.start()
     try:
         yield
     finally:
-        monitor.finish()
+        stop.set()
+        thread.join()
 
 
 def end_run(run: RunRef, status: str) -> None:
-    client(run.uri).set_terminated(run.run_id, status)
+    deliver(run, [terminate_op(status)])
 
 
 def git_commit() -> str:

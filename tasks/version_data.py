@@ -90,6 +90,7 @@ class DataVersion:
     paths: dict[str, str]  # split -> the run's copy of the file the config named (the bytes versioned)
     dvc_file: str  # the .dvc file that pins this version (restore with dvc checkout / pull)
     remote: str
+    push_error: str | None = None  # the push failed (an outage of the remote): DVC's message, redacted
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,7 +110,7 @@ def version_data(snapshot: Snapshot, repo: Path, default_remote: Path, run_dir: 
         _ensure_repo(repo, remote)
         _replace_snapshot(folder, split_files(config.data))
         _dvc(repo, "add", str(folder.relative_to(repo)))
-        _dvc(repo, "push", "-r", REMOTE_NAME)
+        push_error = _try(_dvc, repo, "push", "-r", REMOTE_NAME)
         dvc_file = folder.with_name(folder.name + ".dvc")
         digest = yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
         files = _file_md5s(repo, digest, config)
@@ -119,7 +120,30 @@ def version_data(snapshot: Snapshot, repo: Path, default_remote: Path, run_dir: 
     pinned.write_text(dvc_text)
     return DataVersion(
         digest=digest.removesuffix(".dir"), files=files, paths=split_files(config.data), dvc_file=str(pinned), remote=remote,
+        push_error=push_error,
     )
+
+
+def push_pinned(repo: Path, dvc_file: Path, remote: str) -> str | None:
+    """Push the data a run's own .dvc file pins (the repo's folder for that name may hold a later run's data
+    by now): the file is placed in the repo for the push only. None when pushed, else DVC's error."""
+    pending = repo / "pending" / dvc_file.parent.parent.name
+    with exclusive_lock(repo.parent / (repo.name + ".lock")):
+        _ensure_repo(repo, remote)
+        pending.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(dvc_file, pending / dvc_file.name)
+        try:
+            return _try(_dvc, repo, "push", "-r", REMOTE_NAME, str((pending / dvc_file.name).relative_to(repo)))
+        finally:
+            shutil.rmtree(pending, ignore_errors=True)
+
+
+def _try(step, *args) -> str | None:
+    try:
+        step(*args)
+    except DataError as err:
+        return str(err)
+    return None
 
 
 def _check_integrity(dvc_md5s: Mapping[str, str], split_md5s: Mapping[str, str], name: str) -> None:

@@ -1,0 +1,72 @@
+"""Outages of the services a run talks to (MLflow, the S3 endpoint of the DVC remote, the Prefect API).
+
+Whoever notices a service is down or back reports it here: one line when an outage starts, one
+when it ends with its length, never a traceback; the run's summary lists them all. One instance
+per process (`OUTAGES`), reset when a flow run starts: a served deployment runs many flows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+from adapterflow.redact import without_login
+
+HEALTH_TIMEOUT_SECONDS = 2.0
+
+
+class Outages:
+    def __init__(self, say: Callable[[str], None] | None = None):
+        self.say = say or logging.getLogger("adapterflow.progress").warning
+        self.started: dict[str, float] = {}
+        self.ended: list[tuple[str, float]] = []
+
+    def down(self, service: str, consequence: str) -> None:
+        if service not in self.started:
+            self.started[service] = time.monotonic()
+            self.say(f"{service} is not answering; {consequence}")
+
+    def up(self, service: str) -> None:
+        started = self.started.pop(service, None)
+        if started is not None:
+            seconds = time.monotonic() - started
+            self.ended.append((service, seconds))
+            self.say(f"{service} is back after {seconds:.0f} s")
+
+    def is_down(self, service: str) -> bool:
+        return service in self.started
+
+    def report(self) -> list[str]:
+        """Each outage of this run, ended or still going, for the summary."""
+        now = time.monotonic()
+        lines = [f"{service}: down {seconds:.0f} s" for service, seconds in self.ended]
+        return lines + [f"{service}: down since {now - started:.0f} s ago, still down" for service, started in self.started.items()]
+
+    def reset(self, say: Callable[[str], None] | None = None) -> None:
+        self.__init__(say)
+
+
+OUTAGES = Outages()
+
+
+def http_answers(url: str, any_status: bool = False, timeout: float = HEALTH_TIMEOUT_SECONDS) -> bool:
+    """One quick GET (no login in the URL: urllib would take it for the host); MLflow's own client would retry a
+    dead server for minutes before it says so. `any_status`: an error status counts as up (S3 answers 403 unsigned);
+    otherwise a 502 from a proxy in front of a dead server is down."""
+    try:
+        urllib.request.urlopen(without_login(url), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return any_status
+    except (urllib.error.URLError, OSError):
+        return False
+    return True
+
+
+def mlflow_answers(uri: str) -> bool:
+    """A local store (SQLite, a folder) has no outages; a server answers its /health."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    return http_answers(uri.rstrip("/") + "/health")
