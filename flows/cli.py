@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from adapterflow.errors import AdapterflowError, ConfigError, RegistryError
+from adapterflow.errors import DEFERRED_EXIT_CODE, AdapterflowError, ConfigError, RegistryError
 from adapterflow.flows import console, render
 from adapterflow.tasks.state import prepare_environment, quiet_library_noise
 
@@ -137,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the retrain flow as a Prefect deployment on the config's schedule")
     serve.add_argument("config")
     serve.set_defaults(handler=cmd_serve)
+    register = sub.add_parser("register", help="finish a run that trained while a service was down: push its data, ship its "
+                              "metrics, register its version (once, however often it is run), move its alias")
+    register.add_argument("run_dir", metavar="RUN_DIR", help="the run folder the run's summary named")
+    register.add_argument("--mlflow-uri", help="the run's MLflow URI, when it carried a password (never written to disk)")
+    register.set_defaults(handler=cmd_register)
     check = sub.add_parser("check", help="validate a config (keys, values, files, model path) without running")
     check.add_argument("config")
     check.set_defaults(handler=cmd_check)
@@ -243,6 +248,9 @@ def cmd_run(args) -> int:
         print(render.skipped_line(summary))
         return 0
     render.show(render.summary_rows(summary, dirs, time.perf_counter() - start))
+    if summary.get("deferred"):
+        print(render.deferred_message(summary), file=sys.stderr)
+        return DEFERRED_EXIT_CODE
     # The interpreter's final garbage collection walked the whole heap (prefect, mlflow, GE,
     # torch) for ~5 s after every run; frozen objects are skipped and the OS reclaims them.
     import gc
@@ -278,6 +286,16 @@ def cmd_serve(args) -> int:
     print(f"serving deployment adapterflow-retrain/{config.name} ({schedule}); Ctrl-C stops it.")
     retrain.serve(name=config.name, parameters={"config_path": str(Path(args.config).resolve()), "force": False},
                   print_starting_message=False, limit=1, **_schedule_kwargs(config.schedule))
+    return 0
+
+
+def cmd_register(args) -> int:
+    from adapterflow.tasks.deferred import finish_deferred
+
+    prepare_environment(offline=True)
+    done = finish_deferred(Path(args.run_dir), args.mlflow_uri)
+    for line in render.finished_lines(done, args.run_dir):
+        print(line)
     return 0
 
 

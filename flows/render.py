@@ -62,8 +62,10 @@ def summary_rows(summary: dict, dirs, seconds: float) -> list[Row]:
         *_merge_rows(summary.get("merge")),
         (f"metrics ({summary['eval_split']})  ", metrics),
         *_spectral_rows(summary.get("spectral")),
-        ("registered       ", f"{summary['model_name']} version {summary['version']}  alias @{summary['alias']}"),
+        _registered_row(summary),
         *_promotion_rows(summary.get("promotion")),
+        *[("outage           ", line) for line in summary.get("outages", [])],
+        *([("deferred         ", "; ".join(summary["deferred"]))] if summary.get("deferred") else []),
         ("mlflow run       ", summary["run_id"]),
         ("stage seconds    ", "  ".join(f"{k} {v:.1f}" for k, v in summary["timings"].items())),
         (None, ""),
@@ -71,6 +73,33 @@ def summary_rows(summary: dict, dirs, seconds: float) -> list[Row]:
         *_mlflow_ui_rows(summary["tracking_uri"]),
         (None, f"  PREFECT_HOME={dirs.prefect_home} {_script('prefect')} server start"),
     ]
+
+
+def _registered_row(summary: dict) -> Row:
+    if summary["version"] is None:
+        return ("registered       ", f"not yet: MLflow did not answer; `adapterflow register {summary['run_dir']}` registers it")
+    return ("registered       ", f"{summary['model_name']} version {summary['version']}  alias @{summary['alias']}")
+
+
+def deferred_message(summary: dict) -> str:
+    """The run trained but left work for later: what, and the one command that finishes it."""
+    what = "; ".join(summary["deferred"])
+    return redact_text(f"trained, not complete: {what} could not be done while a service was down. Everything needed is kept "
+                       f"in {summary['run_dir']}; once the service is back, run: adapterflow register {summary['run_dir']}")
+
+
+def finished_lines(done, run_dir: str) -> list[str]:
+    """What `adapterflow register RUN_DIR` did."""
+    lines = ["data pushed to the DVC remote"] if done.pushed else []
+    if done.writes:
+        lines.append(f"{done.writes} deferred MLflow write(s) sent")
+    if done.already:
+        lines.append(f"already registered as version {done.version}; nothing new was registered")
+    elif done.version:
+        lines.append(f"registered version {done.version} for {run_dir}")
+    if done.promotion:
+        lines.append(done.promotion)
+    return [redact_text(line) for line in lines + done.notes] or [f"nothing was left to do for {run_dir}"]
 
 
 def _mlflow_ui_rows(uri: str) -> list[Row]:
@@ -142,6 +171,8 @@ def stage_outcome(name: str, result) -> str:
     if name == "spectral":
         return f"{result['intruders_total']:.0f} intruder dimensions"
     if name == "register":
+        if result.version is None:
+            return "deferred: MLflow did not answer within tracking.wait_for_server_seconds"
         return f"{result.model_name} version {result.version} @{result.alias}"
     if name == "promote":
         return ("promoted" if result.promoted else "not promoted") + f": {result.reason}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from adapterflow.errors import AdapterflowError
 from adapterflow.flows import render, warm
 from adapterflow.flows.console import keep_traceback, quiet_failures_in_prefect_logs
-from adapterflow.flows.progress import apply_verbosity, say
+from adapterflow.flows.progress import apply_verbosity, notice, say
 from adapterflow.flows.stages import (
     Candidate,
     close_run_stage,
@@ -33,8 +33,10 @@ from adapterflow.flows.stages import (
 )
 from adapterflow.redact import redact_uri
 from adapterflow.tasks.config import load_config
+from adapterflow.tasks.deferred import pending_work
 from adapterflow.tasks.hardware import check_hardware
 from adapterflow.tasks.model_io import resolve_base
+from adapterflow.tasks.outages import OUTAGES
 from adapterflow.tasks.registry_queries import unchanged_version
 from adapterflow.tasks.resume import alive_while, resume_key
 from adapterflow.tasks.server_health import check_reachable, check_servers
@@ -47,6 +49,7 @@ from adapterflow.tasks.version_data import snapshot_splits
 def retrain(config_path: str, force: bool = False) -> dict:
     """`force` retrains even when staging or production already holds this exact config and data."""
     config, dirs, uri = _prepare(config_path)
+    OUTAGES.reset(notice)  # a served deployment runs many flows in one process: each reports its own outages
     say(f"adapterflow: {config.name} from {config_path}; Prefect flow run '{flow_run.name}'")
     run_dir = _new_run_dir(dirs.runs, config.name)
     with alive_while(run_dir):  # released when this flow ends, or by the OS when its process dies
@@ -61,7 +64,7 @@ def _retrain(config, dirs, uri: str, run_dir: Path, force: bool) -> dict:
         return _skipped(config, uri, *unchanged)
     run_config, split_md5s, base_ref, clock = snapshot.config, snapshot.md5s, resolve_base(config.model), _StageClock()
     validation = clock("validate", validate_stage, snapshot, run_dir)
-    run = clock("track", open_run_stage, config, uri, dirs.mlflow_artifacts, validation, base_ref)
+    run = clock("track", open_run_stage, config, uri, dirs.mlflow_artifacts, validation, base_ref, run_dir)
     _announce_run(run, config.name)
     versioning = version_stage.submit(snapshot, dirs.dvc_repo, dirs.dvc_remote, run_dir, run)  # beside init and training
     with _failure_marks_run(run, versioning, config.tracking.system_metrics_seconds, run_dir):
@@ -76,9 +79,13 @@ def _retrain(config, dirs, uri: str, run_dir: Path, force: bool) -> dict:
         candidate = Candidate(adapter_dir, init, trained, evaluation, spectral, merge)
         data_version = versioning.result()
         say(f"{'version':<10} data md5 {data_version.digest} (DVC)")
-        registered = clock("register", register_stage, recorded_config, base_ref, run, candidate, data_version, split_md5s)
-        promotion = clock("promote", promote_stage, config, uri, dirs.root / "locks") if config.promotion.promote == "auto" else None
+        lock_dir = dirs.root / "locks"
+        registered = clock("register", register_stage, recorded_config, base_ref, run, candidate, data_version, split_md5s,
+                           run_dir, lock_dir)
+        promotes = config.promotion.promote == "auto" and registered.version is not None
+        promotion = clock("promote", promote_stage, config, uri, lock_dir) if promotes else None
         close_run_stage(run, clock.seconds)
+    deferred = pending_work(run_dir)
     summary = {
         "name": config.name, "run_id": run.run_id, "init": init.to_dict(), "train": trained.to_dict(),
         "metrics": dict(evaluation.metrics), "eval_split": evaluation.split, "spectral": spectral,
@@ -86,8 +93,10 @@ def _retrain(config, dirs, uri: str, run_dir: Path, force: bool) -> dict:
         "model_name": registered.model_name, "version": registered.version, "alias": registered.alias, "data_md5": data_version.digest,
         "promotion": promotion.to_dict() if promotion else None, "validation": validation.to_dict(), "run_dir": str(run_dir),
         "tracking_uri": redact_uri(uri), "timings": clock.seconds, "bnb_cpu_path": _bnb_cpu_path(config, trained.device),
-        "trust_remote_code": config.model.trust_remote_code,
+        "trust_remote_code": config.model.trust_remote_code, "deferred": deferred, "outages": OUTAGES.report(),
     }
+    if deferred:
+        get_run_logger().warning(render.deferred_message(summary))
     create_markdown_artifact(markdown=_summary_markdown(summary), key="retrain-summary", description=config.name)
     return summary
 
@@ -181,7 +190,9 @@ def _failure_marks_run(run, versioning, system_metrics_seconds: float, run_dir: 
             keep_traceback(err, run_dir)
         versioning.wait()
         # A plain call, not a task: the flow may be cancelling, and a new task run could hide the original error.
-        end_run(run, "FAILED")
+        # While MLflow is down the status waits in the run's outbox; a refusal must not hide the error either.
+        with suppress(Exception):
+            end_run(run, "FAILED")
         raise
 
 
@@ -196,5 +207,6 @@ def _summary_markdown(summary: dict) -> str:
     return (
         f"# {summary['name']}\n\n- data md5: `{summary['data_md5']}`\n- init: {summary['init']['method']} "
         f"({summary['init']['seconds']:.2f} s)\n- metrics ({summary['eval_split']}): {metrics}\n"
-        f"- registered: {summary['model_name']} v{summary['version']} @{summary['alias']}\n"
+        + (f"- registered: {summary['model_name']} v{summary['version']} @{summary['alias']}\n" if summary["version"] else
+           f"- **not registered yet**: {'; '.join(summary['deferred'])} left for `adapterflow register {summary['run_dir']}`\n")
     )

@@ -63,7 +63,7 @@ class Candidate:
 @dataclass(frozen=True)
 class Registration:
     model_name: str
-    version: str
+    version: str | None  # None: MLflow stayed down past tracking.wait_for_server_seconds; `adapterflow register` makes it
     alias: str
 
 
@@ -93,19 +93,27 @@ def validate_stage(snapshot: Snapshot, run_dir: Path) -> Validation:
 
 
 @task(name="open-tracking-run", **STORAGE_RETRIES, **STAGE)
-def open_run_stage(config, uri: str, artifacts_root: Path, validation: Validation, base_ref) -> RunRef:
+def open_run_stage(config, uri: str, artifacts_root: Path, validation: Validation, base_ref, run_dir: Path) -> RunRef:
+    """The MLflow run, and its id in the run folder: what the run cannot write while MLflow is down waits there."""
+    from adapterflow.tasks.deferred import save_run
     from adapterflow.tasks.tracking import open_run
 
-    return open_run(config, uri, artifacts_root, dict(validation.files), base_ref)
+    run = open_run(config, uri, artifacts_root, dict(validation.files), base_ref, run_dir)
+    save_run(run, run_dir)
+    return run
 
 
 @task(name="version-data", **STORAGE_RETRIES, **STAGE)
 def version_stage(snapshot: Snapshot, repo: Path, default_remote: Path, run_dir: Path, run: RunRef) -> DataVersion:
-    """DVC add + push of the run's copy of the splits; the run gets the digest, the .dvc file and the dataset input."""
+    """DVC add + push of the run's copy of the splits; the run gets the digest, the .dvc file and the dataset input.
+    A push the remote refuses is retried while the run trains, then left for `adapterflow register`."""
+    from adapterflow.tasks.deferred import push_with_retries
     from adapterflow.tasks.tracking import log_data_version
     from adapterflow.tasks.version_data import version_data
 
     data_version = version_data(snapshot, repo, default_remote, run_dir)
+    if data_version.push_error:
+        push_with_retries(data_version, repo, run_dir, snapshot.config.tracking.wait_for_server_seconds)
     log_data_version(snapshot.config, run, data_version)
     return data_version
 
@@ -170,7 +178,7 @@ def _following_training(run_dir: Path, run: RunRef, name: str):
     from adapterflow.tasks.journal import JOURNAL_FILE, JournalFollower
     from adapterflow.tasks.metrics_shipper import MetricsShipper, ShipperSink
 
-    shipper = ShipperSink(MetricsShipper(run_dir, run.uri, run.run_id, notice), SHIP_DRAIN_SECONDS)
+    shipper = ShipperSink(MetricsShipper(run_dir, run.uri, run.run_id), SHIP_DRAIN_SECONDS)  # outages: one report per run
     display = display_sink()
     artifact = PrefectProgressArtifact(PROGRESS_ARTIFACT_KEY, f"Training {name}")
     sinks = [shipper, *([display] if display else []), artifact]
@@ -223,15 +231,31 @@ def spectral_stage(config, base_ref, adapter_dir: str, run_dir: Path, run: RunRe
 
 @task(name="register", retries=0, **STAGE)
 def register_stage(
-    config, base_ref, run: RunRef, candidate: Candidate, data_version: DataVersion, split_md5s: Mapping[str, str]
+    config, base_ref, run: RunRef, candidate: Candidate, data_version: DataVersion, split_md5s: Mapping[str, str], run_dir: Path,
+    lock_dir: Path,
 ) -> Registration:
-    """The version with its lineage tags and description, then alias staging."""
-    from adapterflow.tasks.registration import register_adapter, version_description
+    """The version with its lineage tags and description, then alias staging. The request is written to the run
+    folder first; while MLflow does not answer the stage waits up to tracking.wait_for_server_seconds, then
+    leaves it there for `adapterflow register RUN_DIR`, which makes exactly this registration."""
+    from adapterflow.tasks.deferred import PROMOTE_FILE, wait_for_server
+    from adapterflow.tasks.metrics_shipper import MetricsShipper
+    from adapterflow.tasks.registration import register_adapter, registration_request, version_description
+    from adapterflow.tasks.tracking import flush_outbox
 
     tags = _version_tags(config, base_ref, candidate, data_version, split_md5s)
-    description = version_description(tags, candidate.trained.train_loss)
-    version = register_adapter(config, run, Path(candidate.adapter_dir), base_ref, tags, description)
-    return Registration(config.registry.model_name, version, config.registry.staging_alias)
+    request = registration_request(config, base_ref, Path(candidate.adapter_dir), tags,
+                                   version_description(tags, candidate.trained.train_loss), run.started_ms)
+    request.save(run_dir)
+    registry = config.registry
+    if not wait_for_server(run, config.tracking.wait_for_server_seconds, say):
+        if config.promotion.promote == "auto":
+            promotion = {"model_name": registry.model_name, "lock_dir": str(lock_dir),
+                         "staging_alias": registry.staging_alias, "production_alias": registry.production_alias}
+            (run_dir / PROMOTE_FILE).write_text(json.dumps(promotion))
+        return Registration(registry.model_name, None, registry.staging_alias)
+    flush_outbox(run)
+    MetricsShipper(run_dir, run.uri, run.run_id).ship()  # what the training's drain left: the version's run is complete
+    return Registration(registry.model_name, register_adapter(request, run, run_dir), registry.staging_alias)
 
 
 def _version_tags(config, base_ref, candidate: Candidate, data_version: DataVersion, split_md5s: Mapping[str, str]) -> VersionTags:
