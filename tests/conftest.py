@@ -24,6 +24,24 @@ WORDS = {
     "sound": "audio music mixer synth volume midi playback".split(),
 }
 
+_LIBRARY_HOMES = ("PREFECT_HOME", "HF_HOME", "MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")  # prepare_environment's
+
+
+def _worker_home() -> None:
+    """Under pytest-xdist each worker gets a state folder of its own: the workers inherit the environment this
+    module set in the controller (one ADAPTERFLOW_HOME, PREFECT_HOME, ...), and must not share those folders."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    shared = os.environ.get("ADAPTERFLOW_HOME")
+    if not worker or not shared or os.environ.get("ADAPTERFLOW_TESTS_WORKER") == worker:
+        return
+    own = Path(shared) / f"xdist-{worker}"
+    for key in _LIBRARY_HOMES:  # set from the shared home in the controller: recomputed from this worker's
+        if os.environ.get(key, "").startswith(str(Path(shared).resolve())):
+            del os.environ[key]
+    os.environ.update(ADAPTERFLOW_HOME=str(own), ADAPTERFLOW_TESTS_WORKER=worker)
+
+
+_worker_home()
 _session_home = Path(os.environ.setdefault("ADAPTERFLOW_HOME", str(Path(__import__("tempfile").mkdtemp(prefix="adapterflow-tests-")))))
 from adapterflow.tasks.state import prepare_environment  # noqa: E402
 
@@ -47,10 +65,31 @@ def pytest_report_header(config) -> str:
 
 
 def pytest_collection_modifyitems(items):
-    """Whole-flow tests and tests on the Prefect harness are slow whether or not they say so."""
+    """Whole-flow tests and tests on the Prefect harness are slow whether or not they say so.
+    On pytest-xdist workers the slow tests come first, so no long test starts last while the other workers idle."""
     for item in items:
         if item.get_closest_marker("e2e") or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts its collection alike: the controller compares them
+        items.sort(key=_start_order)
+
+
+# The longest tests, longest first (seconds measured serially on 2 cores); then the other e2e tests, then the slow ones.
+LONGEST_FIRST = (
+    "test_infra.py::test_retrain_against_native_servers",  # ~140 s with the services' start
+    "test_secrets.py::",  # ~95 s
+    "test_mlflow_ui.py::",  # ~60 s
+    "test_serve.py::test_scheduled_runs",  # ~60 s
+    "test_launch.py::test_killed_training",  # ~50 s
+    "test_bench.py::",  # ~46 s
+)
+
+
+def _start_order(item) -> int:
+    for rank, prefix in enumerate(LONGEST_FIRST):
+        if item.nodeid.split("/")[-1].startswith(prefix):
+            return rank
+    return len(LONGEST_FIRST) + (0 if item.get_closest_marker("e2e") else 1 if item.get_closest_marker("slow") else 2)
 
 
 @pytest.fixture(autouse=True)

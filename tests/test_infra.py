@@ -331,6 +331,7 @@ PROMOTABLE = {"train.max_steps": 20, "train.learning_rate": 0.02, "adapter.targe
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group("native-services")  # one worker, one start of the services (the module fixture) for both tests
 @pytest.mark.timeout(900)  # with the services' start (module fixture) on 2 busy cores: ~6 min measured
 def test_retrain_against_native_servers(native_services, tmp_path, tiny_bert, cls_data, monkeypatch):
     import boto3
@@ -432,6 +433,7 @@ def test_retrain_against_native_servers(native_services, tmp_path, tiny_bert, cl
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("native-services")
 def test_native_servers_grant_promotion_rights_by_model(native_services, tmp_path, monkeypatch):
     """Without a flow: the preflight's words for a refused login, `infra users` is idempotent and lowers a
     creator's MANAGE, and promote and rollback stop a trainer before anything else (even a missing version)."""

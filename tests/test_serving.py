@@ -56,6 +56,7 @@ def _in_process_labels(uri: str, version, tiny_bert: Path, dst: Path) -> list[st
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("serving-registered")  # one flow run (the module fixture) on one worker
 def test_logged_model_is_code_not_pickle_with_a_signature_and_clean_pins(registered, tmp_path):
     import mlflow
 
@@ -81,6 +82,7 @@ def test_logged_model_is_code_not_pickle_with_a_signature_and_clean_pins(registe
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("serving-registered")
 def test_pyfunc_loads_and_predicts_without_adapterflow(registered, tiny_bert, tmp_path):
     uri, version, _ = registered
     # -I: no PYTHONPATH, no user site, no script folder on sys.path; the finder refuses adapterflow even though
@@ -112,6 +114,7 @@ def test_pyfunc_loads_and_predicts_without_adapterflow(registered, tiny_bert, tm
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("serving-registered")
 def test_mlflow_models_serve_answers_like_the_adapter_in_process(registered, tiny_bert, tmp_path):
     uri, version, _ = registered
     port = free_port()
@@ -225,6 +228,7 @@ def test_bundled_minilm_base_loads_from_its_package(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("serving-registered")
 def test_export_writes_the_adapter_and_the_merged_model_that_reproduce_the_registered_logits(registered, tiny_bert, tmp_path, capsys):
     import mlflow
     from mlflow.tracking import MlflowClient
