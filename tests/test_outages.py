@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cls_config, free_ports, wait_for, write_config
+from conftest import ROOT, cls_config, free_ports, stop_process_group, wait_for, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 MODEL = "tiny-cls-adapter"
@@ -198,3 +198,137 @@ def test_a_server_down_past_the_wait_defers_registration_to_adapterflow_register
     assert deferred_run.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(second.run_id, "plots")} == {a.path for a in client.list_artifacts(first.run_id, "plots")}
     assert deferred_run.data.tags["adapterflow.data_md5"] == first.tags["data_md5"]
+
+
+S3_KEY, S3_SECRET, BUCKET = "adapterflow-test", "adapterflow-test-secret", "outage"
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    """SeaweedFS's S3 gateway (the infra's object store) with one bucket; its unix sockets are removed after."""
+    folder = tmp_path / "weed"
+    (folder / "data").mkdir(parents=True)
+    s3, master, volume, filer, *grpc = free_ports(8)
+    identity = {"name": "test", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+    (folder / "s3.json").write_text(json.dumps({"identities": [identity]}))
+    command = [str(Path(sys.executable).parent / "weed"), "server", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               f"-master.port={master}", f"-master.port.grpc={grpc[0]}", "-master.volumeSizeLimitMB=64", "-master.electionTimeout=1s",
+               "-master.telemetry=false", f"-volume.port={volume}", f"-volume.port.grpc={grpc[1]}", "-volume.max=0",
+               "-volume.preStopSeconds=0", f"-filer.port={filer}", f"-filer.port.grpc={grpc[2]}", "-s3", f"-s3.port={s3}",
+               f"-s3.port.grpc={grpc[3]}", f"-s3.config={folder / 's3.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+    server = KillableServer(command, f"http://127.0.0.1:{s3}/healthz", folder, "weed")
+    server.endpoint = f"http://127.0.0.1:{s3}"
+    server.start()
+    try:
+        wait_for(lambda: _s3(server.endpoint).create_bucket(Bucket=BUCKET), 60, "the bucket")
+        yield server
+    finally:
+        server.kill()
+        for name in (f"master-grpc-{grpc[0]}", f"volume-grpc-{grpc[1]}", f"filer-{filer}", f"filer-grpc-{grpc[2]}", f"s3-{s3}",
+                     f"s3-grpc-{grpc[3]}"):
+            Path(f"/tmp/seaweedfs-{name}.sock").unlink(missing_ok=True)
+
+
+def _s3(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+
+
+def test_an_s3_remote_down_during_versioning_defers_the_push_to_adapterflow_register(s3_server, tmp_path, tiny_bert, cls_data,
+                                                                                        monkeypatch):
+    for name, value in {"AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    home = tmp_path / "home"
+    tracking = {"dvc_remote": f"s3://{BUCKET}/dvc", "wait_for_server_seconds": 3}
+    config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, tracking=tracking))
+    run = Run(config, home)
+    wait_for(lambda: any(line.split()[1:3] == ["validate", "done"] for line in run.lines if len(line.split()) > 2), 300,
+             "validation to end (the push comes after it)")
+    s3_server.kill()
+    code, output = run.finish()
+    assert code == DEFERRED, output[-4000:]
+    run_dir = run.run_dir()
+    assert f"the DVC push to s3://{BUCKET}/dvc" in output and f"adapterflow register {run_dir}" in output
+    assert "registered       tiny-cls-adapter version 1" in output  # MLflow was up: the version did not wait for the data
+    assert "Traceback" not in output
+
+    s3_server.start()
+    finished = _register(run_dir, home)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    assert "data pushed to the DVC remote" in finished.stdout and "already registered as version 1" in finished.stdout
+
+    version = _client(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}").get_model_version(MODEL, "1")
+    digest = version.tags["data_md5"]
+    listed = _s3(s3_server.endpoint).list_objects_v2(Bucket=BUCKET, Prefix="dvc/")
+    keys = {item["Key"] for item in listed.get("Contents", [])}
+    assert f"dvc/files/md5/{digest[:2]}/{digest[2:]}.dir" in keys
+    for split in ("train", "validation", "test"):  # each file the version trained on, by the md5 its tags give
+        split_md5 = version.tags[f"data.{split}_md5"]
+        assert f"dvc/files/md5/{split_md5[:2]}/{split_md5[2:]}" in keys, split
+    assert not (run_dir / "dvc_push.json").exists()
+
+
+@pytest.fixture
+def prefect_api(tmp_path):
+    """`prefect server start` on its own SQLite database, as a team starts it for the UI."""
+    folder = tmp_path / "prefect-server"
+    folder.mkdir()
+    [port] = free_ports(1)
+    api = f"http://127.0.0.1:{port}/api"
+    command = ["env", "-u", "PREFECT_API_URL", f"PREFECT_HOME={folder}", "PREFECT_SERVER_ANALYTICS_ENABLED=false",
+               str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    server = KillableServer(command, f"{api}/health", folder, "prefect")
+    server.api = api
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def _prefect(api: str, path: str, body: dict | None = None):
+    request = urllib.request.Request(api + path, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read() or "null")
+
+
+def _flow_runs(api: str) -> list[dict]:
+    return _prefect(api, "/flow_runs/filter", {"sort": "EXPECTED_START_TIME_ASC"})
+
+
+def test_a_served_deployment_survives_prefect_server_restarts_during_a_run_and_between_runs(prefect_api, tmp_path, tiny_bert,
+                                                                                           cls_data):
+    home = tmp_path / "home"
+    env = dict(os.environ, ADAPTERFLOW_HOME=str(home), PREFECT_API_URL=prefect_api.api, OMP_NUM_THREADS="1")
+    overrides = {"train.max_steps": 300, "train.log_every": 10, "schedule": {"interval_seconds": 5}}
+    config = write_config(tmp_path / "served.yaml", cls_config(tiny_bert, cls_data, **overrides))
+    serve = subprocess.Popen([str(Path(sys.executable).parent / "adapterflow"), "serve", str(config)], env=env, cwd=ROOT,
+                             stdout=(tmp_path / "serve.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        journal = wait_for(lambda: next((home / "runs").glob("tiny-cls-*/progress.jsonl"), None), 300, "the first run's training")
+        wait_for(lambda: '"step"' in journal.read_text(), 120, "a training step")
+        prefect_api.kill()  # during the run: training goes on without the API
+        time.sleep(5)
+        prefect_api.start()
+        first = wait_for(lambda: next((r for r in _flow_runs(prefect_api.api) if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")),
+                                      None), 600, "the first run to end")
+        assert first["state_type"] == "COMPLETED", first["state"]
+        assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+
+        prefect_api.kill()  # between runs
+        time.sleep(3)
+        prefect_api.start()
+        second = wait_for(lambda: next((r for r in _flow_runs(prefect_api.api) if r["id"] != first["id"] and
+                                        r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")), None), 300, "a second run to end")
+        assert second["state_type"] == "COMPLETED", second["state"]  # it found the same config and data: a skip
+        assert serve.poll() is None
+    finally:
+        stop_process_group(serve)
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log, log[-6000:]
+    uri = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+    assert [v.version for v in _client(uri).search_model_versions(f"name = '{MODEL}'")] == ["1"]
