@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 import uuid
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -36,7 +36,7 @@ from adapterflow.tasks.config import load_config
 from adapterflow.tasks.deferred import pending_work
 from adapterflow.tasks.hardware import check_hardware
 from adapterflow.tasks.model_io import resolve_base
-from adapterflow.tasks.outages import OUTAGES
+from adapterflow.tasks.outages import OUTAGES, watching
 from adapterflow.tasks.registry_queries import unchanged_version
 from adapterflow.tasks.resume import alive_while, resume_key
 from adapterflow.tasks.server_health import check_reachable, check_servers
@@ -52,8 +52,20 @@ def retrain(config_path: str, force: bool = False) -> dict:
     OUTAGES.reset(notice)  # a served deployment runs many flows in one process: each reports its own outages
     say(f"adapterflow: {config.name} from {config_path}; Prefect flow run '{flow_run.name}'")
     run_dir = _new_run_dir(dirs.runs, config.name)
-    with alive_while(run_dir):  # released when this flow ends, or by the OS when its process dies
+    with alive_while(run_dir), _watching_prefect_api():  # the lock: released when this flow ends, or by the OS
         return _retrain(config, dirs, uri, run_dir, force)
+
+
+def _watching_prefect_api():
+    """A Prefect server's API going away is reported like any outage; Prefect's client retries meanwhile and the
+    run's states reach the server when it is back. The embedded server lives in this process: nothing to watch."""
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        return nullcontext()
+    return watching(api.rstrip("/") + "/health", f"the Prefect API at {redact_uri(api)}",
+                    "training goes on; the run's state reaches Prefect when it is back")
 
 
 def _retrain(config, dirs, uri: str, run_dir: Path, force: bool) -> dict:

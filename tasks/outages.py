@@ -8,10 +8,12 @@ per process (`OUTAGES`), reset when a flow run starts: a served deployment runs 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from contextlib import contextmanager
 
 from adapterflow.redact import without_login
 
@@ -70,3 +72,26 @@ def mlflow_answers(uri: str) -> bool:
     if not uri.startswith(("http://", "https://")):
         return True
     return http_answers(uri.rstrip("/") + "/health")
+
+
+@contextmanager
+def watching(url: str, service: str, consequence: str, every_seconds: float = 2.0, outages: Outages | None = None):
+    """For the block, a thread that asks `url` every few seconds and reports `service` down and back: for a service
+    nothing else in the run would notice (the Prefect API, whose client retries quietly)."""
+    outages = outages or OUTAGES
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(every_seconds):
+            if http_answers(url):
+                outages.up(service)
+            else:
+                outages.down(service, consequence)
+
+    thread = threading.Thread(target=watch, name="adapterflow-service-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -186,6 +186,10 @@ def quiet_library_noise() -> None:
     # Prefect routes Python warnings to the console from worker threads; library deprecations
     # are for us, not for the person running a retrain.
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
+    # Their "websocket failed ... switching to polling" is a Prefect API outage, which the run reports itself in
+    # one line when it starts and one when it ends (tasks/outages.py); polling keeps cancellation working.
+    for observer in ("prefect.FlowRunCancellingObserver", "prefect.FlowRunSuspendingObserver"):
+        logging.getLogger(observer).setLevel(logging.ERROR)
 
 
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"

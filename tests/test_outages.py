@@ -329,6 +329,8 @@ def test_a_served_deployment_survives_prefect_server_restarts_during_a_run_and_b
     finally:
         stop_process_group(serve)
     log = (tmp_path / "serve.log").read_text()
-    assert "Traceback" not in log, log[-6000:]
+    assert "Traceback" not in log and "websocket failed" not in log, log[-6000:]
+    # The restart during the run: one line when it went away, one when it was back (between runs no flow watches).
+    assert log.count("the Prefect API at") == 2 and "is not answering" in log and "is back after" in log, log[-6000:]
     uri = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
-    assert [v.version for v in _client(uri).search_model_versions(f"name = '{MODEL}'")] == ["1"]
+    assert [str(v.version) for v in _client(uri).search_model_versions(f"name = '{MODEL}'")] == ["1"]
