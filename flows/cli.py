@@ -268,6 +268,7 @@ def _set_output_mode(args) -> None:
     os.environ[OUTPUT_ENV] = "quiet" if args.quiet else "verbose" if args.verbose else "normal"
     if args.verbose:
         os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"  # read when Prefect sets its logging up, before prepare_environment's default
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0"
 
 
 def cmd_serve(args) -> int:

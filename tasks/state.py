@@ -26,6 +26,9 @@ QUIET_ENV = {
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    # transformers' "Writing model shards" bar at every adapter save broke the run's own progress lines;
+    # `adapterflow run --verbose` keeps the libraries' bars (it sets this to 0 first).
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "GIT_PYTHON_REFRESH": "quiet",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_LOGGING_LEVEL": "ERROR",
