@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterflow.errors import ConfigError, DataError, RegistryError
-from adapterflow.redact import redact_uri
+from adapterflow.redact import redact_text, redact_uri
 from adapterflow.tasks.outages import OUTAGES, mlflow_answers
 from adapterflow.tasks.outbox import Outbox
 from adapterflow.tasks.tracking import RunRef, client, flush_outbox
@@ -203,5 +203,5 @@ def _check_run_exists(run: RunRef) -> None:
     try:
         client(run.uri).get_run(run.run_id)
     except MlflowException as err:
-        raise RegistryError(f"{run.service()} has no run {run.run_id} ({str(err).splitlines()[0]}): is it the server this run "
+        raise RegistryError(f"{run.service()} has no run {run.run_id} ({redact_text(str(err).splitlines()[0])}): is it the server this run "
                             "tracked to? Give that one with --mlflow-uri.") from None
