@@ -144,7 +144,13 @@ def _parser() -> argparse.ArgumentParser:
     register.set_defaults(handler=cmd_register)
     check = sub.add_parser("check", help="validate a config (keys, values, files, model path) without running")
     check.add_argument("config")
+    check.add_argument("--print", action="store_true", dest="print_config",
+                       help="print the resolved config (bases merged, overrides applied, paths absolute, credentials masked)")
     check.set_defaults(handler=cmd_check)
+    for command in (run, serve, check):
+        command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                             help="override one key, read as YAML and checked by the schema: --set train.learning_rate=1e-3 "
+                                  "(repeatable; applied after the config and the files it extends)")
     for command, handler, text in (
         ("promote", cmd_promote, "re-evaluate @staging vs @production on the frozen split; move production if the gate passes"),
         ("rollback", cmd_rollback, "point @production back at the previous production version"),
@@ -188,12 +194,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_check(args) -> int:
-    config = preflight(args.config)
+    config = preflight(args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        from adapterflow.tasks.tracking import public_config
+
+        print(yaml.safe_dump(public_config(config), sort_keys=False), end="")
     print(f"ok: {args.config} is a valid {config.task} config (init method {config.adapter.init.method}).")
     return 0
 
 
-def preflight(config_path: str):
+def preflight(config_path: str, overrides: list[str] = ()):
     """Everything checkable without loading a model: config, state folder, files, model path."""
     from adapterflow.tasks.config import load_config
     from adapterflow.tasks.data_io import check_readable, split_files
@@ -201,7 +213,7 @@ def preflight(config_path: str):
     from adapterflow.tasks.model_io import resolve_base
     from adapterflow.tasks.state import check_state_folder
 
-    config = load_config(config_path)
+    config = load_config(config_path, overrides)
     check_state_folder()  # writable, with room: a read-only or full one failed late, in thousands of lines
     for split, path in split_files(config.data).items():
         check_readable(path, split)  # exists, a readable file, its format's bytes (UTF-8 text, parquet markers)
@@ -226,7 +238,7 @@ def cmd_run(args) -> int:
     from adapterflow.flows.progress import say
 
     _set_output_mode(args)
-    config = preflight(args.config)
+    config = preflight(args.config, args.overrides)
     # Before the first line: saying it imports prefect, which reads its logging level (WARNING, set here) once.
     dirs = prepare_environment(offline=config.model.hub_id is None)
     say(f"adapterflow: {args.config} checked ({config.task}, init {config.adapter.init.method}); starting the flow")
@@ -241,7 +253,7 @@ def cmd_run(args) -> int:
     console.quiet_failures_in_prefect_logs()
     quiet_library_noise()
     try:
-        summary = retrain(str(Path(args.config).resolve()), force=args.force)
+        summary = retrain(str(Path(args.config).resolve()), force=args.force, overrides=args.overrides)
     finally:
         _stop_ephemeral_prefect_server()
     if summary.get("skipped"):
@@ -273,7 +285,7 @@ def _set_output_mode(args) -> None:
 
 def cmd_serve(args) -> int:
     """Blocks: Prefect runs the retrain flow on schedule; parameters (config_path, force) can be set per run."""
-    config = preflight(args.config)
+    config = preflight(args.config, args.overrides)
     if config.schedule is None:
         raise ConfigError(f"{args.config} has no schedule section; add e.g. schedule: {{cron: '0 3 * * *'}} to serve it.")
     schedule = check_schedule(config.schedule)
@@ -285,7 +297,8 @@ def cmd_serve(args) -> int:
     console.quiet_failures_in_prefect_logs()
     quiet_library_noise()
     print(f"serving deployment adapterflow-retrain/{config.name} ({schedule}); Ctrl-C stops it.")
-    retrain.serve(name=config.name, parameters={"config_path": str(Path(args.config).resolve()), "force": False},
+    parameters = {"config_path": str(Path(args.config).resolve()), "force": False, "overrides": args.overrides}
+    retrain.serve(name=config.name, parameters=parameters,
                   print_starting_message=False, limit=1, **_schedule_kwargs(config.schedule))
     return 0
 

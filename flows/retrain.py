@@ -31,7 +31,7 @@ from adapterflow.flows.stages import (
     validate_stage,
     version_stage,
 )
-from adapterflow.redact import redact_uri
+from adapterflow.redact import redact_text, redact_uri
 from adapterflow.tasks.config import load_config
 from adapterflow.tasks.deferred import pending_work
 from adapterflow.tasks.hardware import check_hardware
@@ -46,11 +46,13 @@ from adapterflow.tasks.version_data import snapshot_splits
 
 
 @flow(name="adapterflow-retrain", log_prints=False, validate_parameters=False)
-def retrain(config_path: str, force: bool = False) -> dict:
-    """`force` retrains even when staging or production already holds this exact config and data."""
-    config, dirs, uri = _prepare(config_path)
+def retrain(config_path: str, force: bool = False, overrides: list[str] | None = None) -> dict:
+    """`force` retrains even when staging or production already holds this exact config and data; `overrides` are
+    `key.path=value` settings applied over the config (`--set`), so a deployment run can change them."""
+    config, dirs, uri = _prepare(config_path, overrides or [])
     OUTAGES.reset(notice)  # a served deployment runs many flows in one process: each reports its own outages
-    say(f"adapterflow: {config.name} from {config_path}; Prefect flow run '{flow_run.name}'")
+    settings = "".join(f" --set {override}" for override in overrides or [])
+    say(redact_text(f"adapterflow: {config.name} from {config_path}{settings}; Prefect flow run '{flow_run.name}'"))
     run_dir = _new_run_dir(dirs.runs, config.name)
     with alive_while(run_dir), _watching_prefect_api():  # the lock: released when this flow ends, or by the OS
         return _retrain(config, dirs, uri, run_dir, force)
@@ -113,13 +115,13 @@ def _retrain(config, dirs, uri: str, run_dir: Path, force: bool) -> dict:
     return summary
 
 
-def _prepare(config_path: str):
+def _prepare(config_path: str, overrides: list[str]):
     """The checks the CLI's preflight also makes, again here: a served run executes in its own process without it."""
     warm.wait()
     quiet_library_noise()
     quiet_failures_in_prefect_logs()
     apply_verbosity()
-    config = load_config(config_path)
+    config = load_config(config_path, overrides)
     check_hardware(config)
     dirs = state_dirs()
     check_state_folder(dirs)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import reprlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -518,10 +519,13 @@ class RunConfig(Strict):
 build_init_schema()
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read, validate and resolve a run config; every problem raises ConfigError with a fix."""
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read, validate and resolve a run config (over the files it `extends`, then the `--set` overrides); every
+    problem raises ConfigError with a fix."""
+    from adapterflow.tasks.config_sources import compose
+
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = compose(path, overrides, _read_yaml)
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as err:
