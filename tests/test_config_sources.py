@@ -115,3 +115,21 @@ def test_check_prints_the_resolved_config_with_credentials_masked(tmp_path, tiny
     printed = yaml.safe_load(out.rsplit("\nok: ", 1)[0])
     assert printed["train"]["max_steps"] == 9 and printed["tracking"]["mlflow_uri"] == "postgresql://alice:***@db/mlflow"
     assert printed["data"]["train"] == str(cls_data["train"])
+
+
+@pytest.mark.slow
+def test_a_run_with_overrides_records_the_resolved_config(tmp_path, tiny_bert, cls_data):
+    from conftest import run_cli
+    from mlflow.tracking import MlflowClient
+
+    path = write_config(tmp_path / "c.yaml", cls_config(tiny_bert, cls_data, **{"evaluate.intruders": None}))
+    overrides = ["train.max_steps=3", "train.learning_rate=2e-3"]
+    result = run_cli("run", str(path), *[arg for o in overrides for arg in ("--set", o)], home=tmp_path / "home")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--set train.max_steps=3 --set train.learning_rate=2e-3" in result.stderr + result.stdout
+    uri = f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}"
+    version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("tiny-cls-adapter", "1")
+    run = MlflowClient(tracking_uri=uri).get_run(version.run_id)
+    assert run.data.params["train.max_steps"] == "3" and run.data.params["train.learning_rate"] == "0.002"
+    assert version.tags["config_hash"] == load_config(path, overrides).digest() != load_config(path).digest()
+    assert version.tags["train_steps"] == "3"
