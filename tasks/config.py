@@ -160,8 +160,26 @@ class DataSpec(Strict):
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str | None = None
+    # A common SFT layout read onto the fields above (tasks/sft_formats.py): alpaca or sharegpt; None: the fields as given.
+    format: Literal["alpaca", "sharegpt"] | None = None
+    # For chat rows when the tokenizer has no template (or to replace its own): "chatml", or the Jinja text itself.
+    chat_template: str | None = None
     max_length: int = Field(128, ge=8, le=32_768)
     checks: DataChecks = DataChecks()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_sets_the_fields(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or value.get("format") not in ("alpaca", "sharegpt"):
+            return value
+        given = [key for key in ("prompt_field", "response_field", "messages_field") if key in value]
+        if given:
+            raise ValueError(f"data.format {value['format']} names the columns itself; remove {', '.join('data.' + k for k in given)}")
+        from adapterflow.tasks.sft_formats import ALPACA_PROMPT, ALPACA_RESPONSE, SHAREGPT_MESSAGES
+
+        if value["format"] == "alpaca":
+            return {**value, "prompt_field": ALPACA_PROMPT, "response_field": ALPACA_RESPONSE}
+        return {**value, "messages_field": SHAREGPT_MESSAGES}
 
     @field_validator("train", "validation", "test")
     @classmethod
@@ -512,11 +530,20 @@ class RunConfig(Strict):
         password must not be guessable from it), and a rotated password must not make a run look new.
         """
         # How long to wait for a server trains nothing differently: excluded, so digests stay what they were.
-        text = json.dumps(redact_values(self.model_dump(mode="json", exclude={"tracking": {"wait_for_server_seconds"}})), sort_keys=True)
+        dumped = self.model_dump(mode="json", exclude={"tracking": {"wait_for_server_seconds"}})
+        for section, key, default in HASHED_WHEN_SET:
+            if dumped[section].get(key, default) == default:
+                dumped[section].pop(key, None)
+        text = json.dumps(redact_values(dumped), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 build_init_schema()
+
+
+# Keys added after configs were first hashed: left out of the digest while at their default, so a config that does
+# not use them keeps the digest its registered versions carry (the retrain skip check compares it).
+HASHED_WHEN_SET = [("data", "format", None), ("data", "chat_template", None)]
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
