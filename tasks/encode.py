@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from adapterflow.errors import DataError
 from adapterflow.tasks.data_io import label_type_mismatch, labels_as_declared, read_split
+from adapterflow.tasks.sft_formats import as_declared, chat_template
 
 IGNORE = -100  # label id the loss skips (prompt tokens, padding)
 
@@ -13,13 +14,23 @@ def encode_split(config, tokenizer, split: str):
     from datasets import Dataset
 
     path = getattr(config.data, split)
-    frame = read_split(path, split)
+    frame = as_declared(read_split(path, split), config.data.format, split)
     if config.task == "sequence_classification":
         rows = _classification_rows(frame, config, tokenizer, split, path)
     else:
+        _use_chat_template(tokenizer, config.data)
         rows = [_sft_row(record, config, tokenizer) for record in frame.to_dict("records")]
         _require_response_tokens(rows, split, config.data.max_length)
     return Dataset.from_list(rows)
+
+
+def _use_chat_template(tokenizer, data) -> None:
+    """data.chat_template replaces the tokenizer's; chat rows need one from somewhere."""
+    if data.chat_template:
+        tokenizer.chat_template = chat_template(data.chat_template)
+    if data.messages_field and not tokenizer.chat_template:
+        raise DataError("the base model's tokenizer has no chat template, which chat rows (data.messages_field, data.format "
+                        "sharegpt) are rendered with. Set data.chat_template: chatml, or give the Jinja template itself.")
 
 
 def _require_response_tokens(rows: list[dict], split: str, max_length: int) -> None:

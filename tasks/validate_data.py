@@ -13,6 +13,7 @@ import pandas as pd
 
 from adapterflow.errors import DataError
 from adapterflow.tasks.data_io import label_type_mismatch, labels_as_declared, read_split, split_files
+from adapterflow.tasks.sft_formats import as_declared
 
 MESSAGES_TEXT = "_messages_text"
 LABEL_TYPE_CHECK = "column_values_to_match_labels_type"  # a check of ours, beside the Great Expectations suite
@@ -63,7 +64,7 @@ def validate_data(config) -> ValidationReport:
     """Validate every split the config names; raise DataError listing each failed expectation."""
     report = ValidationReport()
     for split, path in split_files(config.data).items():
-        frame = _with_declared_labels(read_split(path, split), path, config)
+        frame = _with_declared_labels(as_declared(read_split(path, split), config.data.format, split), path, config)
         report.row_counts[split] = len(frame)
         report.rows.extend(_validate_frame(frame, split, config))
     if not report.success:
