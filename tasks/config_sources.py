@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from adapterflow.errors import ConfigError
+from adapterflow.tasks.data_sources import names_a_folder
 
 MAX_EXTENDS_DEPTH = 8
 URL_PREFIXES = ("s3://", "gs://", "gcs://", "azure://", "az://", "ssh://", "http://", "https://", "hdfs://", "webdav")
@@ -86,6 +87,9 @@ def _absolute_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
             holder = holder.get(section) if isinstance(holder, dict) else None
         if isinstance(holder, dict) and isinstance(holder.get(leaf), str):
             holder[leaf] = _absolute(holder[leaf], folder)
+    dataset = raw.get("data", {}).get("dataset") if isinstance(raw.get("data"), dict) else None
+    if isinstance(dataset, dict) and isinstance(dataset.get("path"), str) and names_a_folder(dataset["path"], folder):
+        dataset["path"] = _absolute(dataset["path"], folder)  # a hub id (org/name) stays as it is
     return raw
 
 

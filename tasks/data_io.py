@@ -135,7 +135,9 @@ def _read(file: Path) -> pd.DataFrame:
 
 
 def split_files(data) -> dict[str, str]:
-    """The split files a DataSpec names, in a fixed order."""
+    """The split files a DataSpec names, in a fixed order (none for a data.dataset source until a run materialises it)."""
+    if data.train is None:
+        return {}
     files = {"train": data.train, "validation": data.validation}
     if data.test:
         files["test"] = data.test

@@ -57,6 +57,8 @@ def snapshot_splits(config, run_dir: Path) -> Snapshot:
     """Copy each split file into `run_dir/data/`, hashing it in the same single read."""
     folder = run_dir / SNAPSHOT_FOLDER
     folder.mkdir()
+    if config.data.dataset is not None:
+        return _materialized(config, folder)
     copies, md5s, sources = {}, {}, {}
     for split, path in split_files(config.data).items():
         copy = folder / (split + Path(path).suffix)
@@ -64,6 +66,18 @@ def snapshot_splits(config, run_dir: Path) -> Snapshot:
         copies[split], sources[str(copy)] = str(copy), path
     run_config = config.model_copy(update={"data": config.data.model_copy(update=copies)})
     return Snapshot(run_config, md5s, sources)
+
+
+def _materialized(config, folder: Path) -> Snapshot:
+    """A data.dataset source's splits written into the run folder; from here on a run reads them as split files."""
+    from adapterflow.tasks.data_sources import materialize
+
+    source = config.data.dataset
+    files = materialize(source, folder)
+    md5s = {split: hashlib.md5(path.read_bytes()).hexdigest() for split, path in files.items()}
+    data = config.data.model_copy(update={"dataset": None, **{split: str(path) for split, path in files.items()}})
+    sources = {str(path): f"{source.path} (split {source.splits[split]})" for split, path in files.items()}
+    return Snapshot(config.model_copy(update={"data": data}), md5s, sources)
 
 
 def _copy_hashing(source: Path, copy: Path, split: str) -> str:
