@@ -1,16 +1,25 @@
-"""EVA: A from the SVD of each layer's input activations, ranks redistributed by explained variance.
+"""EVA: A from the principal components of each layer's input activations, ranks redistributed by explained variance.
 
-peft's implementation, with the preprocessing step it needs (without `initialize_lora_eva_weights`
-peft silently leaves plain LoRA); `verify_eva` proves it ran. The report's spectra are the
-explained-variance ratios of the components each layer kept, read from peft's own PCA.
+Why not peft's incremental SVD (`initialize_lora_eva_weights` over a dataloader): it runs a randomized
+SVD per layer per batch and cycles the batches until every component's cosine to its previous value
+reaches tau, so it pays many forward passes and SVDs. On MiniLM (bench/init_cost.py --only eva) it
+took 5-8x our time. Here each layer's input covariance is accumulated over the calibration batches
+(one forward pass each, adapters/covariance.py) and eigendecomposed after each batch until the
+components settle (peft's tau rule, see Convergence); peft still loads the result
+(its `eva_state_dict` path), so rank-0 layers, rank_pattern and alpha scaling stay peft's.
+`verify_eva` proves the components were loaded (plain LoRA's A rows are not orthonormal).
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from pydantic import Field
 
+from adapterflow.adapters.covariance import NotTokenLevel, attention_token_mask, collect_covariances, principal_components
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.methods.basic import ranks_of
 from adapterflow.adapters.registry import InitConfig, Initializer, register
@@ -18,14 +27,15 @@ from adapterflow.adapters.report import InitReport
 from adapterflow.errors import InitError
 
 ORTHONORMAL_TOL = 1e-3
+RHO_CEILING = 1000  # peft caps an unusually large rho at max weight dimension // r
 
 
 class EvaInit(InitConfig):
-    """SVD of layer-input activations over train batches; the rank budget r × layers is redistributed."""
+    """PCA of layer-input activations over train batches; the rank budget r × layers is redistributed."""
 
     method: Literal["eva"]
     rho: float = Field(2.0, ge=1.0)  # a layer may get up to rho·r ranks
-    tau: float = Field(0.99, gt=0.0, le=1.0)  # cosine similarity at which components count as converged
+    tau: float = Field(0.99, gt=0.0, le=1.0)  # components count as converged at this cosine to the previous batch
     whiten: bool = False
 
 
@@ -35,87 +45,117 @@ def apply_eva(model, settings, context):
 
     eva = EvaConfig(rho=settings.init.rho, tau=settings.init.tau, whiten=settings.init.whiten)
     peft_model = get_peft_model(model, settings.lora_config("eva", eva_config=eva))
-    seen, handles = watch_eva_hooks(peft_model)
-    forward, passes = counted_forward(context.progress)
+    components, passes, converged = eva_components(peft_model, context.calibration, context.progress, settings.r, eva)
+    context.progress(passes, passes)  # open-ended until now: it stopped when its components converged
+    state = {name: parts.rows for name, parts in components.items()}
+    initialize_lora_eva_weights(peft_model, eva_state_dict=state, show_progress_bar=False)
+    report = InitReport(method="eva", ranks=ranks_of(peft_model))
+    report.notes.append(f"rank budget {settings.r} x {len(components)} layers redistributed with rho={eva.rho}")
+    report.notes.append(f"components from the input covariances of {passes} calibration batches, "
+                        + ("converged at tau" if converged else f"not converged at tau={eva.tau} when the batches ran out"))
+    record_explained_variance(report, {short_name(name): parts.ratios for name, parts in components.items()})
+    return peft_model, report
+
+
+@dataclass(frozen=True)
+class LayerComponents:
+    """One layer's kept A rows, and the explained-variance ratios of all components computed for it."""
+
+    rows: torch.Tensor
+    ratios: list[float]
+
+
+def eva_components(peft_model, batches, progress, r: int, eva) -> tuple[dict[str, LayerComponents], int, bool]:
+    """Per LoRA layer (peft's full name): its components, ranks distributed as peft's EVA does.
+
+    Also returns the calibration batches used and whether the components converged before they ran out.
+    """
+    from peft.tuners.lora.eva import UNSUPPORTED_LORA_MODULES
+
+    layers = {name: module for name, module in lora_layers(peft_model) if not isinstance(module, UNSUPPORTED_LORA_MODULES)}
+    watch = Convergence(_max_components(peft_model, r, eva.rho), r * len(layers), eva.tau, progress)
+    covariances = layer_covariances(peft_model, layers, batches, eva, watch)
+    result = {}
+    for name, rank in watch.ranks.items():
+        vectors, ratios, singular = watch.pcas[covariances.owner[name]]
+        rows = vectors[:rank]
+        if eva.whiten:  # as peft: each component divided by the square root of its singular value
+            rows = rows / singular[:rank].sqrt().reshape(-1, 1)
+        result[name] = LayerComponents(rows, ratios[: watch.max_components].tolist())
+    return result, covariances.batches, watch.converged
+
+
+class Convergence:
+    """peft's stopping rule on exact covariances: stop once, for every layer, each component up to the
+    rank it is currently given has |cosine| ≥ tau to the same component one batch earlier.
+
+    Exact covariances settle in far fewer batches than peft's per-batch randomized SVDs, whose jitter
+    keeps cosines under tau longer; the pass also ends when the batches run out.
+    """
+
+    def __init__(self, max_components: int, budget: int, tau: float, progress):
+        self.max_components, self.budget, self.tau, self.progress = max_components, budget, tau, progress
+        self.pcas: dict = {}
+        self.ranks: dict[str, int] = {}
+        self.converged = False
+
+    def __call__(self, covariances) -> bool:
+        self.progress(covariances.batches, None)
+        previous = self.pcas
+        self.pcas = {first: principal_components(moments.scatter()) for first, moments in covariances.moments.items()}
+        ratios = {first: pca[1][: self.max_components] for first, pca in self.pcas.items()}
+        self.ranks = distribute_ranks(ratios, covariances.owner, self.budget)
+        self.converged = set(previous) == set(self.pcas) and all(
+            self._settled(previous[first][0], self.pcas[first][0], self.ranks[layer])
+            for layer, first in covariances.owner.items())
+        return self.converged
+
+    def _settled(self, before: torch.Tensor, now: torch.Tensor, rank: int) -> bool:
+        return bool(((before[:rank] * now[:rank]).sum(1).abs() >= self.tau).all())
+
+
+def layer_covariances(peft_model, layers, batches, eva, enough):
+    """Input moments per shared input, over one pass; adapters off and dropout off, as in peft's EVA."""
+    device = next(peft_model.parameters()).device
+    moved = ({key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()} for batch in batches)
+    mask = attention_token_mask(eva.label_mask_value if eva.use_label_mask else None)
+    training = peft_model.training
+    peft_model.eval()
     try:
-        initialize_lora_eva_weights(peft_model, dataloader=context.calibration, forward_fn=forward, show_progress_bar=False)
-    except ValueError as err:
-        if "unpack" not in str(err):
-            raise
-        # peft's incremental PCA expects (batch, tokens, features) inputs at every target.
+        with peft_model.disable_adapter():
+            return collect_covariances(peft_model, layers, moved, mask, enough)
+    except NotTokenLevel:
         raise InitError(
             "EVA needs token-level inputs at every target module, but one receives 2-D input (e.g. BERT's "
             "pooler.dense matched by the name 'dense'). Name the targets more precisely in adapter.target_modules "
             "(e.g. query, value, attention.output.dense)."
         ) from None
     finally:
-        for handle in handles:
-            handle.remove()
-    context.progress(passes(), passes())  # open-ended until now: it stopped when its components converged
-    report = InitReport(method="eva", ranks=ranks_of(peft_model))
-    report.notes.append(f"rank budget {settings.r} x {len(report.ranks)} layers redistributed with rho={eva.rho}")
-    record_explained_variance(report, explained_variance(seen, report.ranks))
-    return peft_model, report
+        peft_model.train(training)
 
 
-def counted_forward(progress):
-    """peft's default forward (`model(**inputs)`) that reports each calibration batch to `progress`.
+def _max_components(model, r: int, rho: float) -> int:
+    if rho > RHO_CEILING:
+        rho = min(rho, max(max(p.shape) for p in model.parameters()) // r)
+    return round(r * rho)
 
-    EVA cycles its batches until every layer's components converge, so the total is open (None).
-    Returns the forward and a function giving the passes so far.
+
+def distribute_ranks(ratios: dict[str, torch.Tensor], owner: dict[str, str], budget: int) -> dict[str, int]:
+    """The `budget` largest explained-variance ratios over all layers, counted per layer (EVA's rule, as in peft).
+
+    Layers sharing an input share its ratios. The stable sort breaks their ties in `owner`'s order, where
+    a group's first layer comes first, so it gets the larger count, as peft gives it to its hooked layer.
     """
-    done = 0
-
-    def forward(model, inputs):
-        nonlocal done
-        output = model(**inputs)
-        done += 1
-        progress(done, None)
-        return output
-
-    return forward, lambda: done
-
-
-def watch_eva_hooks(peft_model):
-    """Note the hooks peft's EVA attaches to each LoRA layer while it runs.
-
-    peft 0.21 exposes no explained variance: get_eva_state_dict returns only the kept components, and
-    the per-layer IncrementalPCA (with explained_variance_ratio_) lives in a forward hook it discards.
-    A pre-hook sees those hooks at no cost; recomputing the PCA would cost another calibration pass.
-    """
-    from peft.tuners.lora.eva import HashHook, SVDHook
-
-    seen = {HashHook: {}, SVDHook: {}}
-
-    def note(module, args):
-        for hook in module._forward_hooks.values():
-            if type(hook) in seen:
-                seen[type(hook)][short_name(hook.name)] = hook
-
-    return seen, [module.register_forward_pre_hook(note) for _, module in lora_layers(peft_model)]
-
-
-def explained_variance(seen, ranks: dict[str, int]) -> dict[str, list[float]]:
-    """Per layer with ranks, the explained-variance ratios of all components peft computed.
-
-    peft runs one PCA per distinct input (query and value of a BERT layer share one), grouping layers
-    by the hash of their first input; the same grouping finds each layer's PCA.
-    """
-    from peft.tuners.lora.eva import HashHook, SVDHook
-
-    hashes = {name: hook.hashed_inputs[0] for name, hook in seen[HashHook].items() if hook.hashed_inputs}
-    pca_by_input = {hashes[name]: hook.svd for name, hook in seen[SVDHook].items()
-                    if name in hashes and hasattr(hook.svd, "explained_variance_ratio_")}
-    pcas = {name: pca_by_input.get(hashes[name]) for name in ranks if name in hashes}
-    return {name: pca.explained_variance_ratio_.tolist() for name, pca in pcas.items() if pca is not None}
+    keys = [layer for layer, first in owner.items() for _ in ratios[first]]
+    values = torch.cat([ratios[first] for first in owner.values()])
+    chosen = Counter(keys[i] for i in values.argsort(descending=True, stable=True)[:budget].tolist())
+    return {layer: chosen.get(layer, 0) for layer in owner}
 
 
 def record_explained_variance(report: InitReport, ratios: dict[str, list[float]]) -> None:
     """Spectra: the kept components' ratios per layer; checks: the smallest per-layer sum."""
-    if not ratios or set(ratios) != set(report.ranks):
-        report.notes.append("explained variance not recorded: peft's EVA hooks were not seen (peft internals changed?)")
-        return
-    report.spectra = {name: ratios[name][:rank] for name, rank in report.ranks.items()}
+    kept_layers = {name: rank for name, rank in report.ranks.items() if name in ratios}
+    report.spectra = {name: ratios[name][:rank] for name, rank in kept_layers.items()}
     kept = [sum(values) for values in report.spectra.values()]
     report.checks["min_explained_variance"] = min(kept)
     computed = max(len(values) for values in ratios.values())
@@ -124,11 +164,9 @@ def record_explained_variance(report: InitReport, ratios: dict[str, list[float]]
 
 
 def verify_eva(peft_model, settings) -> dict[str, float]:
-    """Ranks sum to the budget; unwhitened A rows are orthonormal (Kaiming rows are not)."""
-    import torch
-
+    """Ranks sum to the budget r × target layers; unwhitened A rows are orthonormal (Kaiming rows are not)."""
     ranks = ranks_of(peft_model)
-    budget = settings.r * len(ranks)
+    budget = settings.r * target_layer_count(peft_model, settings)
     if sum(ranks.values()) != budget:
         raise InitError(f"EVA assigned {sum(ranks.values())} ranks in total, not the budget {budget}: {ranks}")
     worst = 0.0
@@ -138,6 +176,18 @@ def verify_eva(peft_model, settings) -> dict[str, float]:
         if not settings.init.whiten and worst > ORTHONORMAL_TOL:
             raise InitError(f"EVA did not initialize layer {short_name(name)}: its A rows are not orthonormal (fell back to plain LoRA?)")
     return {"max_a_orthonormality_error": worst, "rank_budget": float(budget)}
+
+
+def target_layer_count(peft_model, settings) -> int:
+    """Target layers, counting those EVA gave rank 0 (peft puts their plain base layer back)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers.pytorch_utils import Conv1D
+
+    config = settings.lora_config(True)
+    model = peft_model.get_base_model()
+    return sum(1 for name, module in model.named_modules()
+               if isinstance(module, (LoraLayer, torch.nn.Linear, Conv1D)) and check_target_module_exists(config, name))
 
 
 register(
