@@ -183,6 +183,9 @@ class DataSpec(Strict):
     format: Literal["alpaca", "sharegpt"] | None = None
     # For chat rows when the tokenizer has no template (or to replace its own): "chatml", or the Jinja text itself.
     chat_template: str | None = None
+    # Causal LM: each training batch as one row of its samples back to back, no padding; attention stays within a sample
+    # through the restarting position ids (transformers' packed-sequence masks), so the loss equals the padded batch's.
+    packing: bool = False
     max_length: int = Field(128, ge=8, le=32_768)
     checks: DataChecks = DataChecks()
 
@@ -519,6 +522,8 @@ class RunConfig(Strict):
     def _task_fits_data(self) -> "RunConfig":
         if self.task == "sequence_classification" and not self.data.labels:
             raise ValueError("task sequence_classification needs data.labels: the list of label values")
+        if self.task != "causal_lm" and self.data.packing:
+            raise ValueError("data.packing applies only to task causal_lm (classification batches are short and padded)")
         if self.task != "causal_lm" and self.evaluate.generation is not None:
             raise ValueError("evaluate.generation (exact match) applies only to task causal_lm")
         if self.evaluate.split == "test" and not self.data.has_test():
@@ -581,7 +586,7 @@ build_init_schema()
 
 # Keys added after configs were first hashed: left out of the digest while at their default, so a config that does
 # not use them keeps the digest its registered versions carry (the retrain skip check compares it).
-HASHED_WHEN_SET = [("data", "format", None), ("data", "chat_template", None), ("data", "dataset", None)]
+HASHED_WHEN_SET = [("data", "format", None), ("data", "chat_template", None), ("data", "dataset", None), ("data", "packing", False)]
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:

@@ -112,11 +112,31 @@ def _pack_segments(segments: list[tuple[str, bool]], tokenizer, max_length: int)
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
-def collator(config, tokenizer):
+def collator(config, tokenizer, packed: bool | None = None):
+    """Padded batches; packed ones (data.packing, for training) put a batch's samples in one row without padding.
+    `packed=False`: padded whatever the config says (evaluation reads its batches row by row)."""
     if config.task == "sequence_classification":
         from transformers import DataCollatorWithPadding
 
         return DataCollatorWithPadding(tokenizer)
+    if config.data.packing if packed is None else packed:
+        return _packed_collator()
     from transformers import DataCollatorForSeq2Seq
 
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE, padding=True)
+
+
+def _packed_collator():
+    """transformers' padding-free collator: position ids restart at each sample, from which transformers builds a
+    block-diagonal causal mask, and each sample's first label is ignored (nothing before it in its sample predicts it)."""
+    from transformers import DataCollatorWithFlattening
+
+    class PackedBatches(DataCollatorWithFlattening):
+        def __call__(self, features, return_tensors=None, separator_id=None):
+            batch = super().__call__(features, return_tensors, separator_id)
+            # With a KV cache (the default, even in training) transformers skips the packed-sequence mask, and
+            # attention silently crosses samples (measured: the loss moved to the unmasked row's).
+            batch["use_cache"] = False
+            return batch
+
+    return PackedBatches(return_position_ids=True, separator_id=IGNORE)

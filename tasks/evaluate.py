@@ -44,7 +44,7 @@ def _batches(dataset, config, tokenizer):
 
     from adapterflow.tasks.encode import collator
 
-    return DataLoader(dataset, batch_size=config.evaluate.batch_size, collate_fn=collator(config, tokenizer))
+    return DataLoader(dataset, batch_size=config.evaluate.batch_size, collate_fn=collator(config, tokenizer, packed=False))
 
 
 def _classification_metrics(model, dataset, config, tokenizer, plots_dir: Path | None) -> dict[str, float]:
