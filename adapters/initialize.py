@@ -19,6 +19,7 @@ def initialize(model, settings: LoraSettings, method: str, context: InitContext)
     initializer = get_initializer(method)
     settings = with_init_config(settings, initializer)
     check_targets(model, settings.target_modules, settings.r)
+    check_patterns(model, settings)
     if initializer.needs_data and context.calibration is None:
         raise InitError(f"init method {method!r} needs calibration data and got none; it will not fall back to plain LoRA.")
     before = model_outputs(model, context.probe) if initializer.preserves_outputs else None
@@ -64,6 +65,18 @@ def check_targets(model, targets: tuple[str, ...], r: int) -> None:
     limit = min(shapes[smallest])
     if r > limit:
         raise InitError(f"adapter.r = {r} is larger than layer {smallest} {shapes[smallest]} allows; use r <= {limit}.")
+
+
+def check_patterns(model, settings: LoraSettings) -> None:
+    """Refuse rank/alpha pattern keys that match no adapted layer: peft would ignore them without a word."""
+    import torch
+
+    linear = (name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear))
+    adapted = [n for n in linear if any(n == t or n.endswith("." + t) for t in settings.target_modules)]
+    unmatched = settings.unmatched_patterns(adapted)
+    if unmatched:
+        raise InitError(f"adapter.rank_pattern / alpha_pattern keys {unmatched} match none of the adapted layers "
+                        f"(e.g. {adapted[0]}); a key matches the end of a layer name, e.g. query or layer.0.attention.self.query.")
 
 
 def _explain_peft_error(method: str, settings: LoraSettings, err: ValueError) -> str:

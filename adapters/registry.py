@@ -67,6 +67,7 @@ class Initializer:
     supports_quantized: bool  # False: computed on the full-precision base; a 4-bit base quantizes the residual
     preserves_outputs: bool  # right after init the model computes what the base computed
     trains_middle_only: bool = False  # LoRA-SB: A, B0 frozen, lora_B = B0·R with R (r×r) trainable
+    assigns_ranks: bool = False  # EVA: sets each layer's rank itself (peft's rank_pattern), so a user's pattern is refused
     calibration: Literal["batches", "samples"] = "batches"  # samples: unpadded, one per forward
     cuda_only: Refusal | None = None
     needs_4bit_base: str | None = None  # what to use on an unquantized base instead; None: any base

@@ -270,7 +270,7 @@ def _version_tags(config, base_ref, candidate: Candidate, data_version: DataVers
         base_revision=base_ref.revision or "n/a (local files; identity is a content hash)", eval_split=candidate.evaluation.split,
         metrics=dict(candidate.evaluation.metrics), split_md5s=dict(split_md5s),
         intruder_dimensions=round(float(spectral["intruders_total"])) if spectral else None,
-        checkpoint_merge=candidate.merge.tag_text() if candidate.merge else None,
+        checkpoint_merge=candidate.merge.tag_text() if candidate.merge else None, variant=adapter.variant,
     )
 
 

@@ -270,6 +270,19 @@ def build_init_schema() -> None:
     RunConfig.model_rebuild(force=True)
 
 
+def _pattern_key(value: str) -> str:
+    # The characters of module names: each key becomes an MLflow param name (adapter.rank_pattern.<key>), which
+    # allows no others; a key matches as in peft (the end of a module name, after a dot).
+    if not PATTERN_KEY.fullmatch(value):
+        raise ValueError(f"pattern keys are module names or their ends (letters, digits, '_', '.', '-'), e.g. query or "
+                         f"layer.0.attention.self.query; got {_short(value)}")
+    return value
+
+
+PATTERN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+PatternKey = Annotated[str, AfterValidator(_pattern_key)]
+
+
 class AdapterSpec(Strict):
     r: int = Field(8, ge=1, le=4096)
     alpha: float = Field(16.0, gt=0)
@@ -278,6 +291,13 @@ class AdapterSpec(Strict):
     modules_to_save: list[str] | None = None
     init: InitConfig = get_initializer(DEFAULT_METHOD).default_config()  # a union of every method's config (build_init_schema)
     cache_init: bool = True  # reuse init products across runs with the same base, shape and knobs
+    # One word, not use_dora/use_rslora booleans: each is one paper's layer (the registry tags it as such), and
+    # DoRA with rsLoRA's scaling is a combination neither evaluated. LoRA+ only changes the optimizer, so it
+    # is a knob of its own, as are the per-layer patterns (peft's, matched like its target_modules names).
+    variant: Literal["lora", "dora", "rslora"] = "lora"
+    loraplus_lr_ratio: float | None = Field(None, ge=1.0, le=1000.0)  # B's learning rate / A's (LoRA+); None: off
+    rank_pattern: dict[PatternKey, Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=dict)
+    alpha_pattern: dict[PatternKey, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _init_files_are_data_files(self) -> "AdapterSpec":
@@ -294,6 +314,24 @@ class AdapterSpec(Strict):
         problem = self.init.rank_problem(self.r)
         if problem:
             raise ValueError(problem)
+        for key, rank in self.rank_pattern.items():
+            problem = self.init.rank_problem(rank)
+            if problem:
+                raise ValueError(f"adapter.rank_pattern {key}: {rank}: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _variant_suits_the_method(self) -> "AdapterSpec":
+        from adapterflow.adapters.settings import variant_problem
+
+        initializer = get_initializer(self.init.method)
+        # A race trains each candidate with this adapter section: every one of them must allow it.
+        racing = [get_initializer(c.method) for c in self.init.candidates] if initializer.is_race else [initializer]
+        for candidate in racing:
+            refusal = variant_problem(candidate, self.variant, self.loraplus_lr_ratio is not None, bool(self.rank_pattern))
+            if refusal:
+                fix = f"remove {candidate.name} from adapter.init.candidates" if initializer.is_race else refusal.instead
+                raise ValueError(f"{refusal.reason}; {fix}")
         return self
 
 
@@ -554,6 +592,15 @@ class RunConfig(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _loraplus_fits_training(self) -> "RunConfig":
+        # The Trainer refuses a ready-made optimizer under FSDP, which wraps the parameters after it is built.
+        launch = self.train.launch
+        if self.adapter.loraplus_lr_ratio is not None and launch.strategy == "fsdp" and launch.processes > 1:
+            raise ValueError("adapter.loraplus_lr_ratio needs its own optimizer, which FSDP cannot take; "
+                             "set train.launch.strategy: ddp or remove adapter.loraplus_lr_ratio")
+        return self
+
     def gate_metric(self) -> str:
         return self.promotion.metric or ("accuracy" if self.task == "sequence_classification" else "eval_loss")
 
@@ -586,7 +633,9 @@ build_init_schema()
 
 # Keys added after configs were first hashed: left out of the digest while at their default, so a config that does
 # not use them keeps the digest its registered versions carry (the retrain skip check compares it).
-HASHED_WHEN_SET = [("data", "format", None), ("data", "chat_template", None), ("data", "dataset", None), ("data", "packing", False)]
+HASHED_WHEN_SET = [("data", "format", None), ("data", "chat_template", None), ("data", "dataset", None), ("data", "packing", False),
+                   ("adapter", "variant", "lora"), ("adapter", "loraplus_lr_ratio", None),
+                   ("adapter", "rank_pattern", {}), ("adapter", "alpha_pattern", {})]
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:

@@ -37,7 +37,8 @@ def lora_settings(config):
     return LoraSettings(
         r=config.adapter.r, alpha=config.adapter.alpha, dropout=config.adapter.dropout,
         target_modules=tuple(config.adapter.target_modules), task_type=TASK_TYPES[config.task],
-        modules_to_save=modules, init=init_for_run(config),
+        modules_to_save=modules, init=init_for_run(config), variant=config.adapter.variant,
+        rank_pattern=dict(config.adapter.rank_pattern), alpha_pattern=dict(config.adapter.alpha_pattern),
     )
 
 

@@ -54,6 +54,7 @@ class VersionTags:
     split_md5s: Mapping[str, str] = field(default_factory=dict)  # lets promote prove the split is unchanged
     intruder_dimensions: int | None = None
     checkpoint_merge: str | None = None  # the merge choice, one readable line
+    variant: str | None = None  # adapter.variant: lora, dora or rslora (older versions: None, and they were lora)
 
     def to_tags(self) -> dict[str, str]:
         tags = {
@@ -65,6 +66,7 @@ class VersionTags:
             **{METRIC_PREFIX + k: metric_text(v) for k, v in self.metrics.items()},
             **{split_tag(s): md5 for s, md5 in self.split_md5s.items()},
             "intruder_dimensions": _text(self.intruder_dimensions), "checkpoint_merge": self.checkpoint_merge,
+            "variant": self.variant,
         }
         return {k: v if _is_exact(k) else redact_text(v) for k, v in tags.items() if v is not None}
 
@@ -81,6 +83,7 @@ class VersionTags:
             metrics={k.removeprefix(METRIC_PREFIX): float(v) for k, v in tags.items() if k.startswith(METRIC_PREFIX)},
             split_md5s={_split_of(k): v for k, v in tags.items() if _split_of(k)},
             intruder_dimensions=_parsed(tags, "intruder_dimensions", int), checkpoint_merge=tags.get("checkpoint_merge"),
+            variant=tags.get("variant"),
         )
 
     def trained_on(self, config_hash: str, split_md5s: Mapping[str, str]) -> bool:

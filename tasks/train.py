@@ -116,9 +116,10 @@ def _build_trainer(config, base_ref, init_dir: Path, run_dir: Path, callbacks: l
     model = apply_init(base, init_dir, full_precision)
     train_set, eval_set = encode_split(config, tokenizer, "train"), encode_split(config, tokenizer, "validation")
     classification = config.task == "sequence_classification"
+    args = _training_args(config, run_dir, device, quiet)
     trainer = Trainer(
-        model=model, args=_training_args(config, run_dir, device, quiet), train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=collator(config, tokenizer), callbacks=callbacks,
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+        data_collator=collator(config, tokenizer), callbacks=callbacks, optimizers=(loraplus_optimizer(config, model, args), None),
         compute_metrics=eval_accuracy if classification else None,
         preprocess_logits_for_metrics=(lambda logits, labels: logits.argmax(-1)) if classification else None,
     )
@@ -127,6 +128,24 @@ def _build_trainer(config, base_ref, init_dir: Path, run_dir: Path, callbacks: l
 
         trainer.remove_callback(PrinterCallback)  # without a progress bar the Trainer prints every log line
     return trainer, device
+
+
+def loraplus_optimizer(config, model, args):
+    """LoRA+: B's learning rate is adapter.loraplus_lr_ratio × A's (peft's param groups); None: the Trainer builds its own.
+
+    The optimizer class and its arguments are the Trainer's own for train.optimizer, so every optimizer name keeps its
+    meaning (fused AdamW, bitsandbytes' 8-bit and paged ones); the scheduler scales each group's rate alike.
+    """
+    ratio = config.adapter.loraplus_lr_ratio
+    if ratio is None:
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    kwargs.pop("lr", None)  # given as lr= below
+    return create_loraplus_optimizer(model, optimizer_cls, lr=args.learning_rate, loraplus_lr_ratio=ratio,
+                                     loraplus_weight_decay=args.weight_decay, **kwargs)
 
 
 def eval_accuracy(prediction) -> dict:
