@@ -74,21 +74,30 @@ def mlflow_answers(uri: str) -> bool:
     return http_answers(uri.rstrip("/") + "/health")
 
 
-@contextmanager
 def watching(url: str, service: str, consequence: str, every_seconds: float = 2.0, outages: Outages | None = None):
     """For the block, a thread that asks `url` every few seconds and reports `service` down and back: for a service
     nothing else in the run would notice (the Prefect API, whose client retries quietly)."""
     outages = outages or OUTAGES
-    stop = threading.Event()
 
     def watch() -> None:
-        while not stop.wait(every_seconds):
-            if http_answers(url):
-                outages.up(service)
-            else:
-                outages.down(service, consequence)
+        if http_answers(url):
+            outages.up(service)
+        else:
+            outages.down(service, consequence)
 
-    thread = threading.Thread(target=watch, name="adapterflow-service-watch", daemon=True)
+    return every(every_seconds, watch, "adapterflow-service-watch")
+
+
+@contextmanager
+def every(seconds: float, action: Callable[[], None], name: str):
+    """For the block, `action()` every `seconds` on a daemon thread (first after `seconds`); joined at the end."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(seconds):
+            action()
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     try:
         yield

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import tempfile
@@ -15,7 +16,7 @@ import yaml
 
 from adapterflow.redact import redact_text, redact_uri, redact_values
 from adapterflow.tasks.config import flatten
-from adapterflow.tasks.outages import OUTAGES, mlflow_answers
+from adapterflow.tasks.outages import OUTAGES, every, mlflow_answers
 from adapterflow.tasks.outbox import Outbox, apply, artifact_op, dataset_op, metrics_op, tag_op, terminate_op
 
 MAX_PARAMS_PER_BATCH = 100
@@ -171,28 +172,20 @@ def system_metrics(run: RunRef, interval_seconds: float):
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     collectors = SystemMetricsMonitor(run.run_id, sampling_interval=interval_seconds, tracking_uri=run.uri)
-    stop = threading.Event()
+    steps = itertools.count()
 
     def sample() -> None:
-        step = 0
-        while not stop.wait(interval_seconds):
-            collectors.collect_metrics()
-            metrics = collectors.aggregate_metrics()
-            for monitor in collectors.monitors:
-                monitor.clear_metrics()
-            try:
-                deliver(run, [metrics_op({"system/" + k: v for k, v in metrics.items()}, int(time.time() * 1000), step)])
-            except Exception:  # a refused write of a sample is not worth a run; the next sample tries again
-                pass
-            step += 1
+        collectors.collect_metrics()
+        metrics = collectors.aggregate_metrics()
+        for monitor in collectors.monitors:
+            monitor.clear_metrics()
+        try:
+            deliver(run, [metrics_op({"system/" + k: v for k, v in metrics.items()}, int(time.time() * 1000), next(steps))])
+        except Exception:  # a refused write of a sample is not worth a run; the next sample tries again
+            pass
 
-    thread = threading.Thread(target=sample, name="adapterflow-system-metrics", daemon=True)
-    thread.start()
-    try:
+    with every(interval_seconds, sample, "adapterflow-system-metrics"):
         yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def end_run(run: RunRef, status: str) -> None:

@@ -89,3 +89,22 @@ def test_pending_work_names_what_register_will_do(tmp_path):
     assert pending_work(tmp_path) == ["the DVC push to s3://bucket/dvc", "the registration", "1 MLflow write(s)"]
     (tmp_path / REGISTERED_FILE).write_text(json.dumps({"version": "3"}))
     assert "the registration" not in pending_work(tmp_path)
+
+
+def test_system_metrics_are_sampled_into_the_run_and_into_the_outbox_while_the_server_is_down(tmp_path, store, monkeypatch):
+    import time
+
+    from adapterflow.tasks.tracking import system_metrics
+
+    uri, client, run_id = store
+    with system_metrics(RunRef(uri, run_id, str(tmp_path)), 0.1):
+        time.sleep(0.45)
+    steps = {m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage")}
+    assert len(steps) >= 2 and min(steps) == 0
+
+    monkeypatch.setattr("adapterflow.tasks.tracking.OUTAGES", Outages(lambda line: None))
+    dead = RunRef(f"http://127.0.0.1:{free_port()}", "r", str(tmp_path))
+    with system_metrics(dead, 0.1):
+        time.sleep(0.35)
+    waiting = [op for op in Outbox(tmp_path).pending() if op["op"] == "metrics"]
+    assert waiting and all(key.startswith("system/") for op in waiting for key in op["metrics"])
