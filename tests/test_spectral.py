@@ -188,3 +188,41 @@ def test_summary_of_no_layers_is_zero():
     assert summarize([])["intruders_total"] == 0.0
     assert "total (0 layers)" in intruder_markdown([])
     assert LayerIntruders("x", 0, 10, 1.0).threshold == THRESHOLD
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 160)])
+def test_randomized_top_k_spans_the_exact_top_k_and_leaves_the_random_stream_alone(shape):
+    from adapterflow.tasks.spectral_report import top_left_singular
+
+    generator = torch.Generator().manual_seed(4)
+    # A slowly decaying spectrum (s_i = 0.97^i) plus noise: the hard case for a sketch.
+    u, _ = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=generator))
+    weight = (u * 0.97 ** torch.arange(min(shape), dtype=torch.float32)) @ v.T + 1e-3 * torch.randn(shape, generator=generator)
+    exact_u, exact_s, _ = torch.linalg.svd(weight, full_matrices=False)
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    top_u, top_s = top_left_singular(weight, TOP_K)
+    assert torch.equal(torch.rand(1), expected_next)
+    assert top_u.shape == (shape[0], TOP_K)
+    assert torch.linalg.svdvals(exact_u[:, :TOP_K].T @ top_u).min() >= 0.9999
+    assert torch.allclose(top_s, exact_s[:TOP_K], rtol=1e-4)
+
+
+def test_the_run_report_gives_the_exact_intruder_counts_on_tiny_bert(tiny_bert):
+    from adapterflow.tasks.spectral_report import fast_intruder_report
+
+    model = lora_bert(tiny_bert)
+    torch.set_num_threads(2)
+    totals = []
+    for scale in (0.0, 0.5, 3.0):  # no delta, a small one, a large one
+        randomize_lora(model, scale=scale)
+        exact, fast = intruder_report(model, TOP_K, THRESHOLD), fast_intruder_report(model, TOP_K, THRESHOLD)
+        assert [(row.layer, row.intruders, row.top_k) for row in fast] == [(row.layer, row.intruders, row.top_k) for row in exact]
+        for ours, reference in zip(fast, exact, strict=True):
+            assert ours.min_similarity == pytest.approx(reference.min_similarity, abs=1e-4)
+            assert ours.intruder_energy == pytest.approx(reference.intruder_energy, abs=1e-4)
+        totals.append(sum(row.intruders for row in exact))
+    assert totals[0] == 0 and totals[-1] >= 1, totals
+    assert torch.get_num_threads() == 2  # restored after the single-threaded decompositions
