@@ -153,11 +153,15 @@ def _base_weight(module) -> torch.Tensor:
 
 
 def _delta(module, name: str) -> torch.Tensor:
-    if module.use_dora.get("default", False):
-        # DoRA also rescales W's columns by a learned magnitude, so W + s·BA is not its adapted weight.
-        raise ValueError(f"layer {short_name(name)} uses DoRA; the intruder report covers plain LoRA deltas only")
+    """What the adapter adds to layer `name`'s W: s·BA, or for DoRA m·(W + s·BA)/‖W + s·BA‖ − W (norms per output row, as peft's)."""
     b, a, scaling = delta_factors(module)
-    return scaling * _as_float32(b) @ _as_float32(a)
+    delta = scaling * _as_float32(b) @ _as_float32(a)
+    if not module.use_dora.get("default", False):
+        return delta
+    base = _base_weight(module)
+    adapted = base + delta
+    magnitude = _as_float32(module.lora_magnitude_vector["default"].weight)
+    return (magnitude / torch.linalg.norm(adapted, dim=1)).unsqueeze(1) * adapted - base
 
 
 def _as_float32(tensor: torch.Tensor) -> torch.Tensor:

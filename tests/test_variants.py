@@ -129,6 +129,28 @@ def test_loraplus_gives_b_ratio_times_the_learning_rate(optimizer, kind, tiny_be
         assert optimizer_used.args.optim_bits == 8
 
 
+def test_the_intruder_report_reads_a_dora_layer_as_the_weight_it_computes(tiny_bert, cls_data):
+    from peft import get_peft_model
+
+    from adapterflow.adapters.layers import lora_layers
+    from adapterflow.adapters.spectral import _base_weight, _delta
+    from adapterflow.tasks.init_adapter import lora_settings
+
+    config = _config(tiny_bert, cls_data, **{"adapter.variant": "dora"})
+    model = get_peft_model(_base(config), lora_settings(config).lora_config(True))
+    torch.manual_seed(0)
+    for _, module in lora_layers(model):  # as after training: B moved, magnitudes no longer the base's norms
+        torch.nn.init.normal_(module.lora_B["default"].weight, std=0.5)
+        module.lora_magnitude_vector["default"].weight.data.mul_(torch.rand_like(module.lora_magnitude_vector["default"].weight) + 0.5)
+    for name, module in lora_layers(model):
+        x = torch.randn(5, module.in_features)
+        with torch.no_grad():
+            expected = x @ (_base_weight(module) + _delta(module, name)).T + module.base_layer.bias
+            assert not torch.allclose(expected, module.base_layer(x) + module.scaling["default"] * module.lora_B["default"](
+                module.lora_A["default"](x)), atol=1e-3)  # not plain LoRA's W + s·BA
+            assert torch.allclose(module.eval()(x), expected, atol=1e-5)
+
+
 def test_without_loraplus_the_trainer_builds_its_own_optimizer(tiny_bert, cls_data):
     from adapterflow.tasks.train import loraplus_optimizer
 
@@ -204,3 +226,38 @@ def test_configs_without_the_new_keys_keep_their_digest(tiny_bert, cls_data):
     plain = _config(tiny_bert, cls_data)
     explicit = _config(tiny_bert, cls_data, **{"adapter.variant": "lora", "adapter.rank_pattern": {}, "adapter.loraplus_lr_ratio": None})
     assert plain.digest() == explicit.digest() != _config(tiny_bert, cls_data, **{"adapter.variant": "dora"}).digest()
+
+
+@pytest.mark.e2e
+def test_a_dora_run_registers_an_adapter_plain_peft_loads_on_the_untouched_base(prefect_server, tmp_path, monkeypatch, tiny_bert,
+                                                                                 cls_data, capsys):
+    """The whole flow once, through registration: the version says dora and its adapter reproduces the trained model."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from adapterflow.adapters import apply_init
+    from adapterflow.flows.cli import main
+
+    state = tmp_path / "state"
+    monkeypatch.setenv("ADAPTERFLOW_HOME", str(state))
+    raw = cls_config(tiny_bert, cls_data, **{"adapter.variant": "dora", "tracking.system_metrics_seconds": 0})
+    path = write_config(tmp_path / "run.yaml", raw)
+    assert main(["check", str(path)]) == 0
+    assert main(["run", str(path)]) == 0
+    assert "registered       tiny-cls-adapter version 1" in capsys.readouterr().out
+    uri = f"sqlite:///{state / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version_by_alias("tiny-cls-adapter", "staging")
+    assert version.tags["variant"] == "dora" and client.get_run(version.run_id).data.params["adapter.variant"] == "dora"
+    source = client.get_model_version_download_uri("tiny-cls-adapter", version.version)
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp_path / "dl"), tracking_uri=uri))
+    adapter = folder / "artifacts" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+
+    config = load_config(path)
+    run_dir = next((state / "runs").iterdir())
+    trained = apply_init(_base(config), run_dir / "init")
+    set_peft_model_state_dict(trained, load_file(run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors"))
+    assert torch.allclose(_outputs(_reloaded(config, str(adapter))), _outputs(trained), atol=1e-5)
