@@ -69,6 +69,9 @@ CASES = {
     "rslora_patterns_pissa": ({"variant": "rslora", "init": {"method": "pissa"}, "rank_pattern": {QUERY_0: 2},
                                "alpha_pattern": {"value": 3.0}},
                               {"use_rslora": True, "rank_pattern": {QUERY_0: 4}, "alpha_pattern": {"value": 3.0 * 2**0.5}}),
+    "rslora_patterns_lora_ga": ({"variant": "rslora", "init": {"method": "lora_ga", "batches": 2}, "rank_pattern": {QUERY_0: 2},
+                                 "alpha_pattern": {"value": 3.0}}, {"use_rslora": True, "r": 8, "rank_pattern": {QUERY_0: 4}}),
+    "dora_orthogonal": ({"variant": "dora", "init": {"method": "orthogonal"}}, {"use_dora": True}),  # B ≠ 0 from the start
     "loraplus": ({"loraplus_lr_ratio": 16.0}, {"use_dora": False, "use_rslora": False}),
     "loraplus_8bit_dora": ({"loraplus_lr_ratio": 16.0, "variant": "dora"}, {"use_dora": True}),
 }
