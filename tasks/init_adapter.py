@@ -140,7 +140,7 @@ def cache_key_parts(config, base_ref, train_md5: str | None = None) -> dict:
 
     parts = {
         "base": base_ref.identity, "dtype": config.model.dtype, "quantization": config.model.quantization, "task": config.task,
-        "labels": config.data.labels, "seed": config.train.seed, "adapter": config.adapter.model_dump(mode="json", exclude={"cache_init"}),
+        "labels": config.data.labels, "seed": config.train.seed, "adapter": adapter_key(config.adapter),
         "peft": version("peft"), "torch": version("torch"),
     }
     initializer, init = configured_initializer(config), config.adapter.init
@@ -153,6 +153,16 @@ def cache_key_parts(config, base_ref, train_md5: str | None = None) -> dict:
         if getattr(init, field):
             parts[f"{field}_md5"] = file_md5(Path(getattr(init, field)))
     return parts
+
+
+# Keys added to the adapter section later, left out at their defaults so existing cache entries still match.
+LATER_ADAPTER_KEYS = {"variant": "lora", "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def adapter_key(adapter) -> dict:
+    """The adapter section as the init products depend on it: LoRA+ only changes the optimizer, so it is left out."""
+    dumped = adapter.model_dump(mode="json", exclude={"cache_init", "loraplus_lr_ratio"})
+    return {key: value for key, value in dumped.items() if LATER_ADAPTER_KEYS.get(key, object()) != value}
 
 
 def calibration_data(config, tokenizer):

@@ -225,6 +225,20 @@ def test_races_and_base_rewriting_inits_take_the_variants_they_can_convert(tiny_
         _config(tiny_bert, cls_data, **{f"adapter.{k}": v for k, v in adapter.items()})
 
 
+def test_the_init_cache_key_ignores_loraplus_and_the_new_keys_at_their_defaults(tiny_bert, cls_data):
+    from adapterflow.tasks.init_adapter import cache_key_parts
+    from adapterflow.tasks.model_io import resolve_base
+
+    plain = _config(tiny_bert, cls_data)
+    ref = resolve_base(plain.model)
+    key = cache_key_parts(plain, ref)["adapter"]
+    new_keys = {"variant", "loraplus_lr_ratio", "rank_pattern", "alpha_pattern", "cache_init"}
+    assert key == plain.adapter.model_dump(mode="json", exclude=new_keys)  # what entries stored before these keys hold
+    assert cache_key_parts(_config(tiny_bert, cls_data, **{"adapter.loraplus_lr_ratio": 16}), ref)["adapter"] == key
+    for changed in ({"adapter.variant": "dora"}, {"adapter.rank_pattern": {"query": 2}}, {"adapter.alpha_pattern": {"query": 2.0}}):
+        assert cache_key_parts(_config(tiny_bert, cls_data, **changed), ref)["adapter"] != key
+
+
 def test_configs_without_the_new_keys_keep_their_digest(tiny_bert, cls_data):
     plain = _config(tiny_bert, cls_data)
     explicit = _config(tiny_bert, cls_data, **{"adapter.variant": "lora", "adapter.rank_pattern": {}, "adapter.loraplus_lr_ratio": None})
