@@ -108,13 +108,18 @@ def _ours(folder, arch, batches):
 
 
 def test_components_and_ranks_match_peft_incremental_eva_on_tiny_bert(tiny_bert):
-    theirs = _peft_components(tiny_bert, "bert", _calibration())
+    """Identical ranks; each layer's leading component (27% more variance than the next) within cosine
+    0.99 of peft's, and the span of all 4 as close to peft's as peft's is to its own run on the same
+    batches reversed (~0.96 to 0.98: past the first, the variances are within 8 to 13% of each other,
+    so the directions are loosely determined by 12 batches, for both methods)."""
+    theirs, reordered = _peft_components(tiny_bert, "bert", _calibration()), _peft_components(tiny_bert, "bert", _calibration()[::-1])
     ours, passes = _ours(tiny_bert, "bert", _calibration())
     assert 2 <= passes <= 12
     assert {name: rows.shape[0] for name, rows in ours.items()} == {name: rows.shape[0] for name, rows in theirs.items()}
     assert sum(rows.shape[0] for rows in ours.values()) == 4 * len(ours)
     for name, rows in ours.items():
-        assert _principal_cosines(rows, theirs[name]).min() >= 0.99, name
+        assert _principal_cosines(rows[:1], theirs[name][:1]).min() >= 0.99, name
+        assert _principal_cosines(rows, theirs[name]).min() >= _principal_cosines(reordered[name], theirs[name]).min(), name
 
 
 def test_on_tiny_llama_ours_are_the_exact_pca_and_agree_with_peft_better_than_peft_with_itself(tiny_llama):
