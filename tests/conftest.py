@@ -64,14 +64,35 @@ def pytest_report_header(config) -> str:
     return f"cpu flags: {' '.join(present) or 'none of ' + ', '.join(KERNEL_FLAGS)}"
 
 
-def pytest_collection_modifyitems(items):
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own hook, which names the groups where it can
+def pytest_collection_modifyitems(config, items):
     """Whole-flow tests and tests on the Prefect harness are slow whether or not they say so.
     On pytest-xdist workers the slow tests come first, so no long test starts last while the other workers idle."""
     for item in items:
         if item.get_closest_marker("e2e") or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
     if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts its collection alike: the controller compares them
+        _name_xdist_groups(config, items)
         items.sort(key=_start_order)
+
+
+def _name_xdist_groups(config, items) -> None:
+    """--dist loadgroup keeps a group on one worker by the '@group' suffix pytest-xdist gives its tests' node ids. xdist 3.8
+    writes the suffix to a field pytest 9.2 no longer reads, so the groups were silently split over the workers
+    (pytest-dev/pytest-xdist#1386, fix pending in #1388); here the suffix goes where pytest 9.2 reads a node id.
+    A test without its suffix (an xdist or pytest that already does this) is left as it is."""
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # a pytest before 9.2: xdist's own suffix works
+        return
+    if not config.getvalue("loadgroup"):
+        return
+    for item in items:
+        groups = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                         for mark in item.iter_markers("xdist_group")})
+        already = item.nodeid.rfind("@") > item.nodeid.rfind("]")
+        if groups and not already and isinstance(getattr(item, "_id", None), NodeId):
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
 
 
 # The longest tests, longest first (seconds measured on 3 workers on 2 busy cores); then the other e2e tests, then the slow ones.
