@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from adapterflow.adapters import LoraSettings, get_initializer
@@ -157,3 +158,11 @@ def test_whitened_rows_are_divided_by_the_root_of_their_singular_values(tiny_ber
         norms = parts.rows.norm(dim=1)
         assert torch.allclose(parts.rows / norms[:, None], plain[name].rows, atol=1e-4)
         assert (norms < 1).all()  # singular values of hundreds of token rows exceed 1
+
+
+def test_no_calibration_input_is_an_error_not_plain_lora(tiny_bert):
+    from adapterflow.errors import InitError
+
+    model, eva = _peft_model(tiny_bert, "bert")
+    with pytest.raises(InitError, match="no calibration batches"):
+        eva_components(model, [], no_progress, 4, eva)

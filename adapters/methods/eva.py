@@ -2,11 +2,12 @@
 
 Why not peft's incremental SVD (`initialize_lora_eva_weights` over a dataloader): it runs a randomized
 SVD per layer per batch and cycles the batches until every component's cosine to its previous value
-reaches tau, so it pays many forward passes and SVDs. On MiniLM (bench/init_cost.py --only eva) it
-took 5-8x our time. Here each layer's input covariance is accumulated over the calibration batches
-(one forward pass each, adapters/covariance.py) and eigendecomposed after each batch until the
-kept components' span settles (tau, see Convergence); peft still loads the result
-(its `eva_state_dict` path), so rank-0 layers, rank_pattern and alpha scaling stay peft's.
+reaches tau, so it pays more forward passes, each with SVDs: on the demo (bench/init_cost.py --only
+eva, 2 threads) 13 passes and 7.0 s, where this takes 8 and 3.0 s. Here each layer's input
+covariance is accumulated over the calibration batches (one forward pass each, adapters/covariance.py)
+and eigendecomposed after each batch until the kept components' span settles (tau, see Convergence);
+peft still loads the result (its `eva_state_dict` path), so rank-0 layers, rank_pattern and alpha
+scaling stay peft's.
 `verify_eva` proves the components were loaded (plain LoRA's A rows are not orthonormal).
 """
 
@@ -75,6 +76,10 @@ def eva_components(peft_model, batches, progress, r: int, eva) -> tuple[dict[str
     layers = {name: module for name, module in lora_layers(peft_model) if not isinstance(module, UNSUPPORTED_LORA_MODULES)}
     watch = Convergence(_max_components(peft_model, r, eva.rho), r * len(layers), eva.tau, progress)
     covariances = layer_covariances(peft_model, layers, batches, eva, watch)
+    unseen = sorted(short_name(name) for name in layers if name not in covariances.owner)
+    if unseen:  # peft would leave them plain LoRA
+        why = "" if covariances.batches else " (no calibration batches)"
+        raise InitError(f"EVA saw no calibration input at {', '.join(unseen[:5])}{why}")
     result = {}
     for name, rank in watch.ranks.items():
         vectors, ratios, singular = watch.pcas[covariances.owner[name]]
