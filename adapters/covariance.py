@@ -80,13 +80,15 @@ def attention_token_mask(label_mask_value: int | None = -100) -> TokenMask:
 
 def collect_covariances(model, layers: dict[str, torch.nn.Module], batches: Iterable[dict],
                         token_mask: TokenMask = attention_token_mask(),
-                        enough: Callable[[Covariances], bool] | None = None) -> Covariances:
+                        enough: Callable[[Covariances], bool] | None = None,
+                        scale: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Covariances:
     """One forward per batch under no_grad, with forward pre-hooks on `layers` (name → module).
 
-    `enough`, called after each batch, ends the pass early when it returns True.
+    `enough`, called after each batch, ends the pass early when it returns True; `scale` maps each
+    batch's rows at a layer before they are summed (CorDA normalizes each sample).
     """
     result = Covariances()
-    state: dict = {"mask": None, "seen": {}}  # per batch: the token mask, and input tensor → owning layer
+    state: dict = {"mask": None, "seen": {}, "scale": scale}  # per batch: token mask, input tensor → owning layer
     handles = [module.register_forward_pre_hook(_hook(name, state, result)) for name, module in layers.items()]
     try:
         with torch.no_grad():
@@ -110,7 +112,8 @@ def _hook(name: str, state: dict, result: Covariances):
         state["seen"].setdefault(name, inputs)
         if result.owner[name] != name:
             return  # its group's first layer holds the moments
-        result.moments.setdefault(name, Moments()).add(_token_rows(name, inputs, state["mask"]))
+        rows = _token_rows(name, inputs, state["mask"])
+        result.moments.setdefault(name, Moments()).add(state["scale"](rows) if state["scale"] else rows)
 
     return hook
 

@@ -166,3 +166,40 @@ def test_no_calibration_input_is_an_error_not_plain_lora(tiny_bert):
     model, eva = _peft_model(tiny_bert, "bert")
     with pytest.raises(InitError, match="no calibration batches"):
         eva_components(model, [], no_progress, 4, eva)
+
+
+def test_corda_with_the_shared_collector_equals_peft_own_hooks(tiny_bert):
+    """Same covariances as peft's calib_cov_distribution, and the same adapter after its preprocessing."""
+    from peft import get_peft_model
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    from adapterflow.adapters import InitContext, initialize
+    from adapterflow.adapters.layers import delta_factors
+    from adapterflow.adapters.methods.corda import input_covariances
+
+    def base():
+        torch.manual_seed(0)
+        return load_model(resolve_base(ModelSpec(path=str(tiny_bert))), "sequence_classification", ["a", "b", "c"])
+
+    samples = _calibration(24, 1)
+    settings = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=("query", "value"), task_type="SEQ_CLS",
+                            init=get_initializer("corda").config(method="corda"))
+    config = settings.lora_config("corda", corda_config=CordaConfig(corda_method="ipm", prune_temporary_fields=False))
+    theirs = base()
+
+    def run_model():
+        for sample in samples:
+            theirs(**sample)
+
+    with torch.no_grad():
+        preprocess_corda(theirs, config, run_model=run_model)
+    ours = input_covariances(base(), config, samples)
+    assert set(ours) == {name for name, module in theirs.named_modules() if hasattr(module, "covariance_matrix")}
+    for name, matrix in ours.items():
+        assert torch.allclose(matrix, theirs.get_submodule(name).covariance_matrix, rtol=1e-5, atol=1e-6), name
+    theirs_model = get_peft_model(theirs, config)
+    ours_model, _ = initialize(base(), settings, "corda", InitContext(probe={"input_ids": samples[0]["input_ids"]}, calibration=samples))
+    for (name, mine), (_, reference) in zip(lora_layers(ours_model), lora_layers(theirs_model), strict=True):
+        (b, a, s), (rb, ra, rs) = delta_factors(mine), delta_factors(reference)
+        assert torch.allclose(s * b @ a, rs * rb @ ra, atol=1e-5), name

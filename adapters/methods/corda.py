@@ -1,8 +1,9 @@
-"""CorDA: SVD of W·C, C the covariance of the layer's inputs on calibration samples (peft).
+"""CorDA: SVD of W·C, C the covariance of the layer's inputs on calibration samples (peft, with the input
+covariances gathered by adapters/covariance.py, shared with EVA).
 
 IPM keeps the components that matter for the task data (the adapter trains them); KPM keeps the
-components that matter for a "knowledge" dataset in the frozen base. peft's preprocessing hooks
-assume one sample per forward, so the calibration iterable yields batch-size-1 inputs.
+components that matter for a "knowledge" dataset in the frozen base. Each sample's inputs are
+normalized on their own (as peft does), so the calibration iterable yields batch-size-1 inputs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from adapterflow.adapters.context import reported
+from adapterflow.adapters.covariance import collect_covariances
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.methods.basic import ranks_of
 from adapterflow.adapters.registry import InitConfig, Initializer, SampleSource, register
@@ -43,25 +45,49 @@ class CordaInit(InitConfig):
 
 
 def apply_corda(model, settings, context):
+    import tempfile
+    from pathlib import Path
+
+    import torch
     from peft import get_peft_model
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
 
     mode = settings.init.mode
-    config = settings.lora_config("corda", corda_config=CordaConfig(corda_method=mode))
-
-    def run_model():
-        for sample in reported(context.calibration, context.progress):
-            model(**sample)
-
-    import torch
-
-    with torch.no_grad():
-        preprocess_corda(model, config, run_model=run_model)
+    with tempfile.TemporaryDirectory() as folder:
+        # peft reads covariances from this file instead of hooking the model itself.
+        corda = CordaConfig(corda_method=mode, covariance_file=str(Path(folder) / "covariance.pt"))
+        config = settings.lora_config("corda", corda_config=corda)
+        torch.save(input_covariances(model, config, reported(context.calibration, context.progress)), corda.covariance_file)
+        with torch.no_grad():
+            preprocess_corda(model, config)
+    corda.covariance_file = None  # gone; the adapter's saved config must not name it
     peft_model = get_peft_model(model, config)
     report = InitReport(method="corda", ranks=ranks_of(peft_model))
     report.notes.append(f"mode {mode}")
     return peft_model, report
+
+
+def input_covariances(model, config, samples) -> dict:
+    """Per target layer, the mean over samples of XᵀX with X the sample's inputs divided by their maximum.
+
+    peft's own hooks compute exactly this (calib_cov_distribution); the shared collector sums each
+    input once for layers that share it, in float64.
+    """
+    import torch
+    from peft.tuners.lora.corda import target_modules
+
+    layers = dict(target_modules(model, config))
+    model.eval()
+    covariances = collect_covariances(model, layers, samples, token_mask=lambda sample: None,
+                                      scale=lambda rows: rows.float() / rows.float().max().abs())
+    unseen = sorted(name for name in layers if name not in covariances.owner)
+    if unseen:
+        raise InitError(f"CorDA saw no calibration input at {', '.join(unseen[:5])}")
+    result = {name: (covariances.moments[covariances.owner[name]].outer / covariances.batches).float() for name in layers}
+    if not all(torch.isfinite(matrix).all() for matrix in result.values()):
+        raise InitError("CorDA found an invalid value (NaN or inf) in the inputs of a target layer")
+    return result
 
 
 def verify_corda(peft_model, settings) -> dict[str, float]:
