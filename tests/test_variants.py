@@ -170,6 +170,7 @@ def test_a_pattern_that_matches_no_adapted_layer_is_refused(tiny_bert, cls_data,
 
 
 REFUSED = {
+    "rank_pattern_eva": ({"rank_pattern": {"query": 2}, "init": {"method": "eva"}}, "method eva, which sets every layer's rank itself"),
     "dora_pissa": ({"variant": "dora", "init": {"method": "pissa"}}, "init method pissa: it rewrites the base"),
     "dora_milora": ({"variant": "dora", "init": {"method": "milora"}}, "init method milora: it rewrites the base"),
     "dora_olora": ({"variant": "dora", "init": {"method": "olora"}}, "init method olora: it rewrites the base"),

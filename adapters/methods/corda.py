@@ -13,7 +13,6 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from adapterflow.adapters.context import reported
-from adapterflow.adapters.covariance import collect_covariances
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.methods.basic import ranks_of
 from adapterflow.adapters.registry import InitConfig, Initializer, SampleSource, register
@@ -76,6 +75,8 @@ def input_covariances(model, config, samples) -> dict:
     """
     import torch
     from peft.tuners.lora.corda import target_modules
+
+    from adapterflow.adapters.covariance import collect_covariances  # in here: `adapterflow check` imports no torch
 
     layers = dict(target_modules(model, config))
     model.eval()

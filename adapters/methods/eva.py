@@ -15,17 +15,20 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 
-from adapterflow.adapters.covariance import NotTokenLevel, attention_token_mask, collect_covariances, principal_components
+# torch and the covariance code are imported inside the functions: loading a config imports every method
+# module, and `adapterflow check` must stay free of torch.
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.methods.basic import ranks_of
 from adapterflow.adapters.registry import InitConfig, Initializer, register
 from adapterflow.adapters.report import InitReport
 from adapterflow.errors import InitError
+
+if TYPE_CHECKING:
+    import torch
 
 ORTHONORMAL_TOL = 1e-3
 RHO_CEILING = 1000  # peft caps an unusually large rho at max weight dimension // r
@@ -109,6 +112,8 @@ class Convergence:
     def __call__(self, covariances) -> bool:
         self.progress(covariances.batches, None)
         previous = self.pcas
+        from adapterflow.adapters.covariance import principal_components
+
         self.pcas = {first: principal_components(moments.scatter()) for first, moments in covariances.moments.items()}
         ratios = {first: pca[1][: self.max_components] for first, pca in self.pcas.items()}
         self.ranks = distribute_ranks(ratios, covariances.owner, self.budget)
@@ -118,6 +123,8 @@ class Convergence:
         return self.converged
 
     def _settled(self, before: torch.Tensor, now: torch.Tensor, rank: int) -> bool:
+        import torch
+
         return rank == 0 or bool(torch.linalg.svdvals(before[:rank] @ now[:rank].T).min() >= self.tau)
 
 
@@ -125,6 +132,8 @@ def layer_covariances(peft_model, layers, batches, eva, enough):
     """Input moments per shared input, over one pass; adapters off and dropout off, as in peft's EVA."""
     device = next(peft_model.parameters()).device
     moved = ({key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()} for batch in batches)
+    from adapterflow.adapters.covariance import NotTokenLevel, attention_token_mask, collect_covariances
+
     mask = attention_token_mask(eva.label_mask_value if eva.use_label_mask else None)
     training = peft_model.training
     peft_model.eval()
@@ -154,6 +163,8 @@ def distribute_ranks(ratios: dict[str, torch.Tensor], owner: dict[str, str], bud
     a group's first layer comes first, so it gets the larger count, as peft gives it to its hooked layer.
     """
     keys = [layer for layer, first in owner.items() for _ in ratios[first]]
+    import torch
+
     values = torch.cat([ratios[first] for first in owner.values()])
     chosen = Counter(keys[i] for i in values.argsort(descending=True, stable=True)[:budget].tolist())
     return {layer: chosen.get(layer, 0) for layer in owner}
@@ -172,6 +183,8 @@ def record_explained_variance(report: InitReport, ratios: dict[str, list[float]]
 
 def verify_eva(peft_model, settings) -> dict[str, float]:
     """Ranks sum to the budget r × target layers; unwhitened A rows are orthonormal (Kaiming rows are not)."""
+    import torch
+
     ranks = ranks_of(peft_model)
     budget = settings.r * target_layer_count(peft_model, settings)
     if sum(ranks.values()) != budget:
@@ -187,6 +200,7 @@ def verify_eva(peft_model, settings) -> dict[str, float]:
 
 def target_layer_count(peft_model, settings) -> int:
     """Target layers, counting those EVA gave rank 0 (peft puts their plain base layer back)."""
+    import torch
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import check_target_module_exists
     from transformers.pytorch_utils import Conv1D
@@ -201,6 +215,6 @@ register(
     Initializer(
         name="eva", family="variance", config=EvaInit, apply=apply_eva, verify=verify_eva, mutates_base=False,
         needs_data=True, needs_grad=False, supports_quantized=True, preserves_outputs=True, in_default_race=True,
-        spectrum_label="explained-variance ratio of kept component",
+        spectrum_label="explained-variance ratio of kept component", assigns_ranks=True,
     )
 )
