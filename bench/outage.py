@@ -58,10 +58,11 @@ def main() -> None:
 def _run(side: str, config: Path, home: Path, server: Server, outage: float) -> float:
     env = dict(os.environ, ADAPTERFLOW_HOME=str(home))
     env.pop("PREFECT_API_URL", None)
-    process = subprocess.Popen([str(BIN / "adapterflow"), "run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    # --force: both sides share one server, whose @staging would otherwise make every run after the first a skip.
+    process = subprocess.Popen([str(BIN / "adapterflow"), "run", str(config), "--force"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env=env, cwd=ROOT)
     if side == "killed":
-        max_steps = _wait_for_step(home, lambda step, total: step >= total // 5)
+        max_steps = _wait_for_step(home, lambda step, total: step >= total // 5, process)
         server.kill()
         deadline = time.monotonic() + outage
         while time.monotonic() < deadline and not _reached(home, 4 * max_steps // 5):
@@ -81,12 +82,13 @@ def _journal(home: Path) -> list[dict]:
     return [json.loads(line) for line in found[0].read_text().splitlines()] if found else []
 
 
-def _wait_for_step(home: Path, reached) -> int:
-    while True:
+def _wait_for_step(home: Path, reached, process) -> int:
+    while process.poll() is None:
         records = [r for r in _journal(home) if "step" in r and r.get("max_steps")]
         if records and reached(records[-1]["step"], records[-1]["max_steps"]):
             return records[-1]["max_steps"]
         time.sleep(0.2)
+    raise SystemExit(f"the run ended before training reached the point to kill the server at:\n{process.communicate()[0][-3000:]}")
 
 
 def _reached(home: Path, step: int) -> bool:
