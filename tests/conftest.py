@@ -203,6 +203,17 @@ def cls_config(model_dir: Path, data: dict[str, Path], **overrides) -> dict:
     return config
 
 
+def sft_config(model_dir: Path, train: Path, max_length: int = 64, **data):
+    """A validated causal-LM config reading `train` for both splits, for encoding tests (no run)."""
+    from adapterflow.tasks.config import RunConfig
+
+    return RunConfig.model_validate({
+        "name": "sft", "task": "causal_lm", "model": {"path": str(model_dir)},
+        "data": {"train": str(train), "validation": str(train), "max_length": max_length, **data},
+        "train": {"max_steps": 1}, "evaluate": {"split": "validation"}, "registry": {"model_name": "m"},
+    })
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path

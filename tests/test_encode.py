@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from conftest import write_jsonl
+from conftest import sft_config, write_jsonl
 
 from adapterflow.tasks.config import RunConfig
 from adapterflow.tasks.encode import IGNORE, encode_split
-
-
-def _config(tiny_llama, train, **data):
-    return RunConfig.model_validate({
-        "name": "sft", "task": "causal_lm", "model": {"path": str(tiny_llama)},
-        "data": {"train": str(train), "validation": str(train), "max_length": 64, **data},
-        "train": {"max_steps": 1}, "evaluate": {"split": "validation"}, "registry": {"model_name": "m"},
-    })
 
 
 def _tokenizer(tiny_llama):
@@ -25,7 +17,7 @@ def _tokenizer(tiny_llama):
 def test_prompt_tokens_are_masked_and_response_tokens_trained(tiny_llama, tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "what is the section of gimp", "response": "graphics"}])
     tokenizer = _tokenizer(tiny_llama)
-    row = encode_split(_config(tiny_llama, train), tokenizer, "train")[0]
+    row = encode_split(sft_config(tiny_llama, train), tokenizer, "train")[0]
     trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE]
     assert tokenizer.decode(trained) == "graphics [SEP]"
     prompt_len = len(tokenizer("what is the section of gimp", add_special_tokens=False)["input_ids"])
@@ -40,7 +32,7 @@ def test_chat_rows_train_on_every_assistant_turn_only(tiny_llama, tmp_path):
     ]
     train = write_jsonl(tmp_path / "t.jsonl", [{"messages": messages}])
     tokenizer = _tokenizer(tiny_llama)
-    row = encode_split(_config(tiny_llama, train, messages_field="messages"), tokenizer, "train")[0]
+    row = encode_split(sft_config(tiny_llama, train, messages_field="messages"), tokenizer, "train")[0]
     trained = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE])
     assert trained.split() == ["graphics", "[SEP]", "mail", "[SEP]"]
 
@@ -52,7 +44,7 @@ def test_rows_truncated_before_their_response_are_refused(tiny_llama, tmp_path):
 
     train = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "word " * 80, "response": "graphics"}])
     with pytest.raises(DataError, match="no response tokens left within data.max_length=64"):
-        encode_split(_config(tiny_llama, train), _tokenizer(tiny_llama), "train")
+        encode_split(sft_config(tiny_llama, train), _tokenizer(tiny_llama), "train")
 
 
 def _classification(tiny_bert, train, labels):

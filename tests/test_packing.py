@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from conftest import write_jsonl
+from conftest import sft_config, write_jsonl
 
 from adapterflow.errors import ConfigError
-from adapterflow.tasks.config import RunConfig
 from adapterflow.tasks.encode import collator, encode_split
 
 ROWS = [{"prompt": "what is the section of gimp", "response": "graphics"},
         {"prompt": "mutt", "response": "mail reader for the terminal"},
         {"prompt": "which section holds a synth with a long description of its many voices", "response": "sound"}]
-
-
-def _config(tiny_llama, train, **data) -> RunConfig:
-    return RunConfig.model_validate({
-        "name": "sft", "task": "causal_lm", "model": {"path": str(tiny_llama)},
-        "data": {"train": str(train), "validation": str(train), "max_length": 64, **data},
-        "train": {"max_steps": 1}, "evaluate": {"split": "validation"}, "registry": {"model_name": "m"},
-    })
 
 
 def _loss(model, batch) -> float:
@@ -34,7 +25,7 @@ def test_a_packed_batch_has_the_padded_batchs_loss_because_attention_stays_withi
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
-    config = _config(tiny_llama, write_jsonl(tmp_path / "t.jsonl", ROWS), packing=True)
+    config = sft_config(tiny_llama, write_jsonl(tmp_path / "t.jsonl", ROWS), packing=True)
     rows = list(encode_split(config, tokenizer, "train"))
     padded = collator(config, tokenizer, packed=False)(rows)
     packed = collator(config, tokenizer)(rows)
@@ -52,7 +43,7 @@ def test_packing_trains_an_adapter_and_is_refused_for_classification(tiny_llama,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
-    config = _config(tiny_llama, write_jsonl(tmp_path / "t.jsonl", ROWS), packing=True)
+    config = sft_config(tiny_llama, write_jsonl(tmp_path / "t.jsonl", ROWS), packing=True)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_llama)),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
     loss = model(**collator(config, tokenizer)(list(encode_split(config, tokenizer, "train")))).loss

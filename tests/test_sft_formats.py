@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import write_jsonl
+from conftest import sft_config, write_jsonl
 
 from adapterflow.errors import ConfigError, DataError
-from adapterflow.tasks.config import RunConfig
 from adapterflow.tasks.encode import IGNORE, encode_split
 
 ALPACA = [
@@ -18,12 +17,8 @@ SHAREGPT = [{"conversations": [{"from": "system", "value": "be brief"}, {"from":
                                {"from": "gpt", "value": "mail"}]}]
 
 
-def _config(tiny_llama, train, **data) -> RunConfig:
-    return RunConfig.model_validate({
-        "name": "sft", "task": "causal_lm", "model": {"path": str(tiny_llama)},
-        "data": {"train": str(train), "validation": str(train), "max_length": 96, **data},
-        "train": {"max_steps": 1}, "evaluate": {"split": "validation"}, "registry": {"model_name": "m"},
-    })
+def _config(tiny_llama, train, **data):
+    return sft_config(tiny_llama, train, max_length=96, **data)
 
 
 def _tokenizer(tiny_llama):
