@@ -142,12 +142,29 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("run_dir", metavar="RUN_DIR", help="the run folder the run's summary named")
     register.add_argument("--mlflow-uri", help="the run's MLflow URI, when it carried a password (never written to disk)")
     register.set_defaults(handler=cmd_register)
+    sweep = sub.add_parser("sweep", help="train a grid (or Optuna samples) of settings as child runs; register the best",
+                           description="Each trial is the retrain flow with the trial's --set overrides: a Prefect child "
+                                       "flow run and an MLflow child run under one parent run. The best trial on the "
+                                       "validation split is registered (alias staging); the others are not.")
+    sweep.add_argument("config")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="values to try for one key, read as YAML: --grid train.learning_rate=1e-4,3e-4 (repeatable; "
+                            "every combination is a trial)")
+    sweep.add_argument("--range", action="append", default=[], metavar="KEY=LOW:HIGH[:log|int]", dest="ranges",
+                       help="a numeric range sampled by Optuna's TPE, with --trials: --range train.learning_rate=1e-5:1e-3:log")
+    sweep.add_argument("--trials", type=int, help="sample this many trials with Optuna (TPE, successive-halving pruning "
+                                                  "on train.eval_every evaluations) instead of the whole grid")
+    sweep.add_argument("--max-parallel", type=int, default=1, help="trials at once (default 1)")
+    sweep.add_argument("--metric", help="the validation metric that picks the winner (default: promotion.metric, or "
+                                        "accuracy / eval_loss by task)")
+    sweep.add_argument("--quiet", action="store_true", help="print the summary only (and warnings)")
+    sweep.set_defaults(handler=cmd_sweep, verbose=False)
     check = sub.add_parser("check", help="validate a config (keys, values, files, model path) without running")
     check.add_argument("config")
     check.add_argument("--print", action="store_true", dest="print_config",
                        help="print the resolved config (bases merged, overrides applied, paths absolute, credentials masked)")
     check.set_defaults(handler=cmd_check)
-    for command in (run, serve, check):
+    for command in (run, serve, check, sweep):
         command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                              help="override one key, read as YAML and checked by the schema: --set train.learning_rate=1e-3 "
                                   "(repeatable; applied after the config and the files it extends)")
@@ -285,6 +302,47 @@ def _set_output_mode(args) -> None:
     if args.verbose:
         os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"  # read when Prefect sets its logging up, before prepare_environment's default
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0"
+
+
+def cmd_sweep(args) -> int:
+    from adapterflow.tasks.sweep_plan import check_trials, parse_plan
+
+    _set_output_mode(args)
+    plan = parse_plan(args.grid, args.ranges, args.trials)
+    if args.max_parallel < 1:
+        raise ConfigError(f"--max-parallel must be at least 1, got {args.max_parallel}.")
+    config = preflight(args.config, args.overrides)
+    check_trials(args.config, args.overrides, plan)
+    _check_sweep_metric(config, args.metric)
+    dirs = prepare_environment(offline=not config.uses_hub())
+    start = time.perf_counter()
+    from adapterflow.flows import warm
+    from adapterflow.flows.sweep import sweep
+    from adapterflow.tasks.embedded_store import prepare_prefect_store
+
+    warm.start()
+    prepare_prefect_store()
+    console.quiet_failures_in_prefect_logs()
+    quiet_library_noise()
+    try:
+        summary = sweep(str(Path(args.config).resolve()), args.grid, args.ranges, args.trials, args.overrides, args.metric,
+                        args.max_parallel)
+    finally:
+        _stop_ephemeral_prefect_server()
+    render.show(render.sweep_rows(summary, dirs, time.perf_counter() - start))
+    return 0
+
+
+def _check_sweep_metric(config, metric: str | None) -> None:
+    from adapterflow.tasks.config import TASK_METRICS
+
+    # exact_match is measured on evaluate.generation's file only, not on the validation split the winner is picked on
+    known = [name for name in TASK_METRICS[config.task] if name != "exact_match"]
+    source = "--metric" if metric else "promotion.metric"
+    metric = metric or config.gate_metric()
+    if metric not in known:
+        raise ConfigError(f"{source} {metric} is not measured on the validation split a sweep picks its winner on; give "
+                          f"--metric with one of: {', '.join(known)}.")
 
 
 def cmd_serve(args) -> int:

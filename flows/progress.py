@@ -19,12 +19,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 
 PLAIN_EVERY_SECONDS = 30.0
 CALIBRATION_EVERY_SECONDS = 2.0  # plain calibration lines: at most this often, and always the last
 ARTIFACT_EVERY_SECONDS = 5.0
 OUTPUT_ENV = "ADAPTERFLOW_OUTPUT"  # quiet | normal | verbose: `adapterflow run --quiet/--verbose`; served runs: normal
 LOGGER_NAME = "adapterflow.progress"
+# A sweep's trials share one terminal: each trial's lines start with its label, and no live bar is drawn.
+LINE_PREFIX: ContextVar[str] = ContextVar("adapterflow_line_prefix", default="")
 
 
 def output_mode() -> str:
@@ -96,8 +99,9 @@ class _PrefectRunLog(logging.Handler):
         self.api.handle(record)
 
 
-def say(text: str, level: int = logging.INFO) -> None:
-    progress_logger().log(level, text, extra={"flow_run_id": _flow_run_id()})
+def say(text: str, level: int = logging.INFO, prefix: str | None = None) -> None:
+    """`prefix`: the trial's label, given where the caller's thread may not carry the context (the journal's follower)."""
+    progress_logger().log(level, (LINE_PREFIX.get() if prefix is None else prefix) + text, extra={"flow_run_id": _flow_run_id()})
 
 
 def notice(text: str) -> None:
@@ -120,6 +124,9 @@ def display_sink():
     mode = output_mode()
     if mode == "quiet":
         return None
+    prefix = LINE_PREFIX.get()  # read here, in the trial's thread: the journal's follower thread has no context
+    if prefix:
+        return PlainLines(lambda text: say(text, prefix=prefix))
     if on_terminal():
         return TerminalBar(terminal_console())
     return PlainLines(say)
@@ -364,6 +371,6 @@ def calibration_display(method: str, unit: str = "batch"):
     """
     if output_mode() == "quiet":
         return _NoCalibrationDisplay()
-    if on_terminal():
+    if on_terminal() and not LINE_PREFIX.get():
         return _Guarded(CalibrationBar(method, unit, terminal_console()))
     return _Guarded(CalibrationLines(method, unit))

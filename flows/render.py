@@ -81,6 +81,29 @@ def _registered_row(summary: dict) -> Row:
     return ("registered       ", f"{summary['model_name']} version {summary['version']}  alias @{summary['alias']}")
 
 
+def sweep_rows(summary: dict, dirs, seconds: float) -> list[Row]:
+    """The sweep's trials, one row each (the winner marked), and what was registered."""
+    metric, winner = summary["metric"], summary["winner"]
+    rows: list[Row] = [(None, ""), (HEADING, f"adapterflow sweep {summary['name']}: {len(summary['trials'])} trials in {seconds:.0f} s")]
+    for trial in summary["trials"]:
+        value = trial["metrics"].get(metric)
+        outcome = (f"failed: {trial['error'].splitlines()[0][:160]}" if trial["error"] else
+                   "pruned" if trial["pruned"] else f"validation {metric} {value:.4f}")
+        mark = "  <- winner" if winner and trial["number"] == winner["number"] else ""
+        rows.append((f"trial {trial['number']:<3}        ", f"{trial['label']}: {outcome} ({trial['seconds']:.0f} s){mark}"))
+    rows += [
+        ("winner           ", f"trial {winner['number']} ({winner['label']}), MLflow run {winner['run_id']}"),
+        ("registered       ", f"{summary['model_name']} version {summary['version']}  alias @{summary['alias']}"),
+        ("mlflow run       ", f"{summary['parent_run_id']} (the sweep; its trials are its child runs)"),
+        (None, ""),
+        (None, "Compare the trials: in the MLflow UI, open the sweep run's experiment, expand its run, select the child runs, "
+               "Compare (parallel coordinates); the sweep run's artifacts hold sweep/trials.md and the plot."),
+        *_mlflow_ui_rows(summary["tracking_uri"]),
+        (None, f"  PREFECT_HOME={dirs.prefect_home} {_script('prefect')} server start"),
+    ]
+    return rows
+
+
 def deferred_message(summary: dict) -> str:
     """The run trained but left work for later: what, and the one command that finishes it."""
     what = "; ".join(summary["deferred"])
@@ -171,6 +194,8 @@ def stage_outcome(name: str, result) -> str:
     if name == "spectral":
         return f"{result['intruders_total']:.0f} intruder dimensions"
     if name == "register":
+        if result.held:
+            return "held: the sweep registers its best trial"
         if result.version is None:
             return "deferred: MLflow did not answer within tracking.wait_for_server_seconds"
         return f"{result.model_name} version {result.version} @{result.alias}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 import uuid
 from contextlib import contextmanager, nullcontext, suppress
@@ -46,16 +47,18 @@ from adapterflow.tasks.version_data import snapshot_splits
 
 
 @flow(name="adapterflow-retrain", log_prints=False, validate_parameters=False)
-def retrain(config_path: str, force: bool = False, overrides: list[str] | None = None) -> dict:
+def retrain(config_path: str, force: bool = False, overrides: list[str] | None = None, trial: dict | None = None) -> dict:
     """`force` retrains even when staging or production already holds this exact config and data; `overrides` are
-    `key.path=value` settings applied over the config (`--set`), so a deployment run can change them."""
+    `key.path=value` settings applied over the config (`--set`), so a deployment run can change them. `trial` is set
+    by a sweep (flows/sweep.py): {"parent_run_id", "run_folder", "label"}; the run is then a child of the sweep's
+    MLflow run and leaves its registration for the sweep, which registers the best trial only."""
     config, dirs, uri = _prepare(config_path, overrides or [])
     OUTAGES.reset(notice)  # a served deployment runs many flows in one process: each reports its own outages
     settings = "".join(f" --set {override}" for override in overrides or [])
     say(redact_text(f"adapterflow: {config.name} from {config_path}{settings}; Prefect flow run '{flow_run.name}'"))
-    run_dir = _new_run_dir(dirs.runs, config.name)
+    run_dir = _new_run_dir(dirs.runs, config.name, trial["run_folder"] if trial else None)
     with alive_while(run_dir), _watching_prefect_api():  # the lock: released when this flow ends, or by the OS
-        return _retrain(config, dirs, uri, run_dir, force)
+        return _retrain(config, dirs, uri, run_dir, force or trial is not None, trial)
 
 
 def _watching_prefect_api():
@@ -70,15 +73,17 @@ def _watching_prefect_api():
                     "training goes on; the run's state reaches Prefect when it is back")
 
 
-def _retrain(config, dirs, uri: str, run_dir: Path, force: bool) -> dict:
+def _retrain(config, dirs, uri: str, run_dir: Path, force: bool, trial: dict | None = None) -> dict:
     """The stages. `config` is the user's: its digest, data paths and params are what the run records. Every stage
     that reads data gets `run_config`, the same config reading the run's own copy of the split files."""
     snapshot, unchanged = _snapshot_unless_unchanged(config, uri, run_dir, force)
     if unchanged:
         return _skipped(config, uri, *unchanged)
-    run_config, split_md5s, base_ref, clock = snapshot.config, snapshot.md5s, resolve_base(config.model), _StageClock()
+    run_config, split_md5s, base_ref = snapshot.config, snapshot.md5s, resolve_base(config.model)
+    clock = _StageClock(_one_at_a_time(config) if trial else set())
     validation = clock("validate", validate_stage, snapshot, run_dir)
-    run = clock("track", open_run_stage, config, uri, dirs.mlflow_artifacts, validation, base_ref, run_dir)
+    parent = {"parent_run_id": trial["parent_run_id"], "label": trial["label"]} if trial else None
+    run = clock("track", open_run_stage, config, uri, dirs.mlflow_artifacts, validation, base_ref, run_dir, parent)
     _announce_run(run, config.name)
     versioning = version_stage.submit(snapshot, dirs.dvc_repo, dirs.dvc_remote, run_dir, run)  # beside init and training
     with _failure_marks_run(run, versioning, config.tracking.system_metrics_seconds, run_dir):
@@ -95,11 +100,11 @@ def _retrain(config, dirs, uri: str, run_dir: Path, force: bool) -> dict:
         say(f"{'version':<10} data md5 {data_version.digest} (DVC)")
         lock_dir = dirs.root / "locks"
         registered = clock("register", register_stage, recorded_config, base_ref, run, candidate, data_version, split_md5s,
-                           run_dir, lock_dir)
+                           run_dir, lock_dir, trial is not None)
         promotes = config.promotion.promote == "auto" and registered.version is not None
         promotion = clock("promote", promote_stage, config, uri, lock_dir) if promotes else None
         close_run_stage(run, clock.seconds)
-    deferred = pending_work(run_dir)
+    deferred = [work for work in pending_work(run_dir) if not (trial and work == HELD_REGISTRATION)]
     summary = {
         "name": config.name, "run_id": run.run_id, "init": init.to_dict(), "train": trained.to_dict(),
         "metrics": dict(evaluation.metrics), "eval_split": evaluation.split, "spectral": spectral,
@@ -111,6 +116,7 @@ def _retrain(config, dirs, uri: str, run_dir: Path, force: bool) -> dict:
     }
     if deferred:
         get_run_logger().warning(render.deferred_message(summary))
+        "held_for_sweep": trial is not None,
     create_markdown_artifact(markdown=_summary_markdown(summary), key="retrain-summary", description=config.name)
     return summary
 
@@ -162,17 +168,20 @@ def _skipped(config, uri: str, alias: str, version: str) -> dict:
 
 
 class _StageClock:
-    """Runs a stage and keeps its wall seconds under a name, in the order the stages ran."""
+    """Runs a stage and keeps its wall seconds under a name, in the order the stages ran. The stages named in
+    `one_at_a_time` hold a lock shared by every flow of this process (a sweep's trials run in threads)."""
 
-    def __init__(self):
+    def __init__(self, one_at_a_time: set[str] = frozenset()):
         self.seconds: dict[str, float] = {}
 
     def __call__(self, name: str, stage, *args):
-        say(render.stage_start_line(name))
-        start = time.perf_counter()
-        result = stage(*args)
-        self.seconds[name] = round(time.perf_counter() - start, 2)
-        say(render.stage_end_line(name, self.seconds[name], result))
+        with _IN_PROCESS_STAGES if name in self.one_at_a_time else nullcontext():
+            say(render.stage_start_line(name))
+            start = time.perf_counter()
+            result = stage(*args)
+            self.seconds[name] = round(time.perf_counter() - start, 2)
+            say(render.stage_end_line(name, self.seconds[name], result))
+        self.one_at_a_time = one_at_a_time
         return result
 
 
@@ -183,6 +192,18 @@ def _announce_run(run, name: str) -> None:
     experiment_id = client(run.uri).get_run(run.run_id).info.experiment_id
     url, how = render.mlflow_run_link(run.uri, experiment_id, run.run_id)
     say(f"{'mlflow':<10} run {run.run_id}: {how}")
+# A sweep's trials are flows in threads of one process. torch's RNG and thread count are process-wide, so the stages
+# that compute in this process take turns (each then seeds and computes exactly as in a run of its own); training
+# launched as its own process (train.launch.mode accelerate, the default) runs beside them.
+_IN_PROCESS_STAGES = threading.Lock()
+HELD_REGISTRATION = "the registration"  # what pending_work says of a request a sweep's trial leaves for the sweep
+
+
+def _one_at_a_time(config) -> set[str]:
+    stages = {"validate", "track", "initialize", "merge", "mitigate", "evaluate", "spectral", "register"}
+    return stages | ({"train"} if config.train.launch.mode == "in_process" else set())
+
+
     create_link_artifact(link=url, link_text=f"MLflow run {run.run_id}", key=MLFLOW_LINK_ARTIFACT_KEY,
                          description=f"{name}: metrics, params and artifacts of this run in MLflow")
 
@@ -210,8 +231,8 @@ def _failure_marks_run(run, versioning, system_metrics_seconds: float, run_dir: 
         raise
 
 
-def _new_run_dir(root: Path, name: str) -> Path:
-    run_dir = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+def _new_run_dir(root: Path, name: str, folder: str | None = None) -> Path:
+    run_dir = root / (folder or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
     run_dir.mkdir(parents=True)
     return run_dir
 
@@ -224,3 +245,4 @@ def _summary_markdown(summary: dict) -> str:
         + (f"- registered: {summary['model_name']} v{summary['version']} @{summary['alias']}\n" if summary["version"] else
            f"- **not registered yet**: {'; '.join(summary['deferred'])} left for `adapterflow register {summary['run_dir']}`\n")
     )
+           "- a sweep's trial: the sweep registers its best trial\n" if summary["held_for_sweep"] else

@@ -67,6 +67,7 @@ class Registration:
     alias: str
 
 
+    held: bool = False  # a sweep's trial: the sweep registers its best trial
 @dataclass(frozen=True)
 class Promotion:
     promoted: bool
@@ -93,12 +94,15 @@ def validate_stage(snapshot: Snapshot, run_dir: Path) -> Validation:
 
 
 @task(name="open-tracking-run", **STORAGE_RETRIES, **STAGE)
-def open_run_stage(config, uri: str, artifacts_root: Path, validation: Validation, base_ref, run_dir: Path) -> RunRef:
-    """The MLflow run, and its id in the run folder: what the run cannot write while MLflow is down waits there."""
+def open_run_stage(config, uri: str, artifacts_root: Path, validation: Validation, base_ref, run_dir: Path,
+                   parent: Mapping[str, str] | None = None) -> RunRef:
+    """The MLflow run, and its id in the run folder: what the run cannot write while MLflow is down waits there.
+    `parent`: a sweep's trial is a child run of the sweep's run ({"parent_run_id", "label"})."""
     from adapterflow.tasks.deferred import save_run
     from adapterflow.tasks.tracking import open_run
 
-    run = open_run(config, uri, artifacts_root, dict(validation.files), base_ref, run_dir)
+    tags = {"mlflow.parentRunId": parent["parent_run_id"], "adapterflow.sweep.trial": parent["label"]} if parent else {}
+    run = open_run(config, uri, artifacts_root, dict(validation.files), base_ref, run_dir, tags)
     save_run(run, run_dir)
     return run
 
@@ -232,11 +236,12 @@ def spectral_stage(config, base_ref, adapter_dir: str, run_dir: Path, run: RunRe
 @task(name="register", retries=0, **STAGE)
 def register_stage(
     config, base_ref, run: RunRef, candidate: Candidate, data_version: DataVersion, split_md5s: Mapping[str, str], run_dir: Path,
-    lock_dir: Path,
+    lock_dir: Path, hold: bool = False,
 ) -> Registration:
     """The version with its lineage tags and description, then alias staging. The request is written to the run
     folder first; while MLflow does not answer the stage waits up to tracking.wait_for_server_seconds, then
-    leaves it there for `adapterflow register RUN_DIR`, which makes exactly this registration."""
+    leaves it there for `adapterflow register RUN_DIR`, which makes exactly this registration. `hold`: a sweep's
+    trial leaves it there at once; the sweep registers its best trial the same way."""
     from adapterflow.tasks.deferred import PROMOTE_FILE, wait_for_server
     from adapterflow.tasks.metrics_shipper import MetricsShipper
     from adapterflow.tasks.registration import register_adapter, registration_request, version_description
@@ -247,12 +252,12 @@ def register_stage(
                                    version_description(tags, candidate.trained.train_loss), run.started_ms)
     request.save(run_dir)
     registry = config.registry
-    if not wait_for_server(run, config.tracking.wait_for_server_seconds, say):
+    if hold or not wait_for_server(run, config.tracking.wait_for_server_seconds, say):
         if config.promotion.promote == "auto":
             promotion = {"model_name": registry.model_name, "lock_dir": str(lock_dir),
                          "staging_alias": registry.staging_alias, "production_alias": registry.production_alias}
             (run_dir / PROMOTE_FILE).write_text(json.dumps(promotion))
-        return Registration(registry.model_name, None, registry.staging_alias)
+        return Registration(registry.model_name, None, registry.staging_alias, held=hold)
     flush_outbox(run)
     MetricsShipper(run_dir, run.uri, run.run_id).ship()  # what the training's drain left: the version's run is complete
     return Registration(registry.model_name, register_adapter(request, run, run_dir), registry.staging_alias)

@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 JOURNAL_FILE = "progress.jsonl"
+STOP_FILE = "stop.request"  # written beside the journal by a sweep pruning the trial: training stops at its next step
 STEP_RECORD_SECONDS = 1.0
 
 
@@ -37,6 +38,8 @@ class TrainingJournal(TrainerCallback):
         self._write(state, {"event": "begin", "step": state.global_step, "max_steps": state.max_steps})
 
     def on_step_end(self, args, state, control, **kwargs):
+        if (self.path.parent / STOP_FILE).exists():
+            control.should_training_stop = True
         now = time.monotonic()
         if now - self.last_step_record >= STEP_RECORD_SECONDS:
             self.last_step_record = now

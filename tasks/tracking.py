@@ -48,7 +48,8 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def open_run(config, uri: str, artifacts_root: Path, validation_files: dict, base_ref, run_dir: Path | None = None) -> RunRef:
+def open_run(config, uri: str, artifacts_root: Path, validation_files: dict, base_ref, run_dir: Path | None = None,
+             extra_tags: dict[str, str] | None = None) -> RunRef:
     """Create the run with params, the resolved config and the validation report."""
     mlflow_client = client(uri)
     # A server stores artifacts in its own artifact store (S3, ...): a local folder would stay on this machine.
@@ -56,7 +57,7 @@ def open_run(config, uri: str, artifacts_root: Path, validation_files: dict, bas
     experiment_id = _experiment_id(mlflow_client, config.experiment_name(), local_root)
     tags = {
         "adapterflow.config_hash": config.digest(), "adapterflow.base_model": base_ref.identity,
-        "mlflow.source.git.commit": git_commit(),
+        "mlflow.source.git.commit": git_commit(), **(extra_tags or {}),
     }
     run = mlflow_client.create_run(experiment_id, run_name=f"{config.name}-{config.adapter.init.method}", tags=tags)
     run_id = run.info.run_id
