@@ -130,7 +130,7 @@ def run_trial(context: dict, number: int, params: dict, optuna_trial=None) -> Tr
     run_folder = f"{context['folder']}-t{number:02d}"
     result.run_dir = str(Path(context["runs"]) / run_folder)
     LINE_PREFIX.set(f"[trial {number}] ")
-    say(f"{'sweep':<10} trial {number}: {label}")
+    say(f"{'sweep':<10} starts {label}")
     start = time.perf_counter()
     trial = {"parent_run_id": context["parent_run_id"], "run_folder": run_folder, "label": label}
     child = retrain.with_options(flow_run_name=run_folder)
@@ -143,10 +143,10 @@ def run_trial(context: dict, number: int, params: dict, optuna_trial=None) -> Tr
         result.metrics = _selection_metrics(summary, context)
     except Exception as err:  # noqa: BLE001  (a trial's failure, whatever it is, must not stop the others)
         result.error = redact_text(str(err) if isinstance(err, AdapterflowError) else f"unexpected {type(err).__name__}: {err}")
-        notice(f"{'sweep':<10} trial {number} failed: {result.error.splitlines()[0]}")
+        notice(f"{'sweep':<10} failed: {result.error.splitlines()[0]}")
     result.seconds = time.perf_counter() - start
     if result.ok:
-        say(f"{'sweep':<10} trial {number} done: {SELECTION_SPLIT} {context['metric']} {result.metrics[context['metric']]:.4f}")
+        say(f"{'sweep':<10} done: {SELECTION_SPLIT} {context['metric']} {result.metrics[context['metric']]:.4f}")
     return result
 
 
