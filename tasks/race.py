@@ -1,130 +1,343 @@
-"""The race initializer (its `is_race` flag): successive halving among (init method, learning rate) contenders.
+"""The `auto` initializer's race (its `is_race` flag): candidates × learning rates, decided on signal, inside the run.
 
-Every candidate gets its own small LR sweep, so the race compares methods at their own good LR:
-data-driven inits lose much of their edge over LoRA once the LR is tuned per method. The whole
-race spends at most `budget` × the run's training steps. Contenders train at a constant LR, are
-ranked by validation loss after each round, and the better half goes on (resuming from its
-checkpoint, with the HF Trainer). The winner's init products and LR are then used for the real run.
+Every contender trains on the run's own schedule (the config's max_steps, warmup and decay), paused at the end of each
+round with a checkpoint; the round's survivors resume from theirs. The winner's last race checkpoint (adapter,
+optimizer, scheduler, RNG and data position) goes into its init folder and the train stage continues it to max_steps:
+its race steps are the first steps of the real run, bit for bit, and only the other contenders' steps are extra, at
+most `budget` × max_steps (≤ 10%).
+
+After each round every contender is scored on the validation split, example by example: its eval loss is the mean,
+the noise of that loss its standard error (sd / √n). A contender is cut only when its loss exceeds the leader's by
+more than `sigmas` × √(σ_leader² + σ_contender²), the noise of the difference; otherwise it is tied and kept. Rounds
+double in length while the budget holds, so the tied ones get more steps to separate. When the budget ends with
+several still tied, the simplest method wins (registry family order, lora first, then the candidates' order) at the
+learning rate nearest the user's.
+
+Why each loss's own noise and not a paired test over the shared examples: early in training the contenders differ by
+tiny but consistent amounts on every example (twelve contenders within 6e-4 after one step each), which a paired test
+calls significant, although that order says nothing about the final one. A real difference must beat the noise a
+different validation sample would give each loss.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapterflow.errors import ConfigError
+from adapterflow.errors import ConfigError, TrainingError
+
+CHECKPOINT = "race_checkpoint"  # in the winner's init folder: what the train stage continues
+FIRST_ROUND_SHARE = 3  # the first round takes a third of the extra steps when nobody is cut; the rest pays for more
+
+
+@dataclass(frozen=True)
+class RacePlan:
+    contenders: int
+    max_steps: int  # the run's optimizer steps; the winner trains exactly these
+    extra_steps: int  # what the contenders that do not win may spend in all
+    first_round: int
+
+
+@dataclass(frozen=True)
+class Score:
+    loss: float  # mean over the validation examples; inf when the contender diverged
+    noise: float  # standard error of that mean
 
 
 @dataclass
 class Contender:
     method: str
+    multiplier: float  # × train.learning_rate
     learning_rate: float
     init: object  # the candidate's init config
+    simplicity: tuple  # lower is simpler: (family, not the default method, place among the candidates)
     steps: int = 0
-    eval_losses: list[float] = field(default_factory=list)
     init_seconds: float = 0.0
+    init_dir: str = ""
+    result: str = "tied"  # "winner" | "cut" | "tied" (still in when the budget ended)
+    why: str = ""
+    rounds: list[dict] = field(default_factory=list)  # {"round", "steps", "eval_loss", "noise", "verdict"}
 
     @property
     def label(self) -> str:
         return f"{self.method}@{self.learning_rate:g}"
 
-    @property
-    def last_loss(self) -> float:
-        return self.eval_losses[-1] if self.eval_losses else math.inf
+
+def plan_race(contenders: int, max_steps: int, budget: float) -> RacePlan | None:
+    """None when the extra steps cannot give every contender but one a single step."""
+    extra = math.floor(budget * max_steps)
+    if extra < contenders - 1:
+        return None
+    first = max(1, extra // (FIRST_ROUND_SHARE * (contenders - 1)))
+    return RacePlan(contenders, max_steps, extra, min(first, max_steps))
 
 
-def halving_schedule(contenders: int, budget_steps: int) -> list[tuple[int, int]]:
-    """[(contenders in the round, new steps for each)]: equal budget per round, half survive each round."""
-    rounds = max(1, math.ceil(math.log2(contenders)))
-    schedule, alive = [], contenders
-    for _ in range(rounds):
-        schedule.append((alive, budget_steps // (rounds * alive)))
-        alive = math.ceil(alive / 2)
-    return schedule
-
-
-def race_plan(config) -> list[tuple[int, int]]:
-    """The schedule, or a ConfigError naming the fix when the budget cannot give every contender a step."""
+def race_plan(config) -> RacePlan:
+    """The plan, or a ConfigError naming the fix when the budget cannot give every contender a step."""
     from adapterflow.tasks.init_adapter import total_steps
 
-    init = config.adapter.init
-    contenders = len(init.candidates) * len(init.lr_multipliers)
-    budget_steps = math.floor(init.budget * total_steps(config))
-    schedule = halving_schedule(contenders, budget_steps)
-    if schedule[0][1] < 1:
-        needed = math.ceil(len(schedule) * contenders / init.budget)
+    init, steps = config.adapter.init, total_steps(config)
+    count = len(init.candidates) * len(init.lr_multipliers)
+    plan = plan_race(count, steps, init.budget)
+    if plan is None:
         raise ConfigError(
-            f"adapter.init {init.method}: {contenders} contenders ({len(init.candidates)} candidates × {len(init.lr_multipliers)} "
-            f"learning rates) need at least {len(schedule) * contenders} race steps, but budget {init.budget} × "
-            f"{total_steps(config)} training steps gives {budget_steps}. Raise train.max_steps to {needed} or more, "
-            "raise adapter.init.budget, or list fewer candidates / lr_multipliers."
+            f"adapter.init {init.method}: {count} contenders ({len(init.candidates)} candidates × {len(init.lr_multipliers)} "
+            f"learning rates) need at least {count - 1} extra steps (one each for all but the winner), but budget "
+            f"{init.budget} × {steps} training steps gives {math.floor(init.budget * steps)}. Raise train.max_steps to "
+            f"{math.ceil((count - 1) / init.budget)} or more, or list fewer candidates / lr_multipliers."
         )
-    return schedule
+    return plan
+
+
+def next_round_steps(plan: RacePlan, previous: int, alive: int, extra_spent: int, trained: int) -> int:
+    """Twice the last round, as far as the extra steps left pay for every survivor but one; 0 ends the race."""
+    affordable = (plan.extra_steps - extra_spent) // max(1, alive - 1)
+    return max(0, min(2 * previous, affordable, plan.max_steps - trained))
+
+
+def score(losses) -> Score:
+    """Mean and standard error of per-example losses; inf when any is not finite (the contender diverged)."""
+    import torch
+
+    if losses is None or not bool(torch.isfinite(losses).all()):
+        return Score(math.inf, math.inf)
+    noise = float(losses.std(unbiased=True) / math.sqrt(len(losses))) if len(losses) > 1 else math.inf
+    return Score(float(losses.mean()), noise)
+
+
+def judge(scores: dict[str, Score], sigmas: float) -> dict[str, tuple[bool, str]]:
+    """label -> (cut, why): cut when worse than the leader by more than `sigmas` × the noise of the difference."""
+    leader = min(scores, key=lambda label: scores[label].loss)
+    best = scores[leader]
+    if not math.isfinite(best.loss):
+        raise TrainingError("every contender of the init race diverged (non-finite loss). Lower train.learning_rate "
+                            "or adapter.init.lr_multipliers, then run again.")
+    verdicts = {}
+    for label, own in scores.items():
+        if label == leader:
+            verdicts[label] = (False, "leads")
+        elif not math.isfinite(own.loss):
+            verdicts[label] = (True, "diverged (non-finite loss)")
+        else:
+            delta, margin = own.loss - best.loss, sigmas * math.hypot(own.noise, best.noise)
+            cut = delta > margin
+            relation = f"{'worse than' if cut else 'tied with'} {leader} by Δ {delta:.4f} {'>' if cut else '≤'} {sigmas:g}σ {margin:.4f}"
+            verdicts[label] = (cut, relation if cut else f"{relation}; kept")
+    return verdicts
+
+
+def simplest(tied: list[Contender]) -> Contender:
+    """The tie's winner: the simplest method, at the learning rate nearest the user's (the lower one of two as near)."""
+    return min(tied, key=lambda c: (c.simplicity, abs(math.log(c.multiplier)), c.multiplier))
+
+
+def contenders_of(config) -> list[Contender]:
+    from adapterflow.adapters.registry import DEFAULT_METHOD, FAMILIES, get_initializer
+
+    init, lr = config.adapter.init, config.train.learning_rate
+    contenders = []
+    for place, candidate in enumerate(init.candidates):
+        simplicity = (FAMILIES.index(get_initializer(candidate.method).family), candidate.method != DEFAULT_METHOD, place)
+        contenders += [Contender(candidate.method, m, lr * m, candidate, simplicity) for m in init.lr_multipliers]
+    return contenders
 
 
 def run_race(config, base_ref, run_dir: Path, cache_root: Path | None, train_md5: str | None = None) -> dict:
-    """Race the contenders; returns the winner's init outcome, its LR and the race table."""
-    from adapterflow.tasks.init_adapter import initialize_adapter
+    """Race the contenders; the winner's init folder (with its race checkpoint) is handed over at run_dir/init.
 
-    schedule = race_plan(config)
-    init = config.adapter.init
-    outcomes, contenders = {}, []
-    for candidate in init.candidates:
-        for multiplier in init.lr_multipliers:
-            contender = Contender(candidate.method, config.train.learning_rate * multiplier, candidate)
-            arm_dir = run_dir / "race" / contender.label
-            outcome = initialize_adapter(_arm_config(config, contender), base_ref, arm_dir, cache_root, train_md5)
-            outcomes[contender.label], contender.init_seconds = outcome, outcome.seconds
-            contenders.append(contender)
-    alive = contenders
-    for round_index, (_, steps) in enumerate(schedule):
+    Returns the winner, its init outcome (report, checks) and the race table.
+    """
+    plan, race_dir = race_plan(config), run_dir / "race"
+    contenders = contenders_of(config)
+    outcomes = _initialize(config, base_ref, contenders, race_dir, cache_root, train_md5)
+    winner = _run_rounds(config, base_ref, contenders, plan, race_dir)
+    _hand_over(winner, race_dir, run_dir)
+    for contender in contenders:
+        shutil.rmtree(race_dir / contender.label / "checkpoints", ignore_errors=True)
+    table = race_table(contenders, plan, config.adapter.init.sigmas)
+    return {"winner": winner, "outcome": outcomes[winner.label], "table": table}
+
+
+def _initialize(config, base_ref, contenders: list[Contender], race_dir: Path, cache_root, train_md5) -> dict:
+    """Each candidate's init once: LR arms whose init products have the same cache key share them (LoRA-SB's
+    init follows the LR, so its arms differ; EVA, CorDA, LoRA-GA compute once for all their LRs)."""
+    from adapterflow.adapters.cache import InitCache
+    from adapterflow.tasks.init_adapter import cache_key_parts, initialize_adapter
+
+    by_key, outcomes = {}, {}
+    for contender in contenders:
+        arm = _arm_config(config, contender)
+        key = InitCache.key(cache_key_parts(arm, base_ref, train_md5))
+        if key not in by_key:  # this arm pays for the init; the others with its key reuse it
+            by_key[key] = initialize_adapter(arm, base_ref, race_dir / f"init-{len(by_key)}-{contender.method}", cache_root, train_md5)
+            contender.init_seconds = by_key[key].seconds
+        outcomes[contender.label] = by_key[key]
+        contender.init_dir = by_key[key].init_dir
+    return outcomes
+
+
+def _run_rounds(config, base_ref, contenders: list[Contender], plan: RacePlan, race_dir: Path) -> Contender:
+    alive, steps, number = list(contenders), plan.first_round, 0
+    while steps:
+        number += 1
+        target = alive[0].steps + steps
+        scores = {c.label: _advance(config, base_ref, c, target, race_dir) for c in alive}
+        verdicts = judge(scores, config.adapter.init.sigmas)
         for contender in alive:
-            _advance(config, base_ref, contender, steps, outcomes[contender.label].init_dir, run_dir / "race")
-        alive = sorted(alive, key=lambda c: c.last_loss)
-        _say_round(round_index, len(schedule), alive, steps)
-        if round_index < len(schedule) - 1:
-            alive = alive[: schedule[round_index + 1][0]]
-    winner = alive[0]
-    table = [dict(asdict(c), init=None, rounds=len(c.eval_losses), won=c is winner) for c in contenders]
-    (run_dir / "race.json").write_text(json.dumps(table, indent=1))
-    return {"winner": winner, "outcome": outcomes[winner.label], "table": table, "schedule": schedule}
+            own, (cut, why) = scores[contender.label], verdicts[contender.label]
+            loss, noise = (value if math.isfinite(value) else None for value in (own.loss, own.noise))  # JSON has no inf
+            contender.rounds.append({"round": number, "steps": target, "eval_loss": loss, "noise": noise, "verdict": why})
+            if cut:
+                contender.result, contender.why = "cut", f"round {number} (step {target}): {why}"
+        alive = [c for c in alive if c.result != "cut"]
+        _say_round(number, target, alive, scores, len(contenders))
+        extra_spent = sum(c.steps for c in contenders) - target  # all but the eventual winner's steps
+        steps = next_round_steps(plan, steps, len(alive), extra_spent, target) if len(alive) > 1 else 0
+    return _crown(alive)
 
 
-def _say_round(round_index: int, rounds: int, ranked: list[Contender], steps: int) -> None:
+def _crown(alive: list[Contender]) -> Contender:
+    winner = simplest(alive)
+    winner.result = "winner"
+    if len(alive) == 1:
+        winner.why = "the last one left"
+        return winner
+    winner.why = f"tied with {len(alive) - 1} other(s) when the budget ended: the simplest method, LR nearest the user's"
+    for other in alive:
+        if other is not winner:
+            other.why = f"tied when the budget ended; the tie went to {winner.label}"
+    return winner
+
+
+def _say_round(number: int, steps: int, alive: list[Contender], scores: dict[str, Score], total: int) -> None:
     from adapterflow.flows.progress import say
 
-    standings = ", ".join(f"{c.label} {c.last_loss:.4f}" for c in ranked)
-    say(f"{'init race':<10} round {round_index + 1}/{rounds}: {len(ranked)} contenders × {steps} steps; validation loss {standings}")
+    standings = ", ".join(f"{c.label} {scores[c.label].loss:.4f}±{scores[c.label].noise:.4f}"
+                          for c in sorted(alive, key=lambda c: scores[c.label].loss))
+    say(f"{'init race':<10} round {number} (step {steps}): {len(alive)} of {total} contenders still in; {standings}")
 
 
 def _with_init(config, init):
     return config.model_copy(update={"adapter": config.adapter.model_copy(update={"init": init})})
 
 
-def _arm_config(config, contender: Contender, steps: int = 1):
-    """The contender's run: its init, its LR, held constant (LoRA-SB's init follows that LR)."""
-    train = config.train.model_copy(update={
-        "learning_rate": contender.learning_rate, "lr_scheduler": "constant", "warmup_ratio": 0.0,
-        "max_steps": steps, "epochs": None, "eval_every": None, "checkpoint_every": steps,
-    })
+def _arm_config(config, contender: Contender):
+    """The contender's run: the real run (same steps and schedule) with its init and LR, without periodic evaluation."""
+    train = config.train.model_copy(update={"learning_rate": contender.learning_rate, "eval_every": None})
     return _with_init(config, contender.init).model_copy(update={"train": train})
 
 
-def _advance(config, base_ref, contender: Contender, steps: int, init_dir: str, race_dir: Path) -> None:
-    """Train `steps` more steps (resuming the contender's checkpoint), then score it on validation loss."""
+def _advance(config, base_ref, contender: Contender, target: int, race_dir: Path) -> Score:
+    """Train on to step `target` (from the contender's last checkpoint) and score it on the validation split."""
+    from adapterflow.tasks.journal import JOURNAL_FILE
     from adapterflow.tasks.train import train_more
 
-    contender.steps += steps
-    arm_config = _arm_config(config, contender, contender.steps)
-    contender.eval_losses.append(train_more(arm_config, base_ref, Path(init_dir), race_dir / contender.label))
+    arm_dir = race_dir / contender.label
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    arm = _arm_config(config, contender)
+    trainer = train_more(arm, base_ref, Path(contender.init_dir), arm_dir, target, arm_dir / JOURNAL_FILE)
+    contender.steps = target
+    return score(None if trainer is None else validation_losses(trainer, arm, base_ref))
 
 
-def race_markdown(table: list[dict]) -> str:
-    lines = ["| contender | init s | steps | eval loss by round | |", "|---|---|---|---|---|"]
-    for row in sorted(table, key=lambda r: (-r["rounds"], r["eval_losses"][-1] if r["eval_losses"] else math.inf)):
-        losses = " → ".join(f"{v:.4f}" for v in row["eval_losses"])
-        contender, verdict = f"{row['method']} @ lr {row['learning_rate']:g}", "winner" if row["won"] else ""
-        lines.append(f"| {contender} | {row['init_seconds']:.2f} | {row['steps']} | {losses} | {verdict} |")
+def validation_losses(trainer, config, base_ref):
+    """Per-example validation losses of the trainer's model: classification cross-entropy, or a causal LM's mean over
+    each example's answer tokens. The race's noise estimate is their spread."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from adapterflow.tasks.encode import collator
+    from adapterflow.tasks.model_io import load_tokenizer
+
+    pad = collator(config, load_tokenizer(base_ref), packed=False)  # one row per example, even when training packs
+    batches = DataLoader(trainer.eval_dataset, batch_size=config.evaluate.batch_size, collate_fn=pad)
+    model, losses = trainer.model.eval(), []
+    with torch.no_grad():
+        for batch in batches:
+            batch = {key: value.to(trainer.args.device) for key, value in batch.items()}
+            losses.append(_example_losses(model(**batch).logits.float(), batch["labels"], config.task).cpu())
+    return torch.cat(losses)
+
+
+def _example_losses(logits, labels, task: str):
+    from torch.nn.functional import cross_entropy
+
+    if task == "sequence_classification":
+        return cross_entropy(logits, labels, reduction="none")
+    targets = labels[:, 1:]
+    per_token = cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    return per_token.sum(1) / (targets != -100).sum(1).clamp(min=1)
+
+
+def _hand_over(winner: Contender, race_dir: Path, run_dir: Path) -> None:
+    """The winner's init products and race checkpoint to run_dir/init, its race-time log records to the run's journal
+    (the MLflow run then shows the whole curve from step 1)."""
+    from adapterflow.tasks.journal import JOURNAL_FILE
+
+    init_dir = run_dir / "init"
+    shutil.copytree(winner.init_dir, init_dir)
+    checkpoints = sorted((race_dir / winner.label / "checkpoints").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[-1]))
+    shutil.move(str(checkpoints[-1]), init_dir / CHECKPOINT)
+    winner.init_dir = str(init_dir)
+    journal = race_dir / winner.label / JOURNAL_FILE
+    if journal.exists():
+        (run_dir / JOURNAL_FILE).write_text("".join(_race_log_lines(journal)))
+
+
+def _race_log_lines(journal: Path) -> list[str]:
+    """The "log" records of the winner's race rounds, without each round's end-of-training summary."""
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    return [json.dumps(r) + "\n" for r in records
+            if r.get("event") == "log" and not any(key.startswith("train/final_") for key in r["metrics"])]
+
+
+def race_table(contenders: list[Contender], plan: RacePlan, sigmas: float) -> dict:
+    winner = next(c for c in contenders if c.result == "winner")
+    extra = sum(c.steps for c in contenders) - winner.steps
+    rows = [{"method": c.method, "learning_rate": c.learning_rate, "lr_multiplier": c.multiplier, "init_seconds": c.init_seconds,
+             "steps": c.steps, "result": c.result, "why": c.why, "rounds": c.rounds} for c in contenders]
+    return {
+        "max_steps": plan.max_steps, "extra_budget": plan.extra_steps, "extra_steps": extra, "total_steps": plan.max_steps + extra,
+        "sigmas": sigmas, "winner": winner.label, "winner_race_steps": winner.steps, "contenders": rows,
+    }
+
+
+def write_race_table(table: dict, run_dir: Path) -> tuple[Path, Path]:
+    """init_race.json (every round's steps, loss, noise and verdict) and init_race.md beside it."""
+    json_path, markdown_path = run_dir / "init_race.json", run_dir / "init_race.md"
+    json_path.write_text(json.dumps(table, indent=1))
+    markdown_path.write_text(race_markdown(table))
+    return json_path, markdown_path
+
+
+def race_markdown(table: dict) -> str:
+    lines = [
+        f"{table['max_steps']} training steps + {table['extra_steps']} extra for the contenders that lost "
+        f"(at most {table['extra_budget']}) = {table['total_steps']} optimizer steps; cut when worse than the leader by "
+        f"more than {table['sigmas']:g}σ of the two losses' noise. {table['winner']} continues from its race step "
+        f"{table['winner_race_steps']}.",
+        "",
+        "| contender | init s | steps | eval loss ± σ by round (step) | result | why |",
+        "|---|---|---|---|---|---|",
+    ]
+    order = {"winner": 0, "tied": 1, "cut": 2}
+    for row in sorted(table["contenders"], key=lambda r: (order[r["result"]], -r["steps"], _last_loss(r))):
+        losses = " → ".join(_loss_text(r) for r in row["rounds"])
+        contender = f"{row['method']} @ lr {row['learning_rate']:g}"
+        lines.append(f"| {contender} | {row['init_seconds']:.2f} | {row['steps']} | {losses} | {row['result']} | {row['why']} |")
     return "\n".join(lines) + "\n"
+
+
+def _last_loss(row: dict) -> float:
+    loss = row["rounds"][-1]["eval_loss"] if row["rounds"] else None
+    return math.inf if loss is None else loss
+
+
+def _loss_text(round_row: dict) -> str:
+    if round_row["eval_loss"] is None:
+        return f"diverged ({round_row['steps']})"
+    noise = "?" if round_row["noise"] is None else f"{round_row['noise']:.4f}"
+    return f"{round_row['eval_loss']:.4f}±{noise} ({round_row['steps']})"

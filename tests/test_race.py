@@ -1,56 +1,210 @@
-"""init.method auto: successive halving among candidates × learning rates within the step budget."""
+"""init.method auto: a race among candidates × learning rates that cuts only on signal, inside the run's own steps."""
 
 from __future__ import annotations
 
 import json
+import math
+import random
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import cls_config, run_cli, write_config
 
+from adapterflow.errors import TrainingError
+from adapterflow.tasks import race
 from adapterflow.tasks.config import RunConfig
-from adapterflow.tasks.race import halving_schedule
+from adapterflow.tasks.race import Contender, Score, judge, plan_race, score
 
 
-def test_halving_schedule_spends_the_budget_evenly_and_halves():
-    schedule = halving_schedule(12, 120)
-    assert [alive for alive, _ in schedule] == [12, 6, 3, 2]
-    assert [steps for _, steps in schedule] == [2, 5, 10, 15]
-    assert sum(alive * steps for alive, steps in schedule) <= 120
+def _contender(method: str, multiplier: float, simplicity: tuple) -> Contender:
+    return Contender(method, multiplier, 0.01 * multiplier, None, simplicity)
 
 
-def _auto(tiny_bert, cls_data, **init):
-    overrides = {"adapter.init": {"method": "auto", **init}, "train.max_steps": 40}
-    return cls_config(tiny_bert, cls_data, **overrides)
+def _field(*specs) -> list[Contender]:
+    """(method, multiplier) pairs; simplicity as the race derives it for lora (random family) and pissa (svd)."""
+    families = {"lora": (0, False), "gaussian": (0, True), "pissa": (1, True)}
+    places = {method: place for place, method in enumerate(dict.fromkeys(method for method, _ in specs))}
+    return [_contender(method, m, (*families[method], places[method])) for method, m in specs]
 
 
-def test_race_trains_the_winner_at_its_learning_rate_and_logs_every_contender(tiny_bert, cls_data, tmp_path):
+def _race_with(monkeypatch, contenders, plan, losses_at):
+    """The race's rounds with training replaced by `losses_at(contender, step) -> per-example losses`."""
+    monkeypatch.setattr(race, "_advance", lambda config, ref, c, target, race_dir: _trained(c, target, losses_at))
+    config = SimpleNamespace(adapter=SimpleNamespace(init=SimpleNamespace(sigmas=2.0)))
+    return race._run_rounds(config, None, contenders, plan, Path("unused"))
+
+
+def _trained(contender: Contender, target: int, losses_at) -> Score:
+    contender.steps = target
+    return score(losses_at(contender, target))
+
+
+SPREAD = torch.linspace(0.2, 1.8, 200)  # per-example losses with a spread: each mean's noise is about 0.033
+
+
+def test_a_difference_within_the_noise_is_no_cut_and_a_large_one_is():
+    noisy = torch.linspace(0.0, 2.0, 100)
+    scores = {"a": score(noisy), "b": score(noisy + 0.05), "c": score(noisy + 1.0)}
+    verdicts = judge(scores, sigmas=2.0)
+    assert verdicts["a"] == (False, "leads")
+    assert verdicts["b"][0] is False and verdicts["b"][1].startswith("tied with a by Δ 0.0500 ≤ 2σ") and "kept" in verdicts["b"][1]
+    assert verdicts["c"][0] is True and verdicts["c"][1].startswith("worse than a by Δ 1.0000 > 2σ")
+    diverged = judge({"a": score(noisy), "d": score(torch.tensor([1.0, math.nan]))}, 2.0)
+    assert diverged["d"] == (True, "diverged (non-finite loss)")
+    with pytest.raises(TrainingError, match="every contender"):
+        judge({"d": score(None)}, 2.0)
+
+
+def test_identical_contenders_are_never_cut_and_the_tie_goes_to_the_simplest_at_the_users_lr(monkeypatch):
+    contenders = _field(("pissa", 1.0), ("lora", 0.5), ("lora", 2.0), ("lora", 1.0), ("gaussian", 1.0))
+    plan = plan_race(len(contenders), 400, 0.1)
+    winner = _race_with(monkeypatch, contenders, plan, lambda c, step: SPREAD / (1 + step / 100))
+    assert [c.result for c in contenders].count("cut") == 0
+    assert len(contenders[0].rounds) >= 2  # more steps were given to separate them, as far as the budget went
+    assert all("tied with" in r["verdict"] and "Δ 0.0000" in r["verdict"] for c in contenders for r in c.rounds if r["verdict"] != "leads")
+    assert winner.label == "lora@0.01" and winner.result == "winner"
+    assert sum(c.steps for c in contenders) - winner.steps <= plan.extra_steps
+
+
+def test_a_clearly_better_contender_wins_even_against_simpler_ones(monkeypatch):
+    contenders = _field(("lora", 1.0), ("lora", 4.0), ("pissa", 1.0))
+    better = contenders[2]
+    plan = plan_race(len(contenders), 300, 0.1)
+    winner = _race_with(monkeypatch, contenders, plan, lambda c, step: SPREAD + (0.0 if c is better else 0.5))
+    assert winner is better
+    assert [c.result for c in contenders] == ["cut", "cut", "winner"]
+    assert contenders[0].why.startswith("round 1 (step ") and "worse than pissa@0.01 by Δ 0.5000 > 2σ" in contenders[0].why
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_losers_never_spend_more_than_the_budget(monkeypatch, seed):
+    rng = random.Random(seed)
+    count, max_steps, budget = rng.randint(2, 20), rng.randint(40, 3000), rng.uniform(0.01, 0.1)
+    plan = plan_race(count, max_steps, budget)
+    if plan is None:
+        assert math.floor(budget * max_steps) < count - 1
+        return
+    contenders = _field(*[("lora", 2.0**i) for i in range(count)])
+    gaps = {c.label: rng.choice([0.0, 0.0, 0.02, 0.2]) for c in contenders}
+    winner = _race_with(monkeypatch, contenders, plan, lambda c, step: SPREAD + gaps[c.label] * min(1.0, step / 20))
+    extra = sum(c.steps for c in contenders) - winner.steps
+    assert extra <= plan.extra_steps <= 0.1 * max_steps
+    assert winner.steps <= max_steps and plan.max_steps + extra <= 1.1 * max_steps
+
+
+FORTY_STEPS = {"train.max_steps": 40, "train.log_every": 1, "train.checkpoint_every": 20}
+
+
+def _auto_config(tiny_bert, cls_data, **init):
+    return RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "auto", **init}, **FORTY_STEPS}))
+
+
+def _adapter_weights(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "adapter_model.safetensors"))
+
+
+def _logits_on_untouched_base(config, ref, adapter_dir: str):
+    from peft import PeftModel
+
+    from adapterflow.tasks.model_io import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    model = PeftModel.from_pretrained(load_model(ref, config.task, config.data.labels), adapter_dir).eval()
+    probe = load_tokenizer(ref)(["play arcade puzzle", "audio synth midi"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**probe).logits
+
+
+def test_an_absurd_learning_rate_is_cut_and_the_winners_race_run_is_continued_not_restarted(tiny_bert, cls_data, tmp_path, monkeypatch):
+    from adapterflow.tasks import init_adapter
+    from adapterflow.tasks.init_adapter import initialize_adapter
+    from adapterflow.tasks.model_io import resolve_base
+    from adapterflow.tasks.train import train_adapter
+
+    computed = []
+    compute = init_adapter._compute
+    monkeypatch.setattr(init_adapter, "_compute", lambda config, *a: computed.append(config.adapter.init.method) or compute(config, *a))
+    config = _auto_config(tiny_bert, cls_data, candidates=["pissa", "milora"], lr_multipliers=[1.0, 1000.0])
+    ref = resolve_base(config.model)
+    outcome = initialize_adapter(config, ref, tmp_path / "run", None)
+    table = json.loads(Path(outcome.report_path).read_text())["race"]
+    assert sorted(computed) == ["milora", "pissa"]  # each method's init once, shared by its two LRs
+    absurd = [row for row in table["contenders"] if row["lr_multiplier"] == 1000.0]
+    assert all(row["result"] == "cut" and row["steps"] == 1 for row in absurd)
+    assert all("worse than" in row["why"] or "diverged" in row["why"] for row in absurd)
+    assert (outcome.method, outcome.learning_rate) == ("pissa", 0.01)  # tied with milora: the earlier candidate
+    assert table["total_steps"] == 40 + table["extra_steps"] <= 1.1 * 40
+
+    train = config.model_copy(update={"train": config.train.model_copy(update={"learning_rate": outcome.learning_rate})})
+    raced = train_adapter(train, ref, Path(outcome.init_dir), tmp_path / "run")
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert raced.steps == 40 and [e["step"] for e in log if "loss" in e] == list(range(1, 41))  # the race's steps too
+    journal = [json.loads(line) for line in (tmp_path / "run" / "progress.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in journal if "train/loss" in r.get("metrics", {})] == list(range(1, 41))  # shipped to MLflow
+    begin = next(r for r in journal if r["event"] == "begin")
+    assert begin["step"] == table["winner_race_steps"] == 2  # training started at the race checkpoint, not at step 0
+
+    plain_config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "pissa"}, **FORTY_STEPS}))
+    plain_init = initialize_adapter(plain_config, ref, tmp_path / "plain", None)
+    plain = train_adapter(plain_config, ref, Path(plain_init.init_dir), tmp_path / "plain")
+    raced_weights, plain_weights = _adapter_weights(raced.adapter_dir), _adapter_weights(plain.adapter_dir)
+    assert raced_weights.keys() == plain_weights.keys()
+    assert all(torch.allclose(raced_weights[k], plain_weights[k], atol=1e-6) for k in raced_weights)
+    assert json.loads((Path(raced.adapter_dir) / "adapter_config.json").read_text())["r"] == 2 * 4  # PiSSA converted
+    reloaded = _logits_on_untouched_base(config, ref, raced.adapter_dir)
+    assert torch.allclose(reloaded, _logits_on_untouched_base(config, ref, plain.adapter_dir), atol=1e-5)
+    assert not list((tmp_path / "run" / "race").glob("*/checkpoints"))  # the losers' checkpoints are gone
+
+
+class Twin(Contender):
+    """The same method at the same LR under another name: a contender no config can express."""
+
+    @property
+    def label(self) -> str:
+        return f"twin-{super().label}"
+
+
+def test_identical_real_contenders_tie_on_every_round_and_the_first_wins(tiny_bert, cls_data, tmp_path, monkeypatch):
     from adapterflow.tasks.init_adapter import initialize_adapter
     from adapterflow.tasks.model_io import resolve_base
 
-    config = RunConfig.model_validate(_auto(tiny_bert, cls_data, candidates=["lora", "pissa"], lr_multipliers=[0.1, 1.0], budget=0.5))
+    config = _auto_config(tiny_bert, cls_data, candidates=["lora", "gaussian"], lr_multipliers=[1.0])
+    lora = config.adapter.init.candidates[0]
+    twins = [Contender("lora", 1.0, 0.01, lora, (0, False, 0)), Twin("lora", 1.0, 0.01, lora, (0, False, 1))]
+    monkeypatch.setattr(race, "contenders_of", lambda config: twins)
     outcome = initialize_adapter(config, resolve_base(config.model), tmp_path / "run", tmp_path / "cache")
-    report = json.loads(open(outcome.report_path).read())
-    race = report["race"]
-    assert len(race) == 4 and sum(row["won"] for row in race) == 1
-    assert sum(row["steps"] for row in race) <= 0.5 * 40
-    winner = next(row for row in race if row["won"])
-    finalists = [row for row in race if row["rounds"] == 2]
-    assert len(finalists) == 2 and winner in finalists
-    assert winner["eval_losses"][-1] == min(row["eval_losses"][-1] for row in finalists)
-    first_round = sorted(race, key=lambda row: row["eval_losses"][0])
-    run_id = lambda row: row["method"] + str(row["learning_rate"])
-    assert {run_id(row) for row in first_round[:2]} == {run_id(row) for row in finalists}
-    assert (outcome.method, outcome.learning_rate) == (winner["method"], winner["learning_rate"])
-    assert "won a race of 4 contenders" in report["notes"][-1]
-    assert "winner" in open(outcome.race_path).read()
+    table = json.loads(Path(outcome.report_path).read_text())["race"]
+    first, second = table["contenders"]
+    assert (first["result"], second["result"]) == ("winner", "tied") and len(first["rounds"]) >= 2
+    for own, other in zip(first["rounds"], second["rounds"]):
+        assert own["eval_loss"] == other["eval_loss"] and own["noise"] > 0  # noise estimated, and no cut on it
+        assert other["verdict"].startswith(f"tied with lora@0.01 by Δ 0.0000 ≤ 2σ {2 * math.hypot(own['noise'], own['noise']):.4f}")
+    assert table["total_steps"] <= 1.1 * 40
+    markdown = Path(outcome.race_path).read_text()
+    assert "| winner |" in markdown and "tied when the budget ended; the tie went to lora@0.01" in markdown
+
+
+def test_the_default_grid_is_log_spaced_and_shared_and_the_budget_is_capped(tiny_bert, cls_data):
+    config = _auto_config(tiny_bert, cls_data)
+    multipliers = config.adapter.init.lr_multipliers
+    assert multipliers == [0.25, 0.5, 1.0, 2.0, 4.0]
+    assert {b / a for a, b in zip(multipliers, multipliers[1:])} == {2.0}
+    assert config.adapter.init.budget == 0.1
+    with pytest.raises(ValueError, match="at most 0.1 is allowed"):
+        _auto_config(tiny_bert, cls_data, budget=0.3)
 
 
 @pytest.mark.slow  # starts a fresh interpreter
 def test_race_budget_too_small_is_refused_before_any_compute(tiny_bert, cls_data, tmp_path):
-    config = write_config(tmp_path / "c.yaml", _auto(tiny_bert, cls_data, budget=0.05))
+    config = write_config(tmp_path / "c.yaml", cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "auto", "budget": 0.05},
+                                                                                  "train.max_steps": 40}))
     result = run_cli("check", str(config), home=tmp_path / "state")
     assert result.returncode == 2
-    assert "12 contenders" in result.stderr and "Raise train.max_steps to" in result.stderr
+    assert "20 contenders" in result.stderr and "Raise train.max_steps to 380" in result.stderr
 
 
 @pytest.mark.parametrize("init, expected", [
@@ -58,8 +212,10 @@ def test_race_budget_too_small_is_refused_before_any_compute(tiny_bert, cls_data
     ({"candidates": ["lora"]}, "adapter.init.auto.candidates"),
     ({"lr_multipliers": [1.0, -1.0]}, "distinct and positive"),
     ({"candidates": ["lora", "fancy"]}, "unknown init method 'fancy'"),
+    ({"budget": 0.5}, "at most 0.1 is allowed"),
 ])
 @pytest.mark.slow  # starts a fresh interpreter
 def test_bad_race_settings_get_one_clear_error(tiny_bert, cls_data, tmp_path, init, expected):
-    result = run_cli("check", str(write_config(tmp_path / "c.yaml", _auto(tiny_bert, cls_data, **init))), home=tmp_path / "state")
+    config = cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "auto", **init}, "train.max_steps": 400})
+    result = run_cli("check", str(write_config(tmp_path / "c.yaml", config)), home=tmp_path / "state")
     assert result.returncode == 2 and expected in result.stderr
