@@ -251,3 +251,25 @@ def test_flow_registers_the_better_of_mitigated_and_unmitigated_and_records_the_
     config = load_config(tmp_path / "run.yaml")
     score = evaluate_adapter(config, resolve_base(config.model), registered, "validation")["accuracy"]
     assert score == metrics[f"mitigation/{chosen}_accuracy"]
+
+
+def test_both_candidates_are_scored_on_the_forgetting_file_when_one_is_set(tiny_bert, cls_data, tmp_path):
+    from adapterflow.tasks.evaluate import evaluate_adapter
+    from adapterflow.tasks.intruders import choose_adapter
+
+    probe_file = cls_data["test"]
+    overrides = {"evaluate.intruders": {"mitigate": {"scale": 0.0}}, "promotion.forgetting": {"file": str(probe_file)}}
+    config = _config(tiny_bert, cls_data, **overrides)
+    base_ref = resolve_base(config.model)
+    trained = _adapter_with_intruders(config, tmp_path / "trained")
+    mitigated = mitigate_adapter(config, base_ref, trained, tmp_path / "mitigated")
+    choice = choose_adapter(config, base_ref, str(trained), str(mitigated))
+
+    as_test = config.model_copy(update={"data": config.data.model_copy(update={"test": str(probe_file)})})
+    for name, folder in (("unmitigated", trained), ("mitigated", mitigated)):
+        assert choice.forgetting[name] == evaluate_adapter(as_test, base_ref, folder, "test")["accuracy"]
+        assert getattr(choice, name) == evaluate_adapter(config, base_ref, folder, "validation")["accuracy"]
+    assert choice.adapter_dir == str(mitigated if choice.chosen == "mitigated" else trained)
+    assert {"forgetting_mitigated_accuracy", "forgetting_unmitigated_accuracy"} <= set(choice.metrics())
+    if choice.mitigated <= choice.unmitigated:  # not better on validation: the forgetting file decided
+        assert "on the forgetting file" in choice.reason
