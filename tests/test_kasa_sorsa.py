@@ -243,20 +243,21 @@ def test_training_puts_the_regularizer_in_the_loss_logs_it_and_saves_a_plain_ada
     from adapterflow.tasks.config import RunConfig
     from adapterflow.tasks.init_adapter import initialize_adapter
     from adapterflow.tasks.journal import JOURNAL_FILE
-    from adapterflow.tasks.train import _build_trainer, train_adapter
+    from adapterflow.tasks.regularized_trainer import init_regularizer
+    from adapterflow.tasks.train import train_adapter
 
-    config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": method, "regularizer_weight": 0.5}}))
+    overrides = {"adapter.init": {"method": method, "regularizer_weight": 0.5}, "train.max_steps": 2, "train.eval_every": 2}
+    config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **overrides))
     base_ref = resolve_base(config.model)
     outcome = initialize_adapter(config, base_ref, tmp_path / "run", tmp_path / "cache")
-    trainer, _ = _build_trainer(config, base_ref, outcome.init_dir, tmp_path / "probe", [])
-    assert type(trainer).__name__ == "RegularizedTrainer" and trainer.regularizer.weight == 0.5
+    assert init_regularizer(outcome.init_dir, config.train.learning_rate).weight == 0.5  # the configured weight, not the default
     result = train_adapter(config, base_ref, outcome.init_dir, tmp_path / "run")
 
     logged = [r["metrics"] for r in map(json.loads, (tmp_path / "run" / JOURNAL_FILE).read_text().splitlines()) if r["event"] == "log"]
-    steps = [m for m in logged if "train/loss" in m]
-    assert len(steps) == result.steps == 4
-    assert all(m["train/regularizer"] > 0 for m in steps)
-    assert not any("eval/regularizer" in m for m in logged)
+    steps, evaluations = [m for m in logged if "train/loss" in m], [m for m in logged if "eval/loss" in m]
+    assert len(steps) == result.steps == 2 and len(evaluations) == 1
+    assert steps[-1]["train/regularizer"] > 1e-4
+    assert not any(key.startswith("eval/regular") for key in evaluations[0])
     assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["r"] == 2 * 4
     PeftModel.from_pretrained(load_model(base_ref, config.task, config.data.labels), result.adapter_dir)
 
@@ -284,6 +285,17 @@ def test_the_checks_refuse_a_plain_lora_fallback(folders):
     for check in (lambda: verify_sorsa(plain, None), lambda: orthonormality(plain, None)):
         with pytest.raises(InitError, match="plain LoRA"):
             check()
+
+
+def test_kasa_on_a_4bit_base_is_refused_when_training_starts_instead_of_training_plain_lora(tiny_bert, tmp_path):
+    """peft's bitsandbytes layers ignore kasa_config: the initial adapter would load as plain LoRA without a word."""
+    peft_model, _ = _init({"bert": tiny_bert}, "bert", "kasa")
+    init_dir = export_init(peft_model, tmp_path / "init", "kasa")
+    ref = resolve_base(ModelSpec(path=str(tiny_bert)))
+    full = {name: module.weight for name, module in _model(tiny_bert, "bert").named_modules() if isinstance(module, torch.nn.Linear)}
+    quantized = load_model(ref, "sequence_classification", ["a", "b", "c"], quantization="nf4", training=True)
+    with pytest.raises(InitError, match="not KaSA: peft's 4-bit and 8-bit layers ignore KaSA.*model.quantization: null"):
+        apply_init(quantized, init_dir, lambda name: full[name])
 
 
 def test_kasa_needs_a_rank_below_the_layer_width(tiny_bert):
