@@ -255,10 +255,23 @@ def preflight(config_path: str, overrides: list[str] = ()):
     return config
 
 
+def refuse_secret_overrides(overrides: list[str]) -> None:
+    """A flow run's parameters (the overrides among them) are stored in Prefect's database and shown in its UI."""
+    from adapterflow.redact import redact_text
+
+    for override in overrides:
+        if redact_text(override) != override:
+            key = override.partition("=")[0]
+            raise ConfigError(f"--set {key}: the value holds a credential, and overrides are stored with the Prefect flow run "
+                              "as its parameters. Give it in the environment (MLFLOW_TRACKING_URI, AWS_* ...) or in the "
+                              "config file instead.")
+
+
 def cmd_run(args) -> int:
     from adapterflow.flows.progress import say
 
     _set_output_mode(args)
+    refuse_secret_overrides(args.overrides)
     config = preflight(args.config, args.overrides)
     # Before the first line: saying it imports prefect, which reads its logging level (WARNING, set here) once.
     dirs = prepare_environment(offline=not config.uses_hub())
@@ -308,6 +321,7 @@ def cmd_sweep(args) -> int:
     from adapterflow.tasks.sweep_plan import check_trials, parse_plan
 
     _set_output_mode(args)
+    refuse_secret_overrides([*args.overrides, *args.grid])
     plan = parse_plan(args.grid, args.ranges, args.trials)
     if args.max_parallel < 1:
         raise ConfigError(f"--max-parallel must be at least 1, got {args.max_parallel}.")
@@ -347,6 +361,7 @@ def _check_sweep_metric(config, metric: str | None) -> None:
 
 def cmd_serve(args) -> int:
     """Blocks: Prefect runs the retrain flow on schedule; parameters (config_path, force) can be set per run."""
+    refuse_secret_overrides(args.overrides)
     config = preflight(args.config, args.overrides)
     if config.schedule is None:
         raise ConfigError(f"{args.config} has no schedule section; add e.g. schedule: {{cron: '0 3 * * *'}} to serve it.")

@@ -133,3 +133,19 @@ def test_a_run_with_overrides_records_the_resolved_config(tmp_path, tiny_bert, c
     assert run.data.params["train.max_steps"] == "3" and run.data.params["train.learning_rate"] == "0.002"
     assert version.tags["config_hash"] == load_config(path, overrides).digest() != load_config(path).digest()
     assert version.tags["train_steps"] == "3"
+
+
+@pytest.mark.parametrize("command", ["run", "serve", "sweep"])
+def test_an_override_holding_a_credential_is_refused_before_prefect_stores_it(tmp_path, tiny_bert, cls_data, capsys, command,
+                                                                               monkeypatch):
+    """A flow run's parameters live in Prefect's database and UI: a password given with --set would land there."""
+    from adapterflow.flows.cli import main
+
+    monkeypatch.setenv("ADAPTERFLOW_HOME", str(tmp_path / "state"))
+    config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data))
+    secret = "--set=tracking.mlflow_uri=http://alice:hunter2-secret@127.0.0.1:5000"
+    extra = ["--grid", "adapter.r=2,4"] if command == "sweep" else []
+    assert main([command, str(config), secret, *extra]) == 2
+    err = capsys.readouterr().err
+    assert "--set tracking.mlflow_uri: the value holds a credential" in err and "hunter2" not in err
+    assert not (tmp_path / "state").exists()
