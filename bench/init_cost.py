@@ -9,8 +9,9 @@ Then a cached retrain: the flow's init stage on the same key twice. The spectral
 demo-shaped adapter: exact SVDs vs randomized top-k.
 Targets: randomized PiSSA >= 10x more accurate than peft's pissa_niter_4 at <= 1.5x its time;
 EVA ours/peft <= 0.2 with cosines >= 0.99 and <= 5% of training; cached init <= 5% of uncached;
-spectral report <= 5% of training.
-Usage: python bench/init_cost.py [--rank 16] [--only minilm|llama|eva|lora_ga|cache|spectral] [--threads N] [--train-seconds 84]
+spectral report <= 5% of training. NLoRA (Nyström sketch, no SVD) on the demo config against PiSSA's
+randomized and full SVD: init time and how much of the top-r part it captures.
+Usage: python bench/init_cost.py [--rank 16] [--only minilm|llama|eva|lora_ga|cache|spectral|nlora] [--threads N] [--train-seconds 84]
 """
 
 from __future__ import annotations
@@ -338,6 +339,84 @@ def bench_spectral(_, train_seconds=84.0):
           f"of the demo's training ({train_seconds:.0f} s; target <= 5%)")
 
 
+def nlora_quality(peft_model, originals) -> tuple[float, float]:
+    """Worst layer's (|s·B·A − W_r| / |W_r|, |W − s·B·A| / |W − W_r|): the captured part against the exact top-r,
+    and the residual against the smallest any rank-r adapter leaves (1.0 is optimal)."""
+    worst_top, worst_residual = 0.0, 0.0
+    for name, module in lora_layers(peft_model):
+        b, a, s = delta_factors(module)
+        u, sig, vh = originals[name]
+        r = b.shape[1]
+        top = (u[:, :r] * sig[:r]) @ vh[:r]
+        weight = (u * sig) @ vh
+        worst_top = max(worst_top, ((s * b @ a - top).norm() / top.norm()).item())
+        worst_residual = max(worst_residual, ((weight - s * b @ a).norm() / (weight - top).norm()).item())
+    return worst_top, worst_residual
+
+
+def bench_nlora(_):
+    """NLoRA's Nyström init against PiSSA's randomized and full SVD on the demo config's model, rank and targets."""
+    from adapterflow.tasks.config import load_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    adapter = config.adapter
+    base, _, task_type = minilm()
+    settings = LoraSettings(
+        r=adapter.r, alpha=adapter.alpha, dropout=0.0, target_modules=tuple(adapter.target_modules), task_type=task_type
+    )
+    originals = {
+        f"base_model.model.{n}": torch.linalg.svd(m.weight.float(), full_matrices=False)
+        for n, m in base.named_modules()
+        if n.endswith(tuple(adapter.target_modules))
+    }
+    probe = {"input_ids": torch.randint(5, 1000, (2, 16))}
+    print(
+        f"\n== NLoRA vs PiSSA on the demo's MiniLM, r={adapter.r}, targets {adapter.target_modules} "
+        f"({len(originals)} layers), {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f} =="
+    )
+    print(f"{'method':<34}{'init s':>9}{'checks s':>10}{'|sBA-W_r|/|W_r|':>17}{'|W-sBA|/|W-W_r|':>17}")
+    rows = [
+        ("nlora, no oversampling", "nlora", {"oversampling": 0}),
+        ("nlora (default: p=24)", "nlora", {}),
+        ("nlora p=24, niter=1", "nlora", {"niter": 1}),
+        ("nlora IntTune (same init)", "nlora", {"trainable": "intermediate"}),
+        ("pissa randomized (niter=2, p=24)", "pissa", {"niter": 2, "oversampling": 24}),
+        ("pissa full SVD", "pissa", {}),
+    ]
+    for _ in range(2):  # two interleaved rounds: contention on a shared machine shows as a gap between them
+        for name, method, knobs in rows:
+            configured = replace(settings, init=get_initializer(method).config(method=method, **knobs))
+            runs = [initialize(copy.deepcopy(base), configured, method, InitContext(probe=probe)) for _ in range(REPEATS)]
+            seconds, checks = min(run[1].seconds for run in runs), min(run[1].check_seconds for run in runs)
+            top, residual = nlora_quality(runs[-1][0], originals)
+            print(f"{name:<34}{seconds:>9.4f}{checks:>10.3f}{top:>17.3f}{residual:>17.3f}")
+    weights = [m.weight.detach().float() for n, m in base.named_modules() if n.endswith(tuple(adapter.target_modules))]
+    print(f"the decompositions alone, all {len(weights)} weights (init s above includes wrapping the model in peft):")
+    for _ in range(2):
+        print("   " + ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in decomposition_seconds(weights, adapter.r)))
+
+
+def decomposition_seconds(weights, r) -> list[tuple[str, float]]:
+    """Best of five, interleaved: NLoRA's sketch and core, randomized SVD (q = r + 24, 2 iterations), full SVD."""
+    from adapterflow.adapters.methods.nlora import NloraInit, nystrom
+    from adapterflow.adapters.weight_svd import SvdPlan, decompose
+
+    sides = {
+        "nystrom": lambda w, i: nystrom(w, r, NloraInit(method="nlora"), str(i)),
+        "nystrom niter=1": lambda w, i: nystrom(w, r, NloraInit(method="nlora", niter=1), str(i)),
+        "randomized svd": lambda w, i: decompose(w, r, SvdPlan("principal", 2, 24)),
+        "full svd": lambda w, i: decompose(w, r, SvdPlan("principal", None)),
+    }
+    best = dict.fromkeys(sides, float("inf"))
+    for _ in range(5):
+        for name, fn in sides.items():
+            start = time.perf_counter()
+            for index, weight in enumerate(weights):
+                fn(weight, index)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return list(best.items())
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rank", type=int, default=16)
@@ -357,6 +436,7 @@ SECTIONS = {
     "lora_ga": bench_lora_ga,
     "cache": bench_cache,
     "spectral": bench_spectral,
+    "nlora": bench_nlora,
 }
 
 
