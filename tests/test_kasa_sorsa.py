@@ -87,7 +87,7 @@ def test_kasa_removes_exactly_the_r_minor_components_and_starts_with_a_zero_upda
     base = _model(folders[arch], arch)
     original = _targets(base, arch)
     peft_model, report = _init(folders, arch, "kasa")
-    assert report.checks["max_initial_delta"] == 0 and report.checks["max_removed_to_kept_sv_ratio"] <= 1.0
+    assert report.checks["max_initial_delta"] == 0 and report.checks["max_removed_energy_share"] <= 1.0
     layers = dict(lora_layers(peft_model))
     assert len(layers) == len(original)
     for name, module in layers.items():
@@ -296,6 +296,22 @@ def test_kasa_on_a_4bit_base_is_refused_when_training_starts_instead_of_training
     quantized = load_model(ref, "sequence_classification", ["a", "b", "c"], quantization="nf4", training=True)
     with pytest.raises(InitError, match="not KaSA: peft's 4-bit and 8-bit layers ignore KaSA.*model.quantization: null"):
         apply_init(quantized, init_dir, lambda name: full[name])
+
+
+def test_the_kasa_check_refuses_a_base_that_lost_its_principal_components(folders):
+    """As if peft had dropped the r largest components: same split structure, wrong end of the spectrum."""
+    from adapterflow.adapters.methods.kasa import verify_kasa
+
+    original = _targets(_model(folders["bert"], "bert"), "bert")
+    peft_model, _ = _init(folders, "bert", "kasa")
+    with torch.no_grad():
+        for name, module in lora_layers(peft_model):
+            u, s, vh = _svd(original[short_name(name)])
+            module.base_layer.weight.copy_((u[:, R:] * s[R:]) @ vh[R:])
+            module.kasa_removed_b.copy_(u[:, :R] * s[:R] / module.scaling["default"])
+            module.kasa_removed_a.copy_(vh[:R])
+    with pytest.raises(InitError, match="KaSA did not truncate layer .* to its principal components"):
+        verify_kasa(peft_model, None)
 
 
 def test_kasa_needs_a_rank_below_the_layer_width(tiny_bert):

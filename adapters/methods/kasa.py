@@ -35,9 +35,8 @@ if TYPE_CHECKING:
 
 REMOVED_FILE = "kasa_removed.safetensors"  # beside the initial adapter: B0, A0 under the adapter's keys
 FACTOR_TOL = 1e-5  # the removed part must be rank r: what a rank-r fit of it misses, relative to W
-TAIL_TOL = 1e-5  # the truncated base's last r singular values, relative to its largest
-LEAK_TOL = 1e-3  # the removed part's column space in the truncated base, relative
-RATIO_TOL = 1e-3  # largest removed singular value over the smallest kept one: at most 1 (+ float error)
+LEAK_TOL = 1e-3  # the removed part's row and column spaces in the truncated base, relative
+ENERGY_TOL = 1e-3  # the removed components' mean σ² over all components' mean σ²: at most 1 (+ float error)
 
 
 class KasaInit(InitConfig):
@@ -120,12 +119,7 @@ def verify_kasa(peft_model, settings) -> dict[str, float]:
         if not hasattr(module, "kasa_removed_b"):
             raise InitError(f"KaSA: layer {short_name(name)} has no record of the part removed from its base weight")
         checks = _layer_checks(module)
-        if (
-            checks["max_initial_delta"] > 0
-            or checks["max_truncated_tail"] > TAIL_TOL
-            or checks["max_removed_leak"] > LEAK_TOL
-            or checks["max_removed_to_kept_sv_ratio"] > 1 + RATIO_TOL
-        ):
+        if checks["max_initial_delta"] > 0 or checks["max_removed_leak"] > LEAK_TOL or checks["max_removed_energy_share"] > 1 + ENERGY_TOL:
             raise InitError(
                 f"KaSA did not truncate layer {short_name(name)} to its principal components: "
                 + ", ".join(f"{k} {v:.2e}" for k, v in checks.items())
@@ -135,22 +129,22 @@ def verify_kasa(peft_model, settings) -> dict[str, float]:
 
 
 def _layer_checks(module) -> dict[str, float]:
+    """Products with the r factors only, no SVD (peft's, which the tests check against their own, is the expensive part).
+
+    The removed part lies outside the truncated base on both sides, so the two split W and the base keeps rank k − r;
+    its components carry at most the mean σ² of W's (the r largest always carry more, unless the spectrum is flat).
+    """
     import torch
 
     b, _, _ = delta_factors(module)
     with torch.no_grad():
         truncated = module.base_layer.weight.detach().float()
-        removed_b, removed_a = module.kasa_removed_b, module.kasa_removed_a
-        kept = min(truncated.shape) - module.r["default"]
-        values = torch.linalg.svdvals(truncated)
-        q_b, _ = torch.linalg.qr(removed_b)
-        removed_values = torch.linalg.svdvals(module.scaling["default"] * removed_b @ removed_a)
-    return {
-        "max_initial_delta": b.abs().max().item(),
-        "max_truncated_tail": (values[kept:].max() / values[0]).item(),
-        "max_removed_leak": ((q_b.T @ truncated).norm() / truncated.norm()).item(),
-        "max_removed_to_kept_sv_ratio": (removed_values[0] / values[kept - 1]).item(),
-    }
+        removed_b, removed_a = module.kasa_removed_b, module.kasa_removed_a  # B0 = U·S/s, A0 = Vᵀ
+        left = removed_b / removed_b.norm(dim=0).clamp_min(1e-30)
+        leak = max((left.T @ truncated).norm(), (truncated @ removed_a.T).norm()) / truncated.norm()
+        removed_energy = (module.scaling["default"] * removed_b).norm() ** 2  # ‖s·B0·A0‖_F², A0's rows orthonormal
+        share = (removed_energy / module.r["default"]) / ((truncated.norm() ** 2 + removed_energy) / min(truncated.shape))
+    return {"max_initial_delta": b.abs().max().item(), "max_removed_leak": leak.item(), "max_removed_energy_share": share.item()}
 
 
 def _require_kasa(name: str, module) -> None:
