@@ -225,8 +225,10 @@ def _with_init(config, init):
 
 
 def _arm_config(config, contender: Contender):
-    """The contender's run: the real run (same steps and schedule) with its init and LR, without periodic evaluation."""
-    train = config.train.model_copy(update={"learning_rate": contender.learning_rate, "eval_every": None})
+    """The contender's run: the real run (same steps, schedule and global batch) with its init and LR, without periodic
+    evaluation. It trains in this process: one process takes the whole global batch."""
+    one_process = config.train.launch.model_copy(update={"mode": "in_process", "processes": 1})
+    train = config.train.model_copy(update={"learning_rate": contender.learning_rate, "eval_every": None, "launch": one_process})
     return _with_init(config, contender.init).model_copy(update={"train": train})
 
 

@@ -160,6 +160,28 @@ def test_an_absurd_learning_rate_is_cut_and_the_winners_race_run_is_continued_no
     assert not list((tmp_path / "run" / "race").glob("*/checkpoints"))  # the losers' checkpoints are gone
 
 
+@pytest.mark.slow  # starts the accelerate launcher
+def test_the_launcher_continues_the_winners_race_run(tiny_bert, cls_data, tmp_path):
+    from adapterflow.tasks.init_adapter import initialize_adapter
+    from adapterflow.tasks.launch import launch_training
+    from adapterflow.tasks.model_io import resolve_base
+    from adapterflow.tasks.train import train_adapter
+
+    launched = {**FORTY_STEPS, "adapter.dropout": 0.1, "train.launch": {"mode": "accelerate"}}  # dropout: RNG state resumed too
+    config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{
+        "adapter.init": {"method": "auto", "candidates": ["lora", "gaussian"], "lr_multipliers": [1.0, 1000.0]}, **launched}))
+    ref = resolve_base(config.model)
+    outcome = initialize_adapter(config, ref, tmp_path / "run", None)
+    assert outcome.learning_rate == config.train.learning_rate  # the absurd arms are out
+    raced = launch_training(config, ref, Path(outcome.init_dir), tmp_path / "run", say=lambda text: None)
+    plain_config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{
+        "adapter.init": {"method": outcome.method}, **launched, "train.launch": {"mode": "in_process"}}))
+    plain_init = initialize_adapter(plain_config, ref, tmp_path / "plain", None)
+    plain = train_adapter(plain_config, ref, Path(plain_init.init_dir), tmp_path / "plain")
+    raced_weights, plain_weights = _adapter_weights(raced.adapter_dir), _adapter_weights(plain.adapter_dir)
+    assert raced.steps == 40 and all(torch.equal(raced_weights[k], plain_weights[k]) for k in plain_weights)
+
+
 class Twin(Contender):
     """The same method at the same LR under another name: a contender no config can express."""
 
