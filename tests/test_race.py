@@ -57,6 +57,17 @@ def test_a_difference_within_the_noise_is_no_cut_and_a_large_one_is():
         judge({"d": score(None)}, 2.0)
 
 
+def test_a_causal_lm_examples_loss_is_the_mean_over_its_own_answer_tokens():
+    from torch.nn.functional import cross_entropy
+
+    logits = torch.randn(2, 6, 11, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[-100, -100, 3, 4, 5, -100], [-100, 7, 8, 9, 1, 2]])
+    losses = race._example_losses(logits, labels, "causal_lm")
+    for row in range(2):  # the logits at position t predict the label at t + 1
+        kept = labels[row, 1:] != -100
+        assert losses[row] == pytest.approx(cross_entropy(logits[row, :-1][kept], labels[row, 1:][kept]).item(), rel=1e-6)
+
+
 def test_identical_contenders_are_never_cut_and_the_tie_goes_to_the_simplest_at_the_users_lr(monkeypatch):
     contenders = _field(("pissa", 1.0), ("lora", 0.5), ("lora", 2.0), ("lora", 1.0), ("gaussian", 1.0))
     plan = plan_race(len(contenders), 400, 0.1)
