@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from adapterflow.adapters.frozen_factors import fold_middle, train_middle_only
+from adapterflow.adapters.frozen_factors import fold_middle, structure_of, train_structured
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.quantized import is_quantized, store_weight
 from adapterflow.errors import InitError
@@ -22,7 +22,8 @@ WEIGHTS = "adapter_model.safetensors"
 METHOD_SUBCONFIGS = ("eva_config", "corda_config", "lora_ga_config", "loftq_config")
 
 
-def export_init(peft_model, folder: Path, method: str) -> Path:
+def export_init(peft_model, folder: Path, method: str, init_config=None) -> Path:
+    """`init_config`: the method's knobs as run (None: its defaults); kept where training reads them (a regularizer's)."""
     from adapterflow.adapters.registry import get_initializer
 
     initializer = get_initializer(method)
@@ -33,14 +34,30 @@ def export_init(peft_model, folder: Path, method: str) -> Path:
     original = {field: getattr(config, field) for field in plain}
     for field, value in plain.items():
         setattr(config, field, value)
+    structure = structure_of(peft_model)  # a B·M·A model (NLoRA) is saved folded; apply_init splits it again
+    fold_middle(peft_model)
     try:
         peft_model.save_pretrained(folder)
     finally:
         for field, value in original.items():
             setattr(config, field, value)
-    meta = {"method": method, "mutates_base": initializer.mutates_base, "trains_middle_only": initializer.trains_middle_only}
+        if structure:
+            train_structured(peft_model, structure)
+    meta = {"method": method, "mutates_base": initializer.mutates_base, "trains_middle_only": initializer.trains_middle_only,
+            "structure": structure}
+    meta.update(_hook_meta(initializer, init_config))
+    if initializer.extra_products:
+        initializer.extra_products(peft_model, Path(folder))
     (Path(folder) / META_FILE).write_text(json.dumps(meta))
     return Path(folder)
+
+
+def _hook_meta(initializer, init_config) -> dict:
+    """Which of the method's own steps training and saving run (found in the registry by method name)."""
+    meta = {"training_form": initializer.training_form is not None, "plain_lora": initializer.plain_lora is not None}
+    if initializer.regularizer:
+        meta["regularizer_init"] = (init_config or initializer.default_config()).model_dump(mode="json")
+    return meta
 
 
 def read_init_meta(folder: Path) -> dict:
@@ -59,8 +76,13 @@ def apply_init(base_model, folder: Path, full_precision: Callable[[str], torch.T
     meta = read_init_meta(folder)
     if meta["mutates_base"]:
         _subtract_initial_delta(peft_model, full_precision)
-    if meta.get("trains_middle_only"):
-        train_middle_only(peft_model)
+    structure = meta.get("structure") or ("intermediate" if meta.get("trains_middle_only") else None)
+    if structure:
+        train_structured(peft_model, structure)
+    if meta.get("training_form"):
+        from adapterflow.adapters.registry import get_initializer
+
+        get_initializer(meta["method"]).training_form(peft_model)
     return peft_model
 
 
@@ -81,13 +103,21 @@ def save_trained_adapter(peft_model, folder: Path, init_folder: Path) -> Path:
     """Save as a plain LoRA adapter that loads on the untouched base model."""
     fold_middle(peft_model)
     peft_model.save_pretrained(folder)
-    if read_init_meta(init_folder)["mutates_base"]:
+    meta = read_init_meta(init_folder)
+    if meta.get("plain_lora"):
+        from adapterflow.adapters.registry import get_initializer
+
+        get_initializer(meta["method"]).plain_lora(Path(folder), Path(init_folder))
+    elif meta["mutates_base"]:
         convert_to_plain_lora(Path(folder), Path(init_folder))
     return Path(folder)
 
 
-def convert_to_plain_lora(folder: Path, init_folder: Path) -> None:
+def convert_to_plain_lora(folder: Path, init_folder: Path, removed: dict | None = None) -> None:
     """Rewrite a tuned adapter of a base-mutating method as the rank-2r delta (BA - B0A0).
+
+    `removed`: B0, A0 under the adapter's keys, what init took out of the base as s·B0·A0; None: the
+    initial adapter (PiSSA and the like move exactly that part of W into the adapter).
 
     Our own instead of peft's `path_initial_model_for_weight_conversion`: in peft 0.21.2 that
     path drops every non-LoRA tensor (the classifier head in modules_to_save), so the converted
@@ -96,7 +126,7 @@ def convert_to_plain_lora(folder: Path, init_folder: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     tuned = load_file(folder / WEIGHTS)
-    initial = load_file(init_folder / WEIGHTS)
+    initial = removed if removed is not None else load_file(init_folder / WEIGHTS)
     converted = {key: _concat_initial(key, value, initial) for key, value in tuned.items()}
     save_file(converted, folder / WEIGHTS, metadata={"format": "pt"})
     config_path = folder / "adapter_config.json"

@@ -47,6 +47,16 @@ class SampleSource(NamedTuple):
     text_field: str | None = None  # the config field naming that file's text column
 
 
+class Regularizer(NamedTuple):
+    """A term training adds to its loss: weight(init config, learning rate) × value(peft model, init config).
+
+    The unweighted value is logged as train/regularizer; a weight of 0 leaves the loss as it was.
+    """
+
+    value: Callable  # (peft_model, init_config) -> scalar tensor, differentiable in the adapter's parameters
+    weight: Callable  # (init_config, learning_rate) -> float
+
+
 class Refusal(NamedTuple):
     """Why a method cannot run somewhere and what to use there instead, quoted in the user's error."""
 
@@ -67,6 +77,7 @@ class Initializer:
     supports_quantized: bool  # False: computed on the full-precision base; a 4-bit base quantizes the residual
     preserves_outputs: bool  # right after init the model computes what the base computed
     trains_middle_only: bool = False  # LoRA-SB: A, B0 frozen, lora_B = B0·R with R (r×r) trainable
+    structured: bool = False  # NLoRA: trains ΔW = s·B·M·A (lora_B = B·M), all three or only M as its config says
     assigns_ranks: bool = False  # EVA: sets each layer's rank itself (peft's rank_pattern), so a user's pattern is refused
     calibration: Literal["batches", "samples"] = "batches"  # samples: unpadded, one per forward
     cuda_only: Refusal | None = None
@@ -75,6 +86,10 @@ class Initializer:
     is_race: bool = False  # trains candidates and keeps the winner; its config's `candidates` lists them
     in_races: bool = True  # may be a race candidate
     in_default_race: bool = False  # a candidate when the race config lists none
+    regularizer: Regularizer | None = None  # KaSA, SORSA: a term of their training loss
+    training_form: Callable | None = None  # (peft_model) -> None: reshapes the loaded initial adapter for training (SORSA)
+    extra_products: Callable | None = None  # (peft_model, init folder) -> None: products beside the initial adapter (KaSA)
+    plain_lora: Callable | None = None  # (saved folder, init folder) -> None: the trained adapter as plain LoRA on the untouched base
 
     def default_config(self) -> InitConfig:
         return self.config(method=self.name)

@@ -73,6 +73,10 @@ def variant_problem(initializer: Initializer, variant: str, loraplus: bool, rank
     if loraplus and initializer.trains_middle_only:
         return Refusal(f"adapter.loraplus_lr_ratio cannot be combined with init method {name}: its A is frozen, so the "
                        "ratio would only scale the learning rate", "remove adapter.loraplus_lr_ratio and set train.learning_rate")
+    if loraplus and initializer.structured:
+        return Refusal(f"adapter.loraplus_lr_ratio cannot be combined with init method {name}: it trains an r×r matrix "
+                       "between B and A, which LoRA+'s B/A learning-rate split has no rate for",
+                       "remove adapter.loraplus_lr_ratio and set train.learning_rate")
     if rank_pattern and initializer.assigns_ranks:
         return Refusal(f"adapter.rank_pattern cannot be combined with init method {name}, which sets every layer's rank "
                        "itself", "remove adapter.rank_pattern (alpha_pattern is fine)")

@@ -23,6 +23,7 @@ from adapterflow.flows.stages import (
     evaluate_stage,
     init_stage,
     merge_choice_stage,
+    mitigation_stage,
     open_run_stage,
     promote_stage,
     register_stage,
@@ -93,9 +94,11 @@ def _retrain(config, dirs, uri: str, run_dir: Path, force: bool, trial: dict | N
         trained = clock("train", train_stage, train_config, base_ref, init.init_dir, run_dir, run, key)
         merge = clock("merge", merge_choice_stage, run_config, base_ref, trained, run_dir, run) if trained.merged_adapter_dir else None
         adapter_dir = merge.adapter_dir if merge else trained.adapter_dir
+        mitigation = clock("mitigate", mitigation_stage, run_config, base_ref, adapter_dir, run_dir, run) if _mitigates(config) else None
+        adapter_dir = mitigation.adapter_dir if mitigation else adapter_dir
         evaluation = clock("evaluate", evaluate_stage, run_config, base_ref, adapter_dir, run_dir, run)
         spectral = clock("spectral", spectral_stage, run_config, base_ref, adapter_dir, run_dir, run) if config.evaluate.intruders else None
-        candidate = Candidate(adapter_dir, init, trained, evaluation, spectral, merge)
+        candidate = Candidate(adapter_dir, init, trained, evaluation, spectral, merge, mitigation)
         data_version = versioning.result()
         say(f"{'version':<10} data md5 {data_version.digest} (DVC)")
         lock_dir = dirs.root / "locks"
@@ -108,17 +111,21 @@ def _retrain(config, dirs, uri: str, run_dir: Path, force: bool, trial: dict | N
     summary = {
         "name": config.name, "run_id": run.run_id, "init": init.to_dict(), "train": trained.to_dict(),
         "metrics": dict(evaluation.metrics), "eval_split": evaluation.split, "spectral": spectral,
-        "merge": merge.to_dict() if merge else None,
+        "merge": merge.to_dict() if merge else None, "intruder_mitigation": mitigation.to_dict() if mitigation else None,
         "model_name": registered.model_name, "version": registered.version, "alias": registered.alias, "data_md5": data_version.digest,
         "promotion": promotion.to_dict() if promotion else None, "validation": validation.to_dict(), "run_dir": str(run_dir),
         "tracking_uri": redact_uri(uri), "timings": clock.seconds, "bnb_cpu_path": _bnb_cpu_path(config, trained.device),
         "trust_remote_code": config.model.trust_remote_code, "deferred": deferred, "outages": OUTAGES.report(),
+        "held_for_sweep": trial is not None,
     }
     if deferred:
         get_run_logger().warning(render.deferred_message(summary))
-        "held_for_sweep": trial is not None,
     create_markdown_artifact(markdown=_summary_markdown(summary), key="retrain-summary", description=config.name)
     return summary
+
+
+def _mitigates(config) -> bool:
+    return bool(config.evaluate.intruders and config.evaluate.intruders.mitigate)
 
 
 def _prepare(config_path: str, overrides: list[str]):
@@ -173,6 +180,7 @@ class _StageClock:
 
     def __init__(self, one_at_a_time: set[str] = frozenset()):
         self.seconds: dict[str, float] = {}
+        self.one_at_a_time = one_at_a_time
 
     def __call__(self, name: str, stage, *args):
         with _IN_PROCESS_STAGES if name in self.one_at_a_time else nullcontext():
@@ -181,17 +189,9 @@ class _StageClock:
             result = stage(*args)
             self.seconds[name] = round(time.perf_counter() - start, 2)
             say(render.stage_end_line(name, self.seconds[name], result))
-        self.one_at_a_time = one_at_a_time
         return result
 
 
-def _announce_run(run, name: str) -> None:
-    """The MLflow run's page, on stderr and as a Prefect link artifact, as soon as the run exists."""
-    from adapterflow.tasks.tracking import client
-
-    experiment_id = client(run.uri).get_run(run.run_id).info.experiment_id
-    url, how = render.mlflow_run_link(run.uri, experiment_id, run.run_id)
-    say(f"{'mlflow':<10} run {run.run_id}: {how}")
 # A sweep's trials are flows in threads of one process. torch's RNG and thread count are process-wide, so the stages
 # that compute in this process take turns (each then seeds and computes exactly as in a run of its own); training
 # launched as its own process (train.launch.mode accelerate, the default) runs beside them.
@@ -204,6 +204,13 @@ def _one_at_a_time(config) -> set[str]:
     return stages | ({"train"} if config.train.launch.mode == "in_process" else set())
 
 
+def _announce_run(run, name: str) -> None:
+    """The MLflow run's page, on stderr and as a Prefect link artifact, as soon as the run exists."""
+    from adapterflow.tasks.tracking import client
+
+    experiment_id = client(run.uri).get_run(run.run_id).info.experiment_id
+    url, how = render.mlflow_run_link(run.uri, experiment_id, run.run_id)
+    say(f"{'mlflow':<10} run {run.run_id}: {how}")
     create_link_artifact(link=url, link_text=f"MLflow run {run.run_id}", key=MLFLOW_LINK_ARTIFACT_KEY,
                          description=f"{name}: metrics, params and artifacts of this run in MLflow")
 
@@ -242,7 +249,9 @@ def _summary_markdown(summary: dict) -> str:
     return (
         f"# {summary['name']}\n\n- data md5: `{summary['data_md5']}`\n- init: {summary['init']['method']} "
         f"({summary['init']['seconds']:.2f} s)\n- metrics ({summary['eval_split']}): {metrics}\n"
+        + (f"- intruder mitigation: {summary['intruder_mitigation']['chosen']} registered "
+           f"({summary['intruder_mitigation']['reason']})\n" if summary.get("intruder_mitigation") else "")
         + (f"- registered: {summary['model_name']} v{summary['version']} @{summary['alias']}\n" if summary["version"] else
+           "- a sweep's trial: the sweep registers its best trial\n" if summary["held_for_sweep"] else
            f"- **not registered yet**: {'; '.join(summary['deferred'])} left for `adapterflow register {summary['run_dir']}`\n")
     )
-           "- a sweep's trial: the sweep registers its best trial\n" if summary["held_for_sweep"] else

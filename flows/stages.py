@@ -24,6 +24,7 @@ from adapterflow.tasks.tracking import RunRef, log_files, log_metrics
 if TYPE_CHECKING:  # their modules import torch/pandas, which flows/warm.py imports on its thread first
     from adapterflow.tasks.checkpoint_merge import MergeChoice
     from adapterflow.tasks.init_adapter import InitOutcome
+    from adapterflow.tasks.intruders import MitigationChoice
     from adapterflow.tasks.registry_tags import VersionTags
     from adapterflow.tasks.train import TrainResult
     from adapterflow.tasks.version_data import DataVersion, Snapshot
@@ -58,6 +59,7 @@ class Candidate:
     evaluation: Evaluation
     spectral: Mapping[str, float] | None = None
     merge: MergeChoice | None = None
+    mitigation: MitigationChoice | None = None
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,9 @@ class Registration:
     model_name: str
     version: str | None  # None: MLflow stayed down past tracking.wait_for_server_seconds; `adapterflow register` makes it
     alias: str
-
-
     held: bool = False  # a sweep's trial: the sweep registers its best trial
+
+
 @dataclass(frozen=True)
 class Promotion:
     promoted: bool
@@ -130,8 +132,11 @@ def init_stage(config, base_ref, run_dir: Path, cache_root: Path, run: RunRef, s
     metrics = {"seconds": init.seconds, "cache_hit": float(init.cache == "hit"), **init.checks}
     if init.learning_rate is not None:
         metrics["chosen_learning_rate"] = init.learning_rate
+    race_table = Path(init.race_path).with_suffix(".json") if init.race_path else None  # each round: steps, loss ± noise, why cut
+    if race_table:
+        metrics["race_extra_steps"] = json.loads(race_table.read_text())["extra_steps"]
     log_metrics(run, metrics, prefix="init/")
-    log_files(run, [Path(p) for p in (init.report_path, init.plot_path, init.race_path) if p], "init")
+    log_files(run, [Path(p) for p in (init.report_path, init.plot_path, init.race_path, race_table) if p], "init")
     return init
 
 
@@ -204,6 +209,26 @@ def merge_choice_stage(config, base_ref, trained: TrainResult, run_dir: Path, ru
     metric = choice.metric
     scores = {f"final_{metric}": choice.final, f"merged_{metric}": choice.merged, "chose_merged": float(choice.chosen == "merged")}
     log_metrics(run, scores, prefix="merge/")
+    return choice
+
+
+MITIGATION_TAG = "adapterflow.intruder_mitigation"  # on the run: the choice, one readable line
+
+
+@task(name="mitigate-intruders", retries=0, **STAGE)
+def mitigation_stage(config, base_ref, adapter_dir: str, run_dir: Path, run: RunRef) -> MitigationChoice:
+    """peft's intruder mitigation on the trained (or merged) adapter; the better of the two on validation goes on."""
+    from adapterflow.tasks.intruders import choose_adapter, mitigate_adapter, mitigation_markdown
+    from adapterflow.tasks.outbox import tag_op
+    from adapterflow.tasks.tracking import deliver
+
+    mitigated = mitigate_adapter(config, base_ref, Path(adapter_dir), run_dir / "adapter_mitigated")
+    choice = choose_adapter(config, base_ref, adapter_dir, str(mitigated))
+    (run_dir / "intruder_mitigation.md").write_text(mitigation_markdown(choice))
+    (run_dir / "intruder_mitigation.json").write_text(json.dumps(choice.to_dict(), indent=1))
+    log_files(run, [run_dir / "intruder_mitigation.md", run_dir / "intruder_mitigation.json"], "mitigation")
+    log_metrics(run, choice.metrics(), prefix="mitigation/")
+    deliver(run, [tag_op(MITIGATION_TAG, choice.tag_text())])
     return choice
 
 

@@ -426,11 +426,39 @@ class GenerationEval(Strict):
     max_new_tokens: int = Field(32, ge=1, le=4096)
 
 
+class IntruderMitigation(Strict):
+    """peft's reduce_intruder_dimension on the trained adapter, judged beside it (tasks/intruders.py)."""
+
+    # Each intruder direction's singular value in W + s·BA is multiplied by `scale` (peft's mitigation_lambda,
+    # the paper's λ): 0 removes it, 1 would change nothing. 0.75 is peft's default.
+    scale: float = Field(0.75, ge=0.0)
+    # How much worse on validation (in the gate metric) the mitigated adapter may be and still be registered
+    # when it forgets less: on promotion.forgetting's file, or without one, with fewer intruder dimensions.
+    tolerance: float = Field(0.0, ge=0.0)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_changes_something(cls, value: float) -> float:
+        if value >= 1.0:
+            raise ValueError(f"{value:g} keeps every intruder dimension as it is (or grows it); use a value in [0, 1), "
+                             "e.g. 0.75 (peft's default), or remove evaluate.intruders.mitigate")
+        return value
+
+
 class IntruderSpec(Strict):
     """The spectral report: top-k singular vectors of W + s·BA unlike every singular vector of W."""
 
     top_k: int = Field(10, ge=1, le=4096)
     threshold: float = Field(0.5, gt=0.0, le=1.0)
+    # The same top_k and threshold pick the directions it shrinks; `true` for its defaults.
+    mitigate: IntruderMitigation | None = None
+
+    @field_validator("mitigate", mode="before")
+    @classmethod
+    def _true_for_defaults(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return {} if value else None
+        return value
 
 
 class EvaluateSpec(Strict):
@@ -557,6 +585,15 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _mitigation_fits_the_variant(self) -> "RunConfig":
+        intruders = self.evaluate.intruders
+        if intruders and intruders.mitigate and self.adapter.variant == "dora":
+            raise ValueError("evaluate.intruders.mitigate rewrites B·A only (peft's reduce_intruder_dimension), but a DoRA layer "
+                             "also scales by its trained magnitude vector, which it leaves unchecked; set adapter.variant: lora "
+                             "or rslora, or remove evaluate.intruders.mitigate")
+        return self
+
+    @model_validator(mode="after")
     def _task_fits_data(self) -> "RunConfig":
         if self.task == "sequence_classification" and not self.data.labels:
             raise ValueError("task sequence_classification needs data.labels: the list of label values")
@@ -622,8 +659,9 @@ class RunConfig(Strict):
         # How long to wait for a server trains nothing differently: excluded, so digests stay what they were.
         dumped = self.model_dump(mode="json", exclude={"tracking": {"wait_for_server_seconds"}})
         for section, key, default in HASHED_WHEN_SET:
-            if dumped[section].get(key, default) == default:
-                dumped[section].pop(key, None)
+            parent = functools.reduce(lambda node, part: (node or {}).get(part), section.split("."), dumped)  # "a.b": nested
+            if parent is not None and parent.get(key, default) == default:
+                parent.pop(key, None)
         text = json.dumps(redact_values(dumped), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -635,7 +673,8 @@ build_init_schema()
 # not use them keeps the digest its registered versions carry (the retrain skip check compares it).
 HASHED_WHEN_SET = [("data", "format", None), ("data", "chat_template", None), ("data", "dataset", None), ("data", "packing", False),
                    ("adapter", "variant", "lora"), ("adapter", "loraplus_lr_ratio", None),
-                   ("adapter", "rank_pattern", {}), ("adapter", "alpha_pattern", {})]
+                   ("adapter", "rank_pattern", {}), ("adapter", "alpha_pattern", {}),
+                   ("evaluate.intruders", "mitigate", None)]
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:

@@ -115,22 +115,21 @@ def check_init_plan(config) -> None:
 
 
 def _race_winner(config, base_ref, run_dir: Path, cache_root: Path | None, train_md5: str | None) -> InitOutcome:
-    from adapterflow.tasks.race import race_markdown, run_race
+    from adapterflow.tasks.race import run_race, write_race_table
 
     start = time.perf_counter()
     race = run_race(config, base_ref, run_dir, cache_root, train_md5)
-    winner, outcome = race["winner"], race["outcome"]
+    winner, outcome, table = race["winner"], race["outcome"], race["table"]
     report = json.loads(Path(outcome.report_path).read_text())
     seconds = time.perf_counter() - start
-    race_steps = sum(row["steps"] for row in race["table"])
-    report.update(race=race["table"], chosen_learning_rate=winner.learning_rate, seconds=seconds, race_steps=race_steps)
-    report["notes"].append(f"{config.adapter.init.method}: {winner.method} at lr {winner.learning_rate:g} "
-                           f"won a race of {len(race['table'])} contenders over {len(race['schedule'])} rounds "
-                           f"({race_steps} training steps in all)")
-    report_path, race_path = run_dir / "init_report.json", run_dir / "init_race.md"
+    report.update(race=table, chosen_learning_rate=winner.learning_rate, seconds=seconds)
+    report["notes"].append(f"{config.adapter.init.method}: {winner.method} at lr {winner.learning_rate:g} won a race of "
+                           f"{len(table['contenders'])} contenders ({winner.why}); training continues its race checkpoint "
+                           f"at step {winner.steps}; {table['extra_steps']} extra steps, {table['total_steps']} in all")
+    report_path = run_dir / "init_report.json"
     report_path.write_text(json.dumps(report, indent=2))
-    race_path.write_text(race_markdown(race["table"]))
-    return InitOutcome(outcome.init_dir, str(report_path), winner.method, seconds, outcome.checks, outcome.cache,
+    _, race_path = write_race_table(table, run_dir)
+    return InitOutcome(winner.init_dir, str(report_path), winner.method, seconds, outcome.checks, outcome.cache,
                        outcome.plot_path, winner.learning_rate, str(race_path))
 
 
@@ -242,7 +241,7 @@ def _compute(config, base_ref, init_dir: Path) -> dict:
         with calibration_progress(method, initializer.calibration) as progress:
             context = InitContext(probe=dict(probe), calibration=calibration_data(config, tokenizer), progress=progress)
             peft_model, report = initialize(model, lora_settings(config), method, context)
-    export_init(peft_model, init_dir, method)
+    export_init(peft_model, init_dir, method, init_for_run(config))
     if in_full_precision:
         report.notes.append(f"computed on the full-precision base; training quantizes the residual ({config.model.quantization})")
     return report.to_dict()

@@ -1,8 +1,9 @@
 """The Trainer for init methods with a regularizer (KaSA, SORSA): loss = task loss + weight × regularizer.
 
-The unweighted regularizer, averaged over the steps since the last log, is logged as `regularizer` beside `loss`:
-the training journal records it as train/regularizer and ships it to MLflow with the other step metrics. The logged
-`loss` is the total the optimizer saw; evaluation losses stay the task loss alone.
+The unweighted regularizer, averaged over the steps since the last log, is logged as `regularizer` beside `loss`
+(with `regularizer_weight`): the training journal records them as train/regularizer and train/regularizer_weight and
+ships them to MLflow with the other step metrics. The logged `loss` is the total the optimizer saw; evaluation losses
+stay the task loss alone.
 """
 
 from __future__ import annotations
@@ -75,5 +76,6 @@ class RegularizedTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._values:  # a training log, not an evaluation's
             logs["regularizer"] = torch.stack(self._values).float().mean().item()
+            logs["regularizer_weight"] = self.regularizer.weight  # SORSA's default depends on the run's learning rate
             self._values.clear()
         super().log(logs, start_time)

@@ -46,7 +46,7 @@ def train_adapter(config, base_ref, init_dir: Path, run_dir: Path, resume_from: 
     callbacks = [NonFiniteLossGuard(), TrainingJournal(run_dir / JOURNAL_FILE)] + ([snapshots] if snapshots else [])
     trainer, device = _build_trainer(config, base_ref, init_dir, run_dir, callbacks, quiet)
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    output = trainer.train(resume_from_checkpoint=resume_from or race_checkpoint(init_dir))
     seconds = time.perf_counter() - start
     merged_dir = merge = None
     if trainer.is_world_process_zero():
@@ -85,27 +85,49 @@ def _save_merged(model, snapshots: list, config, run_dir: Path, init_dir: Path) 
     return str(merged_dir), merge_report(snapshots, weights, spec)
 
 
-def train_more(config, base_ref, init_dir: Path, run_dir: Path) -> float:
-    """Train up to train.max_steps, resuming `run_dir`'s last checkpoint; returns the validation loss.
+def race_checkpoint(init_dir: Path) -> str | None:
+    """An `auto` winner's init folder holds its race checkpoint: training continues it (an interrupted run's wins)."""
+    from adapterflow.tasks.race import CHECKPOINT
 
-    For the init race: a contender that diverges scores inf instead of stopping the run.
+    folder = Path(init_dir) / CHECKPOINT
+    return str(folder) if folder.is_dir() else None
+
+
+class PauseAt(TrainerCallback):
+    """Ends training after step `step` with a checkpoint there; the schedule stays the full run's, so a resumed run
+    goes on exactly as if it had never stopped."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_save = control.should_training_stop = True
+
+
+def train_more(config, base_ref, init_dir: Path, run_dir: Path, pause_at: int, journal: Path | None = None):
+    """Train on the run's own schedule until step `pause_at`, resuming `run_dir`'s last checkpoint; returns the trainer
+    (its model at that step, a checkpoint saved there), or None when the loss became non-finite.
+
+    For the init race: a contender that diverges is out instead of stopping the run.
     """
-    trainer, _ = _build_trainer(config, base_ref, init_dir, run_dir, [NonFiniteLossGuard()], quiet=True)
+    callbacks = [NonFiniteLossGuard(), PauseAt(pause_at)] + ([TrainingJournal(journal)] if journal else [])
+    trainer, _ = _build_trainer(config, base_ref, init_dir, run_dir, callbacks, quiet=True)
     try:
         trainer.train(resume_from_checkpoint=any((run_dir / "checkpoints").glob("checkpoint-*")) or None)
-        loss = float(trainer.evaluate()["eval_loss"])
     except TrainingError:
-        return math.inf
-    return loss if math.isfinite(loss) else math.inf
+        return None
+    return trainer
 
 
 def _build_trainer(config, base_ref, init_dir: Path, run_dir: Path, callbacks: list, quiet: bool = False):
     import torch
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from adapterflow.adapters import apply_init
     from adapterflow.tasks.encode import collator, encode_split
     from adapterflow.tasks.model_io import load_tokenizer
+    from adapterflow.tasks.regularized_trainer import trainer_class
 
     device = pick_device(config.train.device)
     if config.train.threads:
@@ -117,7 +139,7 @@ def _build_trainer(config, base_ref, init_dir: Path, run_dir: Path, callbacks: l
     train_set, eval_set = encode_split(config, tokenizer, "train"), encode_split(config, tokenizer, "validation")
     classification = config.task == "sequence_classification"
     args = _training_args(config, run_dir, device, quiet)
-    trainer = Trainer(
+    trainer = trainer_class(init_dir, args.learning_rate)(  # a method's regularizer (KaSA, SORSA) joins the loss
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=collator(config, tokenizer), callbacks=callbacks, optimizers=(loraplus_optimizer(config, model, args), None),
         compute_metrics=eval_accuracy if classification else None,

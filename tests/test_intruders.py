@@ -239,7 +239,7 @@ def test_flow_registers_the_better_of_mitigated_and_unmitigated_and_records_the_
     fewer = metrics["mitigation/intruders_mitigated"] < metrics["mitigation/intruders_unmitigated"]
     assert chosen == ("mitigated" if gain > 0 or (gain == 0 and fewer) else "unmitigated")
     assert metrics["mitigation/intruders_mitigated"] < metrics["mitigation/intruders_unmitigated"]  # scale 0 removes them
-    report = client.download_artifacts(run.info.run_id, "intruders/intruder_mitigation.json", str(tmp_path))
+    report = client.download_artifacts(run.info.run_id, "mitigation/intruder_mitigation.json", str(tmp_path))
     assert json.loads(Path(report).read_text())["chosen"] == chosen
 
     # What is registered is the chosen folder, and plain peft loads it on the untouched base with the score it was chosen by.

@@ -256,7 +256,7 @@ def test_training_puts_the_regularizer_in_the_loss_logs_it_and_saves_a_plain_ada
     logged = [r["metrics"] for r in map(json.loads, (tmp_path / "run" / JOURNAL_FILE).read_text().splitlines()) if r["event"] == "log"]
     steps, evaluations = [m for m in logged if "train/loss" in m], [m for m in logged if "eval/loss" in m]
     assert len(steps) == result.steps == 2 and len(evaluations) == 1
-    assert steps[-1]["train/regularizer"] > 1e-4
+    assert steps[-1]["train/regularizer"] > 1e-4 and all(m["train/regularizer_weight"] == 0.5 for m in steps)
     assert not any(key.startswith("eval/regular") for key in evaluations[0])
     assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["r"] == 2 * 4
     PeftModel.from_pretrained(load_model(base_ref, config.task, config.data.labels), result.adapter_dir)

@@ -159,6 +159,10 @@ def test_trains_the_chosen_factors_and_saves_plain_lora_for_the_untouched_base(f
         assert torch.allclose(b @ m, module.lora_B["default"].weight)  # lora_B is B·M
     tuned = model_outputs(trained, _probe())
     assert (tuned - base_out).abs().max() > 1e-4
+    trained.save_pretrained(tmp_path / "checkpoint")  # as the Trainer checkpoints, and resumes (a race's survivors)
+    resumed = apply_init(_model(folders[arch], arch), init_dir)
+    resumed.load_adapter(str(tmp_path / "checkpoint"), "default", is_trainable=True)
+    assert torch.allclose(model_outputs(resumed, _probe()), tuned, atol=1e-6)
     save_trained_adapter(trained, tmp_path / "adapter", init_dir)
 
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -168,8 +172,9 @@ def test_trains_the_chosen_factors_and_saves_plain_lora_for_the_untouched_base(f
     assert torch.allclose(model_outputs(reloaded, _probe()), tuned, atol=1e-5)
 
 
-@pytest.mark.parametrize("trainable", ["all", "intermediate"])
-def test_trains_through_the_flow_stages_with_checkpoints_and_registers_plain_lora(tiny_bert, cls_data, tmp_path, trainable):
+@pytest.mark.parametrize("trainable, quantization", [("all", None), ("intermediate", None), ("all", "nf4")])
+def test_trains_through_the_flow_stages_and_registers_plain_lora(tiny_bert, cls_data, tmp_path, trainable, quantization):
+    """With the Trainer and its checkpoints; on a 4-bit base the sketch is of the full-precision W, the residual quantized."""
     from conftest import cls_config
     from peft import PeftModel
 
@@ -177,14 +182,16 @@ def test_trains_through_the_flow_stages_with_checkpoints_and_registers_plain_lor
     from adapterflow.tasks.init_adapter import initialize_adapter
     from adapterflow.tasks.train import train_adapter
 
-    config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "nlora", "trainable": trainable}}))
+    overrides = {"adapter.init": {"method": "nlora", "trainable": trainable}, "model.quantization": quantization}
+    config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **overrides))
     base_ref = resolve_base(config.model)
     outcome = initialize_adapter(config, base_ref, tmp_path / "run", tmp_path / "cache")
     assert outcome.checks["max_sketch_residual"] < 1e-4
     result = train_adapter(config, base_ref, outcome.init_dir, tmp_path / "run")
     assert result.steps == 4 and (tmp_path / "run" / "checkpoints" / "checkpoint-2").is_dir()
-    reloaded = PeftModel.from_pretrained(load_model(base_ref, config.task, config.data.labels), result.adapter_dir)
-    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["r"] == 2 * R
+    untouched = load_model(base_ref, config.task, config.data.labels)  # full precision
+    reloaded = PeftModel.from_pretrained(untouched, result.adapter_dir)
     assert all("parametrizations" not in name for name, _ in reloaded.named_parameters())
 
 

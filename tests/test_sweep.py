@@ -108,7 +108,7 @@ def test_a_two_by_two_grid_registers_only_the_best_trial(prefect_server, state, 
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "sweep/trials.json")).read_text())
     assert [row["state"] for row in table].count("winner") == 1 and len(table) == 4
     assert {"sweep/trials.md", "sweep/parallel_coordinates.png"} <= {f.path for f in client.list_artifacts(parent.info.run_id, "sweep")}
-    assert f"winner           trial " in out and f"registered       {MODEL_NAME} version 1  alias @staging" in out
+    assert "winner           trial " in out and f"registered       {MODEL_NAME} version 1  alias @staging" in out
     assert out.count("<- winner") == 1
 
 
