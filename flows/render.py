@@ -252,7 +252,7 @@ def _init_report_rows(init: dict) -> list[Row]:
         rows.append(("init spectrum    ", init["plot_path"]))
     if init.get("race_path"):
         race = Path(init["race_path"]).read_text().rstrip()
-        rows += [(None, ""), (None, "init race (successive halving on validation loss):"), (None, race), (None, "")]
+        rows += [(None, ""), (None, "init race (cut only on a validation-loss gap beyond its noise):"), (None, race), (None, "")]
     return rows
 
 
