@@ -97,12 +97,12 @@ def test_the_race_on_a_4bit_base_runs_through_its_rounds(tiny_bert, cls_data, tm
     from adapterflow.tasks.init_adapter import initialize_adapter
 
     spy.force(HAS_PACKED_KERNEL)
-    init = {"method": "auto", "candidates": ["lora", "pissa"], "lr_multipliers": [0.5, 1.0], "budget": 0.5}
-    config = _config(tiny_bert, cls_data, **{"adapter.init": init, "train.max_steps": 16, "train.eval_every": None})
+    init = {"method": "auto", "candidates": ["lora", "pissa"], "lr_multipliers": [0.5, 1.0], "budget": 0.1}
+    config = _config(tiny_bert, cls_data, **{"adapter.init": init, "train.max_steps": 80, "train.eval_every": None})
     outcome = initialize_adapter(config, resolve_base(config.model), tmp_path / "run", None)
-    race = json.loads(open(outcome.report_path).read())["race"]
-    assert len(race) == 4 and [row["rounds"] for row in race].count(2) == 2
-    assert all(math.isfinite(loss) for row in race for loss in row["eval_losses"])
+    race = json.loads(open(outcome.report_path).read())["race"]["contenders"]
+    assert len(race) == 4 and max(len(row["rounds"]) for row in race) >= 2
+    assert all(math.isfinite(r["eval_loss"]) for row in race for r in row["rounds"])
     assert spy.packed_training_calls == 0  # each round evaluates, and the next one trains the contender on
 
 

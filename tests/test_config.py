@@ -283,12 +283,12 @@ def test_a_method_that_needs_a_4bit_base_is_refused_on_another(tiny_bert, cls_da
 
 
 def test_the_default_race_and_init_dump_as_before(tiny_bert, cls_data):
-    """The config digest hashes this dump: registry-built defaults must dump exactly as the old literal ones."""
+    """The config digest hashes this dump: the defaults are pinned here, so a change to them is deliberate."""
     from adapterflow.tasks.config import RunConfig
 
     config = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "auto"}}))
     assert config.model_dump(mode="json")["adapter"]["init"] == {
-        "method": "auto", "lr_multipliers": [0.5, 1.0, 2.0], "budget": 0.15, "candidates": [
+        "method": "auto", "lr_multipliers": [0.25, 0.5, 1.0, 2.0, 4.0], "budget": 0.1, "sigmas": 2.0, "candidates": [
             {"method": "lora"},
             {"method": "pissa", "niter": None, "oversampling": 24},
             {"method": "eva", "rho": 2.0, "tau": 0.99, "whiten": False},

@@ -330,7 +330,9 @@ def test_a_served_deployment_survives_prefect_server_restarts_during_a_run_and_b
         stop_process_group(serve)
     log = (tmp_path / "serve.log").read_text()
     assert "Traceback" not in log and "websocket failed" not in log, log[-6000:]
-    # The restart during the run: one line when it went away, one when it was back (between runs no flow watches).
-    assert log.count("the Prefect API at") == 2 and "is not answering" in log and "is back after" in log, log[-6000:]
+    # Each outage a flow saw: one line when it went away, one when it was back. Between runs no flow watches, but on
+    # a loaded machine Prefect listed the first run COMPLETED while its process still watched (a second pair then).
+    down, back = log.count("is not answering"), log.count("is back after")
+    assert 1 <= down == back <= 2 and log.count("the Prefect API at") == down + back, log[-6000:]
     uri = f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
     assert [str(v.version) for v in _client(uri).search_model_versions(f"name = '{MODEL}'")] == ["1"]

@@ -197,7 +197,9 @@ def test_the_mlflow_run_link_names_a_server_page_without_its_login_or_the_mlflow
 
 def test_stage_end_lines_carry_each_stage_s_key_result():
     validation = SimpleNamespace(row_counts={"train": 48, "test": 18}, checks=9)
-    registration = SimpleNamespace(model_name="m", version="3", alias="staging")
+    registration = SimpleNamespace(model_name="m", version="3", alias="staging", held=False)
     assert render.stage_end_line("validate", 0.31, validation) == "validate   done in 0.3 s: 66 rows passed 9 checks (train 48, test 18)"
     assert render.stage_end_line("register", 1.0, registration) == "register   done in 1.0 s: m version 3 @staging"
+    held = SimpleNamespace(model_name="m", version=None, alias="staging", held=True)  # a sweep's trial
+    assert render.stage_end_line("register", 1.0, held) == "register   done in 1.0 s: held: the sweep registers its best trial"
     assert render.stage_start_line("train") == "train      started"
