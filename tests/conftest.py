@@ -151,6 +151,12 @@ def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
+@pytest.fixture
+def folders(tiny_bert, tiny_llama) -> dict[str, Path]:
+    """The tiny models by architecture name (tests/tiny_inits.ARCHS)."""
+    return {"bert": tiny_bert, "llama": tiny_llama}
+
+
 def classification_rows(count: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []

@@ -6,6 +6,8 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_inits import ARCHS
+from tiny_inits import probe as _probe
 
 from adapterflow.adapters import (
     InitContext,
@@ -23,10 +25,6 @@ from adapterflow.adapters.registry import InitConfig, Initializer, register, reg
 from adapterflow.tasks.config import ModelSpec
 from adapterflow.tasks.model_io import load_model, resolve_base
 
-ARCHS = {
-    "bert": ("sequence_classification", ("query", "value"), "SEQ_CLS"),
-    "llama": ("causal_lm", ("q_proj", "v_proj"), "CAUSAL_LM"),
-}
 METHODS = ["lora", "gaussian", "orthogonal", "pissa", "milora", "olora", "eva", "corda"]
 
 
@@ -41,10 +39,6 @@ def _settings(arch, method=None, **knobs):
     return LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=targets, task_type=task_type, init=init)
 
 
-def _probe():
-    return {"input_ids": torch.randint(5, 2000, (2, 10), generator=torch.Generator().manual_seed(1))}
-
-
 def _calibration(batches: int = 12, batch_size: int = 8):
     generator = torch.Generator().manual_seed(2)
     return [{"input_ids": torch.randint(5, 2000, (batch_size, 16), generator=generator)} for _ in range(batches)]
@@ -53,11 +47,6 @@ def _calibration(batches: int = 12, batch_size: int = 8):
 def _calibration_for(method: str):
     """CorDA's hooks take one sample per forward."""
     return _calibration(64, 1) if method == "corda" else _calibration()
-
-
-@pytest.fixture
-def folders(tiny_bert, tiny_llama):
-    return {"bert": tiny_bert, "llama": tiny_llama}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_inits import ALPHA, ARCHS, R
+from tiny_inits import probe as _probe
+from tiny_inits import tiny_model as _model
 
 from adapterflow.adapters import (
     InitContext,
@@ -17,29 +20,7 @@ from adapterflow.adapters import (
 )
 from adapterflow.adapters.invariants import model_outputs
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
-from adapterflow.tasks.config import ModelSpec
 from adapterflow.tasks.model_io import load_model, resolve_base
-
-ARCHS = {
-    "bert": ("sequence_classification", ("query", "value"), "SEQ_CLS"),
-    "llama": ("causal_lm", ("q_proj", "v_proj"), "CAUSAL_LM"),
-}
-R, ALPHA = 4, 8
-
-
-@pytest.fixture
-def folders(tiny_bert, tiny_llama):
-    return {"bert": tiny_bert, "llama": tiny_llama}
-
-
-def _model(folder, arch):
-    """Dropout off: the gradient the init saw must equal the one recomputed here."""
-    torch.manual_seed(0)
-    model = load_model(resolve_base(ModelSpec(path=str(folder))), ARCHS[arch][0], ["a", "b", "c"])
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model
 
 
 def _settings(arch, method=None, **knobs):
@@ -56,10 +37,6 @@ def _batches(arch, count=3):
         labels = torch.randint(0, 3, (8,), generator=generator) if arch == "bert" else ids.clone()
         batches.append({"input_ids": ids, "labels": labels})
     return batches
-
-
-def _probe():
-    return {"input_ids": torch.randint(5, 2000, (2, 10), generator=torch.Generator().manual_seed(1))}
 
 
 def _init(folders, arch, method, **knobs):

@@ -7,6 +7,8 @@ import json
 
 import pytest
 import torch
+from tiny_inits import ALPHA, ARCHS, R, tiny_model
+from tiny_inits import probe as _probe
 
 from adapterflow.adapters import (
     InitContext,
@@ -24,22 +26,11 @@ from adapterflow.errors import ConfigError
 from adapterflow.tasks.config import ModelSpec
 from adapterflow.tasks.model_io import load_model, resolve_base
 
-ARCHS = {
-    "bert": ("sequence_classification", ("query", "value"), "SEQ_CLS"),
-    "llama": ("causal_lm", ("q_proj", "v_proj"), "CAUSAL_LM"),
-}
-R, ALPHA = 4, 8
 METHODS = ("kasa", "sorsa")
 
 
-@pytest.fixture
-def folders(tiny_bert, tiny_llama):
-    return {"bert": tiny_bert, "llama": tiny_llama}
-
-
 def _model(folder, arch):
-    torch.manual_seed(0)
-    return load_model(resolve_base(ModelSpec(path=str(folder))), ARCHS[arch][0], ["a", "b", "c"])
+    return tiny_model(folder, arch, dropout=True)  # as the flow loads it; outputs are compared in eval mode
 
 
 def _settings(arch, method, r=R, **adapter):
@@ -47,10 +38,6 @@ def _settings(arch, method, r=R, **adapter):
     return LoraSettings(
         r=r, alpha=ALPHA, dropout=0.0, target_modules=targets, task_type=task_type, init=get_initializer(method).default_config(), **adapter
     )
-
-
-def _probe():
-    return {"input_ids": torch.randint(5, 2000, (2, 10), generator=torch.Generator().manual_seed(1))}
 
 
 def _batch(arch):

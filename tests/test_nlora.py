@@ -7,6 +7,9 @@ import json
 
 import pytest
 import torch
+from tiny_inits import ALPHA, ARCHS, R
+from tiny_inits import probe as _probe
+from tiny_inits import tiny_model as _model
 
 from adapterflow.adapters import (
     InitContext,
@@ -22,38 +25,13 @@ from adapterflow.adapters.frozen_factors import structure_of
 from adapterflow.adapters.invariants import model_outputs
 from adapterflow.adapters.layers import delta_factors, lora_layers, short_name
 from adapterflow.adapters.methods.nlora import sketch, verify_nlora
-from adapterflow.tasks.config import ModelSpec
 from adapterflow.tasks.model_io import load_model, resolve_base
-
-ARCHS = {
-    "bert": ("sequence_classification", ("query", "value"), "SEQ_CLS"),
-    "llama": ("causal_lm", ("q_proj", "v_proj"), "CAUSAL_LM"),
-}
-R, ALPHA = 4, 8
-
-
-@pytest.fixture
-def folders(tiny_bert, tiny_llama):
-    return {"bert": tiny_bert, "llama": tiny_llama}
-
-
-def _model(folder, arch):
-    torch.manual_seed(0)
-    model = load_model(resolve_base(ModelSpec(path=str(folder))), ARCHS[arch][0], ["a", "b", "c"])
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model
 
 
 def _settings(arch, method="nlora", **knobs):
     _, targets, task_type = ARCHS[arch]
     init = get_initializer(method).config(method=method, **knobs)
     return LoraSettings(r=R, alpha=ALPHA, dropout=0.0, target_modules=targets, task_type=task_type, init=init)
-
-
-def _probe():
-    return {"input_ids": torch.randint(5, 2000, (2, 10), generator=torch.Generator().manual_seed(1))}
 
 
 def _batch(arch):
