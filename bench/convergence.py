@@ -252,7 +252,7 @@ def pm(pair, spec: str) -> str:
 
 def print_table(args, summary: dict) -> None:
     target = summary["target"]
-    print(f"\nconvergence on the demo task: {args.steps} total optimizer steps per run (auto's race included), batch "
+    print(f"\nconvergence on {Path(args.config).name}: {args.steps} total optimizer steps per run (auto's race included), batch "
           f"{args.batch_size}, {args.seeds} seed(s), user LR {args.user_lr:g} × {', '.join(f'{k:g}' for k in args.multipliers)}")
     if target is None:
         print("(no successful lora run at the user's LR: no target, so no steps-to-target column)")
