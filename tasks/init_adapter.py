@@ -107,11 +107,16 @@ def initialize_adapter(config, base_ref, run_dir: Path, cache_root: Path | None 
 
 
 def check_init_plan(config) -> None:
-    """What the init stage will need, checked before any compute (a race's step budget)."""
+    """What the init stage will need, checked before any compute (a race's step budget); a race too short to decide
+    is a warning on stderr, not an error: it still trains as much as a plain run would."""
     if configured_initializer(config).is_race:
-        from adapterflow.tasks.race import race_plan
+        import sys
 
-        race_plan(config)
+        from adapterflow.tasks.race import race_plan, thin_race_warning
+
+        warning = thin_race_warning(race_plan(config), config)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
 
 
 def _race_winner(config, base_ref, run_dir: Path, cache_root: Path | None, train_md5: str | None) -> InitOutcome:

@@ -240,6 +240,20 @@ def test_race_budget_too_small_is_refused_before_any_compute(tiny_bert, cls_data
     assert "20 contenders" in result.stderr and "Raise train.max_steps to 380" in result.stderr
 
 
+def test_a_race_too_short_to_decide_is_a_warning_and_a_long_one_is_not(tiny_bert, cls_data, capsys):
+    from adapterflow.tasks.config import RunConfig
+    from adapterflow.tasks.init_adapter import check_init_plan
+
+    init = {"method": "auto", "candidates": ["lora", "pissa"], "lr_multipliers": [0.5, 1.0, 2.0]}  # 6 contenders
+    short = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": init, "train.max_steps": 60}))
+    check_init_plan(short)
+    warning = capsys.readouterr().err
+    assert "each of the 5 losing contenders about 1 step(s)" in warning and "raise train.max_steps to 750" in warning
+    enough = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": init, "train.max_steps": 750}))
+    check_init_plan(enough)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("init, expected", [
     ({"candidates": ["lora", "lora"]}, "lists a method twice"),
     ({"candidates": ["lora"]}, "adapter.init.auto.candidates"),
