@@ -169,6 +169,7 @@ def test_auto_race_trains_its_winner_at_the_winning_learning_rate(prefect_server
     captured = capsys.readouterr()
     out = captured.out + captured.err
     assert "init race  round 1 (step 1): 4 of 4 contenders still in" in out
+    assert "warning: adapter.init auto: its budget gives each of the 3 losing contenders about 1 step(s)" in out
     assert "init race (cut only on a validation-loss gap beyond its noise):" in out
     client, _ = _client(state)
     version = client.get_model_version_by_alias(MODEL_NAME, "staging")
