@@ -1,6 +1,7 @@
 """Convergence: does an init method, or the `auto` race, reach a better adapter than vanilla LoRA at equal compute?
 
-On the demo task (configs/demo.yaml: MiniLM, Debian sections), every (method, LR) pair of a grid is initialized,
+On the demo task (configs/demo.yaml: MiniLM, Debian sections; --config for another, e.g. configs/docstrings.yaml),
+every (method, LR) pair of a grid is initialized,
 trained and evaluated the way the flow does it (tasks.init_adapter / tasks.train / tasks.evaluate), once per seed.
 `auto` in --methods races the grid's other methods over the same LRs (as lr_multipliers of --user-lr) and trains its
 winner: at equal total optimizer steps, because its race's extra steps count (its max_steps is --steps less its
@@ -306,7 +307,7 @@ def plot(args, summary: dict, runs: list[dict], path: Path) -> None:
     loss_axis.legend(fontsize=7)
     for axis in (loss_axis, acc_axis):
         axis.grid(alpha=0.3)
-    figure.suptitle(f"demo task, {args.steps} total steps, batch {args.batch_size}, user LR {args.user_lr:g}")
+    figure.suptitle(f"{Path(args.config).stem} task, {args.steps} total steps, batch {args.batch_size}, user LR {args.user_lr:g}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
