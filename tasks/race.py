@@ -6,17 +6,19 @@ optimizer, scheduler, RNG and data position) goes into its init folder and the t
 its race steps are the first steps of the real run, bit for bit, and only the other contenders' steps are extra, at
 most `budget` × max_steps (≤ 10%).
 
-After each round every contender is scored on the validation split, example by example: its eval loss is the mean,
-the noise of that loss its standard error (sd / √n). A contender is cut only when its loss exceeds the leader's by
-more than `sigmas` × √(σ_leader² + σ_contender²), the noise of the difference; otherwise it is tied and kept. Rounds
-double in length while the budget holds, so the tied ones get more steps to separate. When the budget ends with
-several still tied, the simplest method wins (registry family order, lora first, then the candidates' order) at the
-learning rate nearest the user's.
-
-Why each loss's own noise and not a paired test over the shared examples: early in training the contenders differ by
-tiny but consistent amounts on every example (twelve contenders within 6e-4 after one step each), which a paired test
-calls significant, although that order says nothing about the final one. A real difference must beat the noise a
-different validation sample would give each loss.
+After each round every contender is scored on the validation split, example by example, and compared with the leader
+in two ways:
+- obviously worse: its loss exceeds the leader's by more than `sigmas` × √(σ_leader² + σ_contender²), each σ the
+  standard error of one mean (sd / √n). That gap would survive drawing another validation sample for each loss: cut.
+- consistently worse: the paired gap (the mean of the example-by-example differences) exceeds `sigmas` × its own
+  standard error, in this round and the round before, and has not shrunk since. Pairing removes the examples' shared
+  difficulty, so real gaps show after a few steps (on both convergence benches the LR arms' step-10 order was their
+  step-60 order, at gaps well under the unpaired noise). One round is not enough: right after the init, contenders
+  differ by tiny but consistent amounts on every example (twelve within 6e-4 after one step each) that say nothing
+  about the final order; a gap that held and did not close over a round, as training went on, does.
+Otherwise it is tied and kept. Rounds double in length while the budget holds, so the tied ones get more steps to
+separate. When the budget ends with several still tied, the simplest method wins (registry family order, lora first,
+then the candidates' order) at the learning rate nearest the user's.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from adapterflow.errors import ConfigError, TrainingError
 
 CHECKPOINT = "race_checkpoint"  # in the winner's init folder: what the train stage continues
 FIRST_ROUND_SHARE = 3  # the first round takes a third of the extra steps when nobody is cut; the rest pays for more
-# Steps each losing contender needs before LR arms separate beyond the noise: on both convergence benches (demo,
-# docstrings; MiniLM, batch 16) arms were within the noise at step 10 and 10σ apart at step 20.
-STEPS_TO_DECIDE = 15
+# Steps each losing contender needs before the race can cut on signal: on both convergence tasks (demo, docstrings;
+# MiniLM, batch 16, six contenders) the paired comparison had cut all but one by step 9 to 11.
+STEPS_TO_DECIDE = 9
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class RacePlan:
 class Score:
     loss: float  # mean over the validation examples; inf when the contender diverged
     noise: float  # standard error of that mean
+    losses: object = None  # the per-example losses (a tensor), for the paired comparison
 
 
 @dataclass
@@ -120,15 +123,18 @@ def score(losses) -> Score:
 
     if losses is None or not bool(torch.isfinite(losses).all()):
         return Score(math.inf, math.inf)
-    noise = float(losses.std(unbiased=True) / math.sqrt(len(losses))) if len(losses) > 1 else math.inf
-    return Score(float(losses.mean()), noise)
+    return Score(float(losses.mean()), _standard_error(losses), losses)
 
 
-def judge(scores: dict[str, Score], sigmas: float) -> dict[str, tuple[bool, str]]:
-    """label -> (cut, why): cut when worse than the leader by more than `sigmas` × the noise of the difference."""
+def _standard_error(values) -> float:
+    return float(values.std(unbiased=True) / math.sqrt(len(values))) if len(values) > 1 else math.inf
+
+
+def judge(scores: dict[str, Score], sigmas: float, before: dict[str, Score] | None = None) -> dict[str, tuple[bool, str]]:
+    """label -> (cut, why): cut when obviously worse than the leader now, or consistently worse (paired) in this round
+    and in `before`, the previous round's scores."""
     leader = min(scores, key=lambda label: scores[label].loss)
-    best = scores[leader]
-    if not math.isfinite(best.loss):
+    if not math.isfinite(scores[leader].loss):
         raise TrainingError("every contender of the init race diverged (non-finite loss). Lower train.learning_rate "
                             "or adapter.init.lr_multipliers, then run again.")
     verdicts = {}
@@ -138,11 +144,32 @@ def judge(scores: dict[str, Score], sigmas: float) -> dict[str, tuple[bool, str]
         elif not math.isfinite(own.loss):
             verdicts[label] = (True, "diverged (non-finite loss)")
         else:
-            delta, margin = own.loss - best.loss, sigmas * math.hypot(own.noise, best.noise)
-            cut = delta > margin
-            relation = f"{'worse than' if cut else 'tied with'} {leader} by Δ {delta:.4f} {'>' if cut else '≤'} {sigmas:g}σ {margin:.4f}"
-            verdicts[label] = (cut, relation if cut else f"{relation}; kept")
+            verdicts[label] = _verdict(label, leader, scores, before or {}, sigmas)
     return verdicts
+
+
+def _verdict(label: str, leader: str, scores: dict[str, Score], before: dict[str, Score], sigmas: float) -> tuple[bool, str]:
+    own, best = scores[label], scores[leader]
+    delta, margin = own.loss - best.loss, sigmas * math.hypot(own.noise, best.noise)
+    if delta > margin:
+        return True, f"worse than {leader} by Δ {delta:.4f} > {sigmas:g}σ {margin:.4f}"
+    gap, gap_margin = _paired(own, best, sigmas)
+    if not gap > gap_margin:
+        return False, f"tied with {leader} by Δ {delta:.4f} ≤ {sigmas:g}σ {margin:.4f} (paired {gap:.4f} ≤ {gap_margin:.4f}); kept"
+    paired = f"paired Δ {gap:.4f} > {sigmas:g}σ {gap_margin:.4f}"
+    if label in before and leader in before:
+        earlier, earlier_margin = _paired(before[label], before[leader], sigmas)
+        if earlier > earlier_margin and gap >= earlier:
+            return True, f"consistently worse than {leader}: {paired}, and {earlier:.4f} > {earlier_margin:.4f} a round before"
+    return False, f"behind {leader} by {paired}, not yet in two rounds with a gap that holds; kept"
+
+
+def _paired(own: Score, best: Score, sigmas: float) -> tuple[float, float]:
+    """The mean example-by-example gap and `sigmas` × its standard error; no gap without per-example losses."""
+    if own.losses is None or best.losses is None or len(own.losses) != len(best.losses):
+        return 0.0, math.inf
+    differences = own.losses - best.losses
+    return float(differences.mean()), sigmas * _standard_error(differences)
 
 
 def simplest(tied: list[Contender]) -> Contender:
@@ -196,12 +223,13 @@ def _initialize(config, base_ref, contenders: list[Contender], race_dir: Path, c
 
 
 def _run_rounds(config, base_ref, contenders: list[Contender], plan: RacePlan, race_dir: Path) -> Contender:
-    alive, steps, number = list(contenders), plan.first_round, 0
+    alive, steps, number, before = list(contenders), plan.first_round, 0, {}
     while steps:
         number += 1
         target = alive[0].steps + steps
         scores = {c.label: _advance(config, base_ref, c, target, race_dir) for c in alive}
-        verdicts = judge(scores, config.adapter.init.sigmas)
+        verdicts = judge(scores, config.adapter.init.sigmas, before)
+        before = scores
         for contender in alive:
             own, (cut, why) = scores[contender.label], verdicts[contender.label]
             loss, noise = (value if math.isfinite(value) else None for value in (own.loss, own.noise))  # JSON has no inf
@@ -335,7 +363,8 @@ def race_markdown(table: dict) -> str:
     lines = [
         f"{table['max_steps']} training steps + {table['extra_steps']} extra for the contenders that lost "
         f"(at most {table['extra_budget']}) = {table['total_steps']} optimizer steps; cut when worse than the leader by "
-        f"more than {table['sigmas']:g}σ of the two losses' noise. {table['winner']} continues from its race step "
+        f"more than {table['sigmas']:g}σ of the two losses' noise, or by more than {table['sigmas']:g}σ of the paired "
+        f"(example-by-example) gap's noise in two rounds running with a gap that holds. {table['winner']} continues from its race step "
         f"{table['winner_race_steps']}.",
         "",
         "| contender | init s | steps | eval loss ± σ by round (step) | result | why |",

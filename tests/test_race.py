@@ -49,12 +49,43 @@ def test_a_difference_within_the_noise_is_no_cut_and_a_large_one_is():
     scores = {"a": score(noisy), "b": score(noisy + 0.05), "c": score(noisy + 1.0)}
     verdicts = judge(scores, sigmas=2.0)
     assert verdicts["a"] == (False, "leads")
-    assert verdicts["b"][0] is False and verdicts["b"][1].startswith("tied with a by Δ 0.0500 ≤ 2σ") and "kept" in verdicts["b"][1]
+    assert verdicts["b"][0] is False and verdicts["b"][1].startswith("behind a by paired Δ 0.0500") and "kept" in verdicts["b"][1]
     assert verdicts["c"][0] is True and verdicts["c"][1].startswith("worse than a by Δ 1.0000 > 2σ")
     diverged = judge({"a": score(noisy), "d": score(torch.tensor([1.0, math.nan]))}, 2.0)
     assert diverged["d"] == (True, "diverged (non-finite loss)")
     with pytest.raises(TrainingError, match="every contender"):
         judge({"d": score(None)}, 2.0)
+
+
+def _offset(gap: float, wobble: float, seed: int = 0) -> torch.Tensor:
+    """SPREAD shifted by `gap` give or take `wobble` per example: a gap far under each mean's noise (≈ 0.033)."""
+    noise = torch.randn(len(SPREAD), generator=torch.Generator().manual_seed(seed))
+    return SPREAD + gap + wobble * (noise - noise.mean())  # centred: the mean gap is exactly `gap`
+
+
+def test_a_small_gap_is_cut_only_when_the_paired_gap_holds_over_two_rounds():
+    leader = score(SPREAD)
+    first = judge({"a": leader, "b": score(_offset(0.01, 0.005))}, 2.0)
+    assert first["b"][0] is False and first["b"][1].startswith("behind a by paired Δ 0.0100")  # one round is not enough
+    before = {"a": leader, "b": score(_offset(0.01, 0.005))}
+    held = judge({"a": leader, "b": score(_offset(0.012, 0.005, seed=1))}, 2.0, before)
+    assert held["b"][0] is True and held["b"][1].startswith("consistently worse than a: paired Δ 0.0120")
+    closing = judge({"a": leader, "b": score(_offset(0.006, 0.005, seed=1))}, 2.0, before)
+    assert closing["b"][0] is False and "kept" in closing["b"][1]  # still behind, but the gap shrank: it may catch up
+    lost_in_noise = judge({"a": leader, "b": score(_offset(0.01, 0.3, seed=1))}, 2.0, before)
+    assert lost_in_noise["b"][0] is False and lost_in_noise["b"][1].startswith("tied with a")
+
+
+def test_a_consistently_better_contender_wins_the_race_though_its_lead_is_under_each_losss_noise(monkeypatch):
+    contenders = _field(("lora", 1.0), ("pissa", 1.0))
+    simpler, better = contenders
+    plan = plan_race(len(contenders), 100, 0.1)  # 10 extra steps: rounds of 3 and 6 steps
+    gap = lambda c, step: 0.0 if c is better else 0.02 * min(1.0, step / 5)  # noqa: E731 - grows, then holds
+    winner = _race_with(monkeypatch, contenders, plan, lambda c, step: _offset(gap(c, step), 0.005, seed=2 * step + (c is better)))
+    assert winner is better and simpler.result == "cut" and simpler.why.startswith("round 2 (step 9): consistently worse than pissa@0.01")
+    first, second = (r["verdict"] for r in simpler.rounds)
+    assert first.startswith("behind pissa@0.01 by paired Δ 0.0120") and second.endswith("0.0120 > 0.0010 a round before")
+    assert math.hypot(*(r["noise"] for r in (simpler.rounds[0], better.rounds[0]))) > 0.02  # unpaired, the gap is noise
 
 
 def test_a_causal_lm_examples_loss_is_the_mean_over_its_own_answer_tokens():
@@ -248,8 +279,8 @@ def test_a_race_too_short_to_decide_is_a_warning_and_a_long_one_is_not(tiny_bert
     short = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": init, "train.max_steps": 60}))
     check_init_plan(short)
     warning = capsys.readouterr().err
-    assert "each of the 5 losing contenders about 1 step(s)" in warning and "raise train.max_steps to 750" in warning
-    enough = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": init, "train.max_steps": 750}))
+    assert "each of the 5 losing contenders about 1 step(s)" in warning and "raise train.max_steps to 450" in warning
+    enough = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": init, "train.max_steps": 450}))
     check_init_plan(enough)
     assert capsys.readouterr().err == ""
 

@@ -137,15 +137,31 @@ def _first_training_pid(home: Path, name: str) -> int | None:
     return int(pid_file.read_text()) if pid_file and pid_file.read_text().strip() else None
 
 
-def test_no_secret_survives_a_full_run_failing_runs_and_every_cli_command(prefect_server, mlflow_server, tmp_path, tiny_bert, cls_data):
-    from mlflow.tracking import MlflowClient
-
+def _secret_setup(mlflow_server, tmp_path):
+    """The session, the URIs with the password, and the run config a user wrote (it holds the password)."""
     server_folder, port, dead_port = mlflow_server
     uri = f"http://alice:{PASSWORD}@127.0.0.1:{port}"
-    dead_uri = f"http://alice:{PASSWORD}@127.0.0.1:{dead_port}"
-    session = Session(tmp_path / "state")
     good = {"tracking.mlflow_uri": uri, "train.launch": {"mode": "accelerate"}, "train.threads": 1,
             "tracking.system_metrics_seconds": 1.0}
+    return Session(tmp_path / "state"), uri, f"http://alice:{PASSWORD}@127.0.0.1:{dead_port}", good
+
+
+def _assert_no_secret_anywhere(session: Session, server_folder: Path, *more_trees: Path) -> None:
+    time.sleep(3)  # the Prefect server stores the logs its clients sent on exit
+    hits = _hits_in_tree(server_folder) + _hits_in_tree(session.home) + _hits_in_tree(_prefect_database_folder())
+    for tree in more_trees:
+        hits += _hits_in_tree(tree)
+    hits += _hits_in_bytes("Prefect API logs", _prefect_api_logs().encode())
+    for command, output in session.outputs:
+        hits += _hits_in_bytes(f"output of adapterflow {command}", output.encode())
+    assert not hits, f"{len(hits)} secret(s) found:\n" + "\n\n".join(hits)
+
+
+def test_no_secret_survives_a_full_run_and_every_registry_command(prefect_server, mlflow_server, tmp_path, tiny_bert, cls_data):
+    from mlflow.tracking import MlflowClient
+
+    server_folder, port, _ = mlflow_server
+    session, uri, dead_uri, good = _secret_setup(mlflow_server, tmp_path)
     config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **good))
 
     # A full, successful run (training in the accelerate subprocess, step metrics logged from there).
@@ -154,8 +170,40 @@ def test_no_secret_survives_a_full_run_failing_runs_and_every_cli_command(prefec
     assert f"registered       {MODEL_NAME} version 1  alias @staging" in done.stdout
     assert f"http://127.0.0.1:{port} (the MLflow server's UI)" in done.stdout
 
-    # Failing runs: the tracking server is down; training is killed (before any checkpoint); the servers the
-    # preflight asks (an S3 endpoint for the DVC remote, the Prefect API) do not answer.
+    # Every registry command, with the URI given on the command line and through MLFLOW_TRACKING_URI.
+    target = ("--tracking-uri", uri)
+    session.run("status", MODEL_NAME, *target)
+    session.run("status", MODEL_NAME, MLFLOW_TRACKING_URI=uri)
+    lineage = session.run("lineage", MODEL_NAME, "1", *target)
+    assert "mlflow_uri: http://alice:***@127.0.0.1:" in lineage.stdout
+    assert session.run("promote", MODEL_NAME, *target, expect=None).returncode in (0, 1)  # promoted or refused by the gate
+    session.run("rollback", MODEL_NAME, *target, expect=5)  # nothing to roll back to: an error message
+    session.run("export", f"{MODEL_NAME}@staging", str(tmp_path / "exported"), *target)
+    session.run("export", f"{MODEL_NAME}@no-such-alias", str(tmp_path / "exported-2"), *target, expect=5)
+    session.run("status", "no-such-model", *target, expect=5)
+    session.run("lineage", MODEL_NAME, "99", *target, expect=5)
+    session.run("status", MODEL_NAME, "--tracking-uri", dead_uri, expect=5)
+
+    # The run really used the URI with its password: the worker logged step metrics to this server.
+    client = MlflowClient(f"http://127.0.0.1:{port}")
+    version = client.get_model_version_by_alias(MODEL_NAME, "staging")
+    assert client.get_metric_history(version.run_id, "train/loss")
+    assert client.get_run(version.run_id).data.params["tracking.mlflow_uri"] == f"http://alice:***@127.0.0.1:{port}"
+    jobs = list(session.home.glob("runs/*/train_job.json"))
+    assert jobs and all(stat.S_IMODE(job.stat().st_mode) == 0o600 for job in jobs)
+    # The search would find a secret (the config the user wrote holds one), and it reads the store that was written.
+    assert _hits_in_bytes("config", config.read_bytes())
+    assert any(b"alice:***@127.0.0.1" in path.read_bytes() for path in server_folder.glob("mlflow.db*"))
+    _assert_no_secret_anywhere(session, server_folder, tmp_path / "exported")
+
+
+def test_no_secret_survives_failing_runs_or_a_served_schedule(prefect_server, mlflow_server, tmp_path, tiny_bert, cls_data):
+    server_folder, _, dead_port = mlflow_server
+    session, _, dead_uri, good = _secret_setup(mlflow_server, tmp_path)
+    config = write_config(tmp_path / "run.yaml", cls_config(tiny_bert, cls_data, **good))
+
+    # The tracking server is down; training is killed (before any checkpoint); the servers the preflight asks
+    # (an S3 endpoint for the DVC remote, the Prefect API) do not answer.
     down = write_config(tmp_path / "down.yaml", cls_config(tiny_bert, cls_data, **{**good, "tracking.mlflow_uri": dead_uri}))
     session.run("run", str(down), expect=5)  # RegistryError: MLflow cannot be reached
     killed_config = write_config(tmp_path / "killed.yaml", cls_config(tiny_bert, cls_data, **{
@@ -175,20 +223,6 @@ def test_no_secret_survives_a_full_run_failing_runs_and_every_cli_command(prefec
     s3 = write_config(tmp_path / "s3.yaml", cls_config(tiny_bert, cls_data, **{**good, "tracking.dvc_remote": "s3://bucket/data"}))
     session.run("check", str(s3), expect=5, AWS_ENDPOINT_URL=f"http://key:{PASSWORD}@127.0.0.1:{dead_port}")
     session.run("check", str(config), expect=5, PREFECT_API_URL=f"http://alice:{PASSWORD}@127.0.0.1:{dead_port}/api")
-
-    # Every registry command, with the URI given on the command line and through MLFLOW_TRACKING_URI.
-    target = ("--tracking-uri", uri)
-    session.run("status", MODEL_NAME, *target)
-    session.run("status", MODEL_NAME, MLFLOW_TRACKING_URI=uri)
-    lineage = session.run("lineage", MODEL_NAME, "1", *target)
-    assert "mlflow_uri: http://alice:***@127.0.0.1:" in lineage.stdout
-    assert session.run("promote", MODEL_NAME, *target, expect=None).returncode in (0, 1)  # promoted or refused by the gate
-    session.run("rollback", MODEL_NAME, *target, expect=5)  # nothing to roll back to: an error message
-    session.run("export", f"{MODEL_NAME}@staging", str(tmp_path / "exported"), *target)
-    session.run("export", f"{MODEL_NAME}@no-such-alias", str(tmp_path / "exported-2"), *target, expect=5)
-    session.run("status", "no-such-model", *target, expect=5)
-    session.run("lineage", MODEL_NAME, "99", *target, expect=5)
-    session.run("status", MODEL_NAME, "--tracking-uri", dead_uri, expect=5)
     scheduled = write_config(tmp_path / "scheduled.yaml", cls_config(tiny_bert, cls_data, **{**good, "schedule": {"cron": "0 3 1 1 *"}}))
     server = session.start("serve", str(scheduled))
     try:
@@ -197,26 +231,9 @@ def test_no_secret_survives_a_full_run_failing_runs_and_every_cli_command(prefec
         stop_process_group(server)
     session.keep(["serve", scheduled], *server.communicate())
 
-    # The runs really used the URI with its password: the worker logged step metrics to this server.
-    client = MlflowClient(f"http://127.0.0.1:{port}")
-    version = client.get_model_version_by_alias(MODEL_NAME, "staging")
-    assert client.get_metric_history(version.run_id, "train/loss")
-    assert client.get_run(version.run_id).data.params["tracking.mlflow_uri"] == f"http://alice:***@127.0.0.1:{port}"
-    jobs = list(session.home.glob("runs/*/train_job.json"))
-    assert jobs and all(stat.S_IMODE(job.stat().st_mode) == 0o600 for job in jobs)
-    # The search would find a secret (the config the user wrote holds one), and it reads the stores that were written:
-    # the server's database holds the masked URI, the Prefect database the failed run's message.
-    assert _hits_in_bytes("config", config.read_bytes())
-    assert any(b"alice:***@127.0.0.1" in path.read_bytes() for path in server_folder.glob("mlflow.db*"))
+    # The search reads the store the failed run wrote: the Prefect database holds its message.
     assert any(b"cannot be reached" in path.read_bytes() for path in _prefect_database_folder().iterdir() if path.is_file())
-
-    time.sleep(3)  # the Prefect server stores the logs its clients sent on exit
-    hits = _hits_in_tree(server_folder) + _hits_in_tree(session.home) + _hits_in_tree(_prefect_database_folder())
-    hits += _hits_in_tree(tmp_path / "exported")
-    hits += _hits_in_bytes("Prefect API logs", _prefect_api_logs().encode())
-    for command, output in session.outputs:
-        hits += _hits_in_bytes(f"output of adapterflow {command}", output.encode())
-    assert not hits, f"{len(hits)} secret(s) found:\n" + "\n\n".join(hits)
+    _assert_no_secret_anywhere(session, server_folder)
 
 
 def _deployment_exists(config: Path) -> bool:
