@@ -88,13 +88,15 @@ def collect_covariances(model, layers: dict[str, torch.nn.Module], batches: Iter
     batch's rows at a layer before they are summed (CorDA normalizes each sample).
     """
     result = Covariances()
-    state: dict = {"mask": None, "seen": {}, "scale": scale}  # per batch: token mask, input tensor → owning layer
+    # per batch: token mask, input tensor → owning layer, hook calls so far; after the first batch, the calls a batch makes
+    state: dict = {"mask": None, "seen": {}, "scale": scale, "calls": 0, "stop_after": None}
     handles = [module.register_forward_pre_hook(_hook(name, state, result)) for name, module in layers.items()]
     try:
         with torch.no_grad():
             for batch in batches:
-                state["mask"], state["seen"] = token_mask(batch), {}
-                model(**batch)
+                state["mask"], state["seen"], state["calls"] = token_mask(batch), {}, 0
+                _forward_until_the_last_hook(model, batch)
+                state["stop_after"] = state["stop_after"] or state["calls"]
                 result.batches += 1
                 if enough is not None and enough(result):
                     break
@@ -104,16 +106,31 @@ def collect_covariances(model, layers: dict[str, torch.nn.Module], batches: Iter
     return result
 
 
+class _LastHookDone(Exception):
+    """Raised by the batch's last hook call: nothing after it (later layers, the head) is needed."""
+
+
+def _forward_until_the_last_hook(model, batch: dict) -> None:
+    # The first batch runs whole and counts the hook calls a forward makes; later ones stop at the last call,
+    # which skips whatever follows the last target layer (on the demo's attention targets: ~15% of a forward).
+    try:
+        model(**batch)
+    except _LastHookDone:
+        pass
+
+
 def _hook(name: str, state: dict, result: Covariances):
     def hook(module, args):
         inputs = args[0] if isinstance(args, tuple) else args
         if name not in result.owner:
             result.owner[name] = _same_input_owner(inputs, state["seen"]) or name
         state["seen"].setdefault(name, inputs)
-        if result.owner[name] != name:
-            return  # its group's first layer holds the moments
-        rows = _token_rows(name, inputs, state["mask"])
-        result.moments.setdefault(name, Moments()).add(state["scale"](rows) if state["scale"] else rows)
+        if result.owner[name] == name:  # otherwise its group's first layer holds the moments
+            rows = _token_rows(name, inputs, state["mask"])
+            result.moments.setdefault(name, Moments()).add(state["scale"](rows) if state["scale"] else rows)
+        state["calls"] += 1
+        if state["calls"] == state["stop_after"]:
+            raise _LastHookDone
 
     return hook
 

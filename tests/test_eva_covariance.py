@@ -79,6 +79,23 @@ def test_padding_is_left_out_and_layers_sharing_an_input_share_one_moment(tiny_b
     assert torch.allclose(covariances.moments[name].total, kept.double().sum(0), atol=1e-5)
 
 
+def test_batches_after_the_first_stop_at_the_last_target_layer_with_the_same_moments(tiny_bert):
+    model, _ = _peft_model(tiny_bert, "bert")
+    layers = dict(lora_layers(model))
+    last = "base_model.model.bert.encoder.layer.1"
+    calls = []
+    handle = model.get_submodule(f"{last}.output").register_forward_pre_hook(lambda module, args: calls.append(1))
+    batches = _calibration(batches=3)
+    with model.disable_adapter():
+        covariances = collect_covariances(model.eval(), layers, batches, attention_token_mask())
+        handle.remove()
+        one_by_one = [collect_covariances(model, layers, [batch], attention_token_mask()) for batch in batches]
+    assert len(calls) == 1  # the first batch ran whole; the others stopped at layer 1's value projection
+    for name, moments in covariances.moments.items():  # each single batch ran whole: it was a first batch
+        assert moments.count == sum(single.moments[name].count for single in one_by_one)
+        assert torch.allclose(moments.outer, sum(single.moments[name].outer for single in one_by_one), rtol=1e-9)
+
+
 def test_label_mask_drops_ignored_tokens_as_peft_does():
     ids = torch.ones(2, 4, dtype=torch.long)
     labels = torch.tensor([[-100, 5, 6, -100], [1, 2, 3, 4]])
