@@ -16,7 +16,7 @@ On a shared machine pass --threads 1: oversubscribed BLAS threads made the full-
 Writes a PNG of the seed-mean validation curves and a JSON of every run next to it.
 Usage: python bench/convergence.py [--methods lora,pissa,auto] [--user-lr 2e-3] [--lr-multipliers 0.25,0.5,1,2,4]
        [--steps 60] [--seeds 3] [--eval-every 10] [--batch-size 16] [--budget 0.1] [--threads N]
-       [--out bench/results/convergence.png]
+       [--out bench/results/convergence.png] [--only auto --merge earlier.json]
 """
 
 from __future__ import annotations
@@ -74,9 +74,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "convergence.png"))
     parser.add_argument("--workdir", default=None, help="keep run folders here instead of a temp dir")
+    parser.add_argument("--only", default=None, help="comma list of --methods to run (e.g. auto after a change to the race; "
+                        "empty: none), the rest of the grid coming from --merge")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                        help="earlier results (same settings) whose runs join this one's; a later file or this run wins a "
+                             "(method, LR, seed) they share")
     args = parser.parse_args()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.multipliers = [float(v) for v in args.lr_multipliers.split(",") if v.strip()]
+    # --only= (empty) runs nothing: the summary and plot of the --merge files alone
+    args.only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only is not None else list(args.methods)
+    if set(args.only) - set(args.methods):
+        parser.error(f"--only {sorted(set(args.only) - set(args.methods))}: not in --methods")
     unknown = sorted(set(args.methods) - set(methods))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(methods)}")
@@ -161,7 +170,7 @@ def grid(args) -> list[tuple[str, float]]:
 
 
 def sweep(args, base, ref, workdir: Path) -> list[dict]:
-    runs, pairs = [], grid(args)
+    runs, pairs = [], [(method, lr) for method, lr in grid(args) if method in args.only]
     total, count = len(pairs) * args.seeds, 0
     for seed in range(base.train.seed, base.train.seed + args.seeds):
         for method, lr in pairs:
@@ -330,6 +339,14 @@ def save(args, summary: dict, runs: list[dict], wall: float) -> Path:
     return out
 
 
+def merged(paths: list[str], runs: list[dict]) -> list[dict]:
+    """The runs of earlier result files and these, one per (method, LR, seed): the later one wins."""
+    by_key = {}
+    for run in [r for path in paths for r in json.loads(Path(path).read_text())["runs"]] + runs:
+        by_key[(run["method"], run["lr"], run["seed"])] = run
+    return list(by_key.values())
+
+
 def main() -> None:
     import torch
 
@@ -343,13 +360,15 @@ def main() -> None:
     base = load_config(args.config)
     args.user_lr = args.user_lr or base.train.learning_rate
     ref = resolve_base(base.model)
-    print(f"{len(grid(args))} (method, LR) pairs x {args.seeds} seed(s), {args.steps} steps each, torch threads "
+    running = [pair for pair in grid(args) if pair[0] in args.only]
+    print(f"{len(running)} (method, LR) pairs x {args.seeds} seed(s), {args.steps} steps each, torch threads "
           f"{torch.get_num_threads()}", flush=True)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         workdir = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="convergence-")))
         runs = sweep(args, base, ref, workdir)
     wall = time.perf_counter() - start
+    runs = merged(args.merge, runs)
     summary = summarize(args, runs)
     print_table(args, summary)
     out = save(args, summary, runs, wall)

@@ -11,11 +11,14 @@ in two ways:
 - obviously worse: its loss exceeds the leader's by more than `sigmas` × √(σ_leader² + σ_contender²), each σ the
   standard error of one mean (sd / √n). That gap would survive drawing another validation sample for each loss: cut.
 - consistently worse: the paired gap (the mean of the example-by-example differences) exceeds `sigmas` × its own
-  standard error, in this round and the round before, and has not shrunk since. Pairing removes the examples' shared
-  difficulty, so real gaps show after a few steps (on both convergence benches the LR arms' step-10 order was their
-  step-60 order, at gaps well under the unpaired noise). One round is not enough: right after the init, contenders
-  differ by tiny but consistent amounts on every example (twelve within 6e-4 after one step each) that say nothing
-  about the final order; a gap that held and did not close over a round, as training went on, does.
+  standard error, in this round and the round before, and has not shrunk since, and it is at least RATE_SHARE of what
+  the leader's loss fell since the first round. Pairing removes the examples' shared difficulty, so real gaps show
+  after a few steps (on both convergence benches the LR arms' step-10 order was their step-60 order, at gaps well
+  under the unpaired noise). One round is not enough: right after the init, contenders differ by tiny but consistent
+  amounts on every example (twelve within 6e-4 after one step each) that say nothing about the final order. And a
+  small gap that holds can still be a head start rather than a slower rate: PiSSA leads LoRA at the same LR early on
+  both benches, by 17-29% of the leader's progress, and LoRA was ahead by step 330; an arm at half the LR lags by
+  about half.
 Otherwise it is tied and kept. Rounds double in length while the budget holds, so the tied ones get more steps to
 separate. When the budget ends with several still tied, the simplest method wins (registry family order, lora first,
 then the candidates' order) at the learning rate nearest the user's.
@@ -36,6 +39,10 @@ FIRST_ROUND_SHARE = 3  # the first round takes a third of the extra steps when n
 # Steps each losing contender needs before the race can cut on signal: on both convergence tasks (demo, docstrings;
 # MiniLM, batch 16, six contenders) the paired comparison had cut all but one by step 9 to 11.
 STEPS_TO_DECIDE = 9
+# A paired gap smaller than this share of the leader's progress since the first round is a head start, not a slower
+# rate: early on progress grows with the LR, so an arm at half the leader's LR lags by about half of it. On both
+# convergence tasks the LR arms lagged by 52-88% and same-LR inits by 17-29%, an order gone by step 330.
+RATE_SHARE = 0.4
 
 
 @dataclass(frozen=True)
@@ -130,9 +137,10 @@ def _standard_error(values) -> float:
     return float(values.std(unbiased=True) / math.sqrt(len(values))) if len(values) > 1 else math.inf
 
 
-def judge(scores: dict[str, Score], sigmas: float, before: dict[str, Score] | None = None) -> dict[str, tuple[bool, str]]:
+def judge(scores: dict[str, Score], sigmas: float, before: dict[str, Score] | None = None,
+          first: dict[str, Score] | None = None) -> dict[str, tuple[bool, str]]:
     """label -> (cut, why): cut when obviously worse than the leader now, or consistently worse (paired) in this round
-    and in `before`, the previous round's scores."""
+    and in `before`, the previous round's scores, by a gap that is a real share of the leader's progress since `first`."""
     leader = min(scores, key=lambda label: scores[label].loss)
     if not math.isfinite(scores[leader].loss):
         raise TrainingError("every contender of the init race diverged (non-finite loss). Lower train.learning_rate "
@@ -144,11 +152,12 @@ def judge(scores: dict[str, Score], sigmas: float, before: dict[str, Score] | No
         elif not math.isfinite(own.loss):
             verdicts[label] = (True, "diverged (non-finite loss)")
         else:
-            verdicts[label] = _verdict(label, leader, scores, before or {}, sigmas)
+            verdicts[label] = _verdict(label, leader, scores, before or {}, sigmas, _progress(leader, scores, first or {}))
     return verdicts
 
 
-def _verdict(label: str, leader: str, scores: dict[str, Score], before: dict[str, Score], sigmas: float) -> tuple[bool, str]:
+def _verdict(label: str, leader: str, scores: dict[str, Score], before: dict[str, Score], sigmas: float,
+             progress: float) -> tuple[bool, str]:
     own, best = scores[label], scores[leader]
     delta, margin = own.loss - best.loss, sigmas * math.hypot(own.noise, best.noise)
     if delta > margin:
@@ -157,11 +166,23 @@ def _verdict(label: str, leader: str, scores: dict[str, Score], before: dict[str
     if not gap > gap_margin:
         return False, f"tied with {leader} by Δ {delta:.4f} ≤ {sigmas:g}σ {margin:.4f} (paired {gap:.4f} ≤ {gap_margin:.4f}); kept"
     paired = f"paired Δ {gap:.4f} > {sigmas:g}σ {gap_margin:.4f}"
-    if label in before and leader in before:
-        earlier, earlier_margin = _paired(before[label], before[leader], sigmas)
-        if earlier > earlier_margin and gap >= earlier:
-            return True, f"consistently worse than {leader}: {paired}, and {earlier:.4f} > {earlier_margin:.4f} a round before"
-    return False, f"behind {leader} by {paired}, not yet in two rounds with a gap that holds; kept"
+    if not (label in before and leader in before):
+        return False, f"behind {leader} by {paired}, not yet in two rounds with a gap that holds; kept"
+    earlier, earlier_margin = _paired(before[label], before[leader], sigmas)
+    if not (earlier > earlier_margin and gap >= earlier):
+        return False, f"behind {leader} by {paired}, not yet in two rounds with a gap that holds; kept"
+    held = f"{paired}, and {earlier:.4f} > {earlier_margin:.4f} a round before"
+    if progress <= 0:
+        return False, f"behind {leader} by {held}, but the leader has not improved since its first round; kept"
+    if gap < RATE_SHARE * progress:
+        return False, (f"behind {leader} by {held}, but {gap / progress:.0%} of the leader's progress ({progress:.4f}), under "
+                       f"{RATE_SHARE:.0%}: a head start, not a slower rate; kept")
+    return True, f"consistently worse than {leader}: {held}; {gap / progress:.0%} of the leader's progress"
+
+
+def _progress(leader: str, scores: dict[str, Score], first: dict[str, Score]) -> float:
+    """How far the leader's loss fell since its first round (0 when unknown or it rose)."""
+    return max(0.0, first[leader].loss - scores[leader].loss) if leader in first else 0.0
 
 
 def _paired(own: Score, best: Score, sigmas: float) -> tuple[float, float]:
@@ -223,12 +244,13 @@ def _initialize(config, base_ref, contenders: list[Contender], race_dir: Path, c
 
 
 def _run_rounds(config, base_ref, contenders: list[Contender], plan: RacePlan, race_dir: Path) -> Contender:
-    alive, steps, number, before = list(contenders), plan.first_round, 0, {}
+    alive, steps, number, before, first = list(contenders), plan.first_round, 0, {}, {}
     while steps:
         number += 1
         target = alive[0].steps + steps
         scores = {c.label: _advance(config, base_ref, c, target, race_dir) for c in alive}
-        verdicts = judge(scores, config.adapter.init.sigmas, before)
+        first = first or scores
+        verdicts = judge(scores, config.adapter.init.sigmas, before, first)
         before = scores
         for contender in alive:
             own, (cut, why) = scores[contender.label], verdicts[contender.label]

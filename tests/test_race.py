@@ -63,16 +63,19 @@ def _offset(gap: float, wobble: float, seed: int = 0) -> torch.Tensor:
     return SPREAD + gap + wobble * (noise - noise.mean())  # centred: the mean gap is exactly `gap`
 
 
-def test_a_small_gap_is_cut_only_when_the_paired_gap_holds_over_two_rounds():
-    leader = score(SPREAD)
+def test_a_small_gap_is_cut_only_when_the_paired_gap_holds_over_two_rounds_at_a_slower_rate():
+    leader, started = score(SPREAD), {"a": score(SPREAD + 0.02)}  # the leader's loss fell 0.02 since the first round
     first = judge({"a": leader, "b": score(_offset(0.01, 0.005))}, 2.0)
     assert first["b"][0] is False and first["b"][1].startswith("behind a by paired Δ 0.0100")  # one round is not enough
     before = {"a": leader, "b": score(_offset(0.01, 0.005))}
-    held = judge({"a": leader, "b": score(_offset(0.012, 0.005, seed=1))}, 2.0, before)
+    held = judge({"a": leader, "b": score(_offset(0.012, 0.005, seed=1))}, 2.0, before, started)
     assert held["b"][0] is True and held["b"][1].startswith("consistently worse than a: paired Δ 0.0120")
-    closing = judge({"a": leader, "b": score(_offset(0.006, 0.005, seed=1))}, 2.0, before)
+    assert held["b"][1].endswith("60% of the leader's progress")
+    head_start = judge({"a": leader, "b": score(_offset(0.012, 0.005, seed=1))}, 2.0, before, {"a": score(SPREAD + 0.05)})
+    assert head_start["b"][0] is False and "24% of the leader's progress (0.0500), under 40%: a head start" in head_start["b"][1]
+    closing = judge({"a": leader, "b": score(_offset(0.006, 0.005, seed=1))}, 2.0, before, started)
     assert closing["b"][0] is False and "kept" in closing["b"][1]  # still behind, but the gap shrank: it may catch up
-    lost_in_noise = judge({"a": leader, "b": score(_offset(0.01, 0.3, seed=1))}, 2.0, before)
+    lost_in_noise = judge({"a": leader, "b": score(_offset(0.01, 0.3, seed=1))}, 2.0, before, started)
     assert lost_in_noise["b"][0] is False and lost_in_noise["b"][1].startswith("tied with a")
 
 
@@ -81,10 +84,12 @@ def test_a_consistently_better_contender_wins_the_race_though_its_lead_is_under_
     simpler, better = contenders
     plan = plan_race(len(contenders), 100, 0.1)  # 10 extra steps: rounds of 3 and 6 steps
     gap = lambda c, step: 0.0 if c is better else 0.02 * min(1.0, step / 5)  # noqa: E731 - grows, then holds
-    winner = _race_with(monkeypatch, contenders, plan, lambda c, step: _offset(gap(c, step), 0.005, seed=2 * step + (c is better)))
+    losses = lambda c, step: _offset(gap(c, step) - 0.005 * step, 0.005, seed=2 * step + (c is better))  # noqa: E731 - all learn
+    winner = _race_with(monkeypatch, contenders, plan, losses)
     assert winner is better and simpler.result == "cut" and simpler.why.startswith("round 2 (step 9): consistently worse than pissa@0.01")
     first, second = (r["verdict"] for r in simpler.rounds)
-    assert first.startswith("behind pissa@0.01 by paired Δ 0.0120") and second.endswith("0.0120 > 0.0010 a round before")
+    assert first.startswith("behind pissa@0.01 by paired Δ 0.0120") and "0.0120 > 0.0010 a round before" in second
+    assert second.endswith("67% of the leader's progress")  # it fell 0.03 from step 3 to 9; the gap is 0.02
     assert math.hypot(*(r["noise"] for r in (simpler.rounds[0], better.rounds[0]))) > 0.02  # unpaired, the gap is noise
 
 
