@@ -324,6 +324,8 @@ def plot(args, summary: dict, runs: list[dict], path: Path) -> None:
 
 def portable(value):
     """Paths relative to the repository, or just their name: results must not record this machine's folders."""
+    if isinstance(value, list):
+        return [portable(item) for item in value]
     if not isinstance(value, str) or not value.startswith("/"):
         return value
     path = Path(value)
