@@ -164,13 +164,17 @@ def train_one(config, ref, run_dir: Path, cache_root: Path) -> dict:
     }
 
 
+def pairs_to_run(args) -> list[tuple[str, float]]:
+    return [(method, lr) for method, lr in grid(args) if method in args.only]
+
+
 def grid(args) -> list[tuple[str, float]]:
     pairs = [(m, args.user_lr * k) for m in args.methods if m != RACE for k in args.multipliers]
     return pairs + ([(RACE, args.user_lr)] if RACE in args.methods else [])
 
 
 def sweep(args, base, ref, workdir: Path) -> list[dict]:
-    runs, pairs = [], [(method, lr) for method, lr in grid(args) if method in args.only]
+    runs, pairs = [], pairs_to_run(args)
     total, count = len(pairs) * args.seeds, 0
     for seed in range(base.train.seed, base.train.seed + args.seeds):
         for method, lr in pairs:
@@ -362,8 +366,7 @@ def main() -> None:
     base = load_config(args.config)
     args.user_lr = args.user_lr or base.train.learning_rate
     ref = resolve_base(base.model)
-    running = [pair for pair in grid(args) if pair[0] in args.only]
-    print(f"{len(running)} (method, LR) pairs x {args.seeds} seed(s), {args.steps} steps each, torch threads "
+    print(f"{len(pairs_to_run(args))} (method, LR) pairs x {args.seeds} seed(s), {args.steps} steps each, torch threads "
           f"{torch.get_num_threads()}", flush=True)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:

@@ -166,9 +166,7 @@ def _verdict(label: str, leader: str, scores: dict[str, Score], before: dict[str
     if not gap > gap_margin:
         return False, f"tied with {leader} by Δ {delta:.4f} ≤ {sigmas:g}σ {margin:.4f} (paired {gap:.4f} ≤ {gap_margin:.4f}); kept"
     paired = f"paired Δ {gap:.4f} > {sigmas:g}σ {gap_margin:.4f}"
-    if not (label in before and leader in before):
-        return False, f"behind {leader} by {paired}, not yet in two rounds with a gap that holds; kept"
-    earlier, earlier_margin = _paired(before[label], before[leader], sigmas)
+    earlier, earlier_margin = _paired(before[label], before[leader], sigmas) if label in before and leader in before else (0.0, math.inf)
     if not (earlier > earlier_margin and gap >= earlier):
         return False, f"behind {leader} by {paired}, not yet in two rounds with a gap that holds; kept"
     held = f"{paired}, and {earlier:.4f} > {earlier_margin:.4f} a round before"
