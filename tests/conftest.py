@@ -102,7 +102,6 @@ LONGEST_FIRST = (
     "test_mlflow_ui.py::",  # ~190 s
     "test_launch.py::test_killed_training",  # ~190 s
     "test_promote.py::test_promotion_lifecycle",  # ~150 s
-    "test_serve.py::test_scheduled_runs",  # ~130 s
     "test_bench.py::",  # ~120 s
     "test_concurrency.py::test_a_live_run",  # ~95 s
     "test_live_progress.py::test_verbose",  # ~90 s

@@ -317,6 +317,7 @@ def test_a_served_deployment_survives_prefect_server_restarts_during_a_run_and_b
         first = wait_for(lambda: next((r for r in _flow_runs(prefect_api.api) if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")),
                                       None), 600, "the first run to end")
         assert first["state_type"] == "COMPLETED", first["state"]
+        assert first["deployment_id"], first  # the served schedule started it, not a direct call
         assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
 
         prefect_api.kill()  # between runs
@@ -325,6 +326,7 @@ def test_a_served_deployment_survives_prefect_server_restarts_during_a_run_and_b
         second = wait_for(lambda: next((r for r in _flow_runs(prefect_api.api) if r["id"] != first["id"] and
                                         r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")), None), 300, "a second run to end")
         assert second["state_type"] == "COMPLETED", second["state"]  # it found the same config and data: a skip
+        assert second["deployment_id"] == first["deployment_id"], second
         assert serve.poll() is None
     finally:
         stop_process_group(serve)
