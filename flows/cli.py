@@ -334,7 +334,7 @@ def cmd_sweep(args) -> int:
     from adapterflow.flows.sweep import sweep
     from adapterflow.tasks.embedded_store import prepare_prefect_store
 
-    warm.start()
+    warm.start(threads_will_import=True)
     prepare_prefect_store()
     console.quiet_failures_in_prefect_logs()
     quiet_library_noise()

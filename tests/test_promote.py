@@ -128,11 +128,25 @@ def test_unchanged_config_and_data_skip_training_unless_forced(prefect_server, h
     capsys.readouterr()
     assert main(["run", str(config)]) == 0
     assert "skipped: tiny-cls-adapter version 1 (@staging) was trained on this exact config and data" in capsys.readouterr().out
+    # A cron job's unchanged retrain against a Prefect server (the harness here) decides to skip before the heavy imports.
+    skipped = _cli_import_times("run", str(config), home=home)
+    assert "skipped: tiny-cls-adapter version 1" in skipped.stdout, skipped.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in skipped.stderr.splitlines() if line.startswith("import time:")}
+    assert "mlflow" in imported and not {"torch", "peft", "great_expectations"} & imported
     assert main(["run", str(config), "--force"]) == 0
     assert "registered       tiny-cls-adapter version 2" in capsys.readouterr().out
     cls_data["train"].write_text(cls_data["train"].read_text() + "a new row about sound mixers,sound\n")
     assert main(["run", str(config)]) == 0  # new data: a full run
     assert "registered       tiny-cls-adapter version 3" in capsys.readouterr().out
+
+
+def _cli_import_times(*args: str, home) -> subprocess.CompletedProcess:
+    """The CLI in a process of its own under `python -X importtime`: stderr lists every module it imported."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(os.environ, ADAPTERFLOW_HOME=str(home), PREFECT_API_URL=PREFECT_API_URL.value())
+    command = [sys.executable, "-X", "importtime", "-m", "adapterflow.flows.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 
 def test_a_crash_during_registration_leaves_no_alias_on_the_half_registered_version(
