@@ -416,13 +416,14 @@ def _stop_ephemeral_prefect_server() -> None:
     Prefect 3.8 gives its ephemeral server 5 s to exit on SIGTERM and it never makes it here,
     so every run paid 5 s at exit. By now every state is stored and the queues are drained.
     """
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():  # a configured server is not ours to stop (and its module costs 3 s to import)
+        return
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL
 
-    if PREFECT_API_URL.value():  # a configured server is not ours to stop
-        return
     APILogWorker.drain_all(timeout=10)
     EventsWorker.drain_all(timeout=10)
     for server in list(SubprocessASGIServer._instances.values()):
