@@ -80,6 +80,7 @@ def _retrain(config, dirs, uri: str, run_dir: Path, force: bool, trial: dict | N
     snapshot, unchanged = _snapshot_unless_unchanged(config, uri, run_dir, force)
     if unchanged:
         return _skipped(config, uri, *unchanged)
+    warm.import_before_threads()
     run_config, split_md5s, base_ref = snapshot.config, snapshot.md5s, resolve_base(config.model)
     clock = _StageClock(_one_at_a_time(config) if trial else set())
     validation = clock("validate", validate_stage, snapshot, run_dir)

@@ -37,6 +37,14 @@ def wait() -> None:
         _thread.join()
 
 
+def import_before_threads() -> None:
+    """Once a run will train: every heavy module, in this thread, before the stages that run in threads (data
+    versioning beside init and training) import anything. Already imported (warmed, or an earlier flow of a
+    served process): nothing to do."""
+    wait()
+    _import_all()
+
+
 def _import_all() -> None:
     for name in HEAVY_MODULES:
         try:
