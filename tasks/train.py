@@ -43,7 +43,8 @@ def train_adapter(config, base_ref, init_dir: Path, run_dir: Path, resume_from: 
 
     run_dir.mkdir(parents=True, exist_ok=True)  # the journal is written from the first step, before any checkpoint
     snapshots = CheckpointSnapshots(config.train.checkpoint_merge.checkpoints) if config.train.checkpoint_merge else None
-    callbacks = [NonFiniteLossGuard(), TrainingJournal(run_dir / JOURNAL_FILE)] + ([snapshots] if snapshots else [])
+    callbacks = [NonFiniteLossGuard(), TrainingJournal(run_dir / JOURNAL_FILE), ThisRunsIntervals()]
+    callbacks += [snapshots] if snapshots else []
     trainer, device = _build_trainer(config, base_ref, init_dir, run_dir, callbacks, quiet)
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from or race_checkpoint(init_dir))
@@ -254,6 +255,15 @@ def resolve_precision(requested: str, device: str) -> str:
     import torch
 
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+class ThisRunsIntervals(TrainerCallback):
+    """The run's own logging, evaluation and save intervals, also when it continues a checkpoint. transformers
+    restores them from the checkpoint's trainer state: an `auto` winner continued its race run, whose contenders the
+    Trainer never evaluated, and lost every periodic evaluation of `train.eval_every`."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
 
 
 class NonFiniteLossGuard(TrainerCallback):

@@ -141,7 +141,7 @@ def test_the_losers_never_spend_more_than_the_budget(monkeypatch, seed):
     assert winner.steps <= max_steps and plan.max_steps + extra <= 1.1 * max_steps
 
 
-FORTY_STEPS = {"train.max_steps": 40, "train.log_every": 1, "train.checkpoint_every": 20}
+FORTY_STEPS = {"train.max_steps": 40, "train.log_every": 1, "train.checkpoint_every": 20, "train.eval_every": 10}
 
 
 def _auto_config(tiny_bert, cls_data, **init):
@@ -190,6 +190,8 @@ def test_an_absurd_learning_rate_is_cut_and_the_winners_race_run_is_continued_no
     raced = train_adapter(train, ref, Path(outcome.init_dir), tmp_path / "run")
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())
     assert raced.steps == 40 and [e["step"] for e in log if "loss" in e] == list(range(1, 41))  # the race's steps too
+    # The run's own intervals, not the race checkpoint's (whose contenders were not evaluated by the Trainer).
+    assert [e["step"] for e in log if "eval_loss" in e] == [10, 20, 30, 40]
     journal = [json.loads(line) for line in (tmp_path / "run" / "progress.jsonl").read_text().splitlines()]
     assert [r["step"] for r in journal if "train/loss" in r.get("metrics", {})] == list(range(1, 41))  # shipped to MLflow
     begin = next(r for r in journal if r["event"] == "begin")
