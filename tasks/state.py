@@ -193,6 +193,31 @@ def quiet_library_noise() -> None:
     # one line when it starts and one when it ends (tasks/outages.py); polling keeps cancellation working.
     for observer in ("prefect.FlowRunCancellingObserver", "prefect.FlowRunSuspendingObserver"):
         logging.getLogger(observer).setLevel(logging.ERROR)
+    _quiet_prefect_polling_printouts()
+
+
+def _quiet_prefect_polling_printouts() -> None:
+    """When those observers' polling fails three times running (the API away for a while), Prefect's service loop
+    prints the tracebacks to stdout (its `printer` is `print`, not a logger), into a served run's output. The outage
+    is reported in one line (tasks/outages.py) and the observer logs its one-line error; the printout goes to a DEBUG
+    logger. Prefect 3.8's module layout: another one leaves the printout as it is."""
+    import logging
+
+    try:
+        from prefect._internal import _observation_delivery as delivery
+    except ImportError:
+        return
+    loop = getattr(delivery, "critical_service_loop", None)
+    if loop is None or getattr(loop, "printer_is_a_logger", False):
+        return
+    logger = logging.getLogger("prefect.utilities.services")
+
+    def printing_to_a_logger(*args, **kwargs):
+        kwargs.setdefault("printer", lambda *parts: logger.debug(" ".join(map(str, parts))))
+        return loop(*args, **kwargs)
+
+    printing_to_a_logger.printer_is_a_logger = True
+    delivery.critical_service_loop = printing_to_a_logger
 
 
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"

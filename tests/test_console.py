@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, cls_config, write_config
 
 BUGGY_RUN = """
@@ -103,3 +104,24 @@ def test_every_log_handler_masks_messages_and_tracebacks_prefects_api_handler_in
     assert api_handlers and all(any("Redact" in type(f).__name__ for f in h.filters) for h in api_handlers)
     record = logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "x %s", (SECRET_URI,), None)
     assert all(f.filter(record) for f in api_handlers[0].filters) and SENTINEL not in api_handlers[0].format(record)
+
+
+def test_prefect_polling_that_fails_while_its_api_is_away_prints_no_traceback(monkeypatch, capsys):
+    """A served run's output during a Prefect outage: the cancellation observer's polling loop printed three
+    tracebacks to stdout once its API had been away for three polls."""
+    import asyncio
+
+    import httpx
+    from prefect._internal import _observation_delivery as delivery
+
+    from adapterflow.tasks.state import _quiet_prefect_polling_printouts
+
+    monkeypatch.setattr(delivery, "critical_service_loop", delivery.critical_service_loop)  # restored after the test
+    _quiet_prefect_polling_printouts()
+
+    async def api_away():
+        raise httpx.ConnectError("All connection attempts failed")
+
+    with pytest.raises(RuntimeError, match="exceeded error threshold"):  # Prefect's own end of the loop, unchanged
+        asyncio.run(delivery.critical_service_loop(workload=api_away, interval=0.01))
+    assert capsys.readouterr().out == ""
