@@ -90,8 +90,9 @@ def test_mitigation_rewrites_a_and_b_only_and_lowers_the_intruders_it_targets(ti
     weights = {n: m.weight.detach() for n, m in load_model(base_ref, config.task, LABELS).named_modules() if isinstance(m, torch.nn.Linear)}
     fitted = _deltas(config, mitigated)
     for name, delta in _deltas(config, trained).items():
-        exact = _exact_mitigation(weights[name.removeprefix("base_model.model.")], delta, 10, 0.5, 0.5)
-        assert torch.allclose(fitted[name], exact, atol=1e-5 * exact.abs().max().item()), name
+        exact = _exact_mitigation(weights[name.removeprefix("base_model.model.")].double(), delta.double(), 10, 0.5, 0.5).float()
+        # peft's refit is float32 SVDs: ~1e-5 of the largest entry off the float64 answer, by CPU (1.4e-5 seen).
+        assert torch.allclose(fitted[name], exact, atol=1e-4 * exact.abs().max().item()), name
         dropped_at_r = torch.linalg.svdvals(exact)[4:].norm() / exact.norm()  # what a rank-4 fit (peft's own) loses
         print(f"{name}: rank {saved_rank}; a rank-4 refit would drop {dropped_at_r.item():.1%} of the mitigated ΔW")
 

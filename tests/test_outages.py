@@ -141,7 +141,8 @@ def test_an_outage_mid_training_stalls_nothing_and_loses_nothing(mlflow_server, 
     assert code == 0, output[-4000:]
 
     # Training went on while the server was away: the journal's steps advanced through the outage.
-    steps_during = [step for stamp, step in run.journal_steps() if down_at + 1 < stamp < up_at - 1]
+    # The window is the outage itself: where training is fast, step 300 comes ~2 s after the kill.
+    steps_during = [step for stamp, step in run.journal_steps() if down_at < stamp < up_at]
     assert len(set(steps_during)) >= 5, steps_during
     # One line when it started, one when it ended; no traceback.
     assert output.count("is not answering") == 1 and output.count("is back after") == 1, output[-4000:]
