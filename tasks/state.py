@@ -200,9 +200,13 @@ def _quiet_prefect_polling_printouts() -> None:
     """When those observers' polling fails three times running (the API away for a while), Prefect's service loop
     prints the tracebacks to stdout (its `printer` is `print`, not a logger), into a served run's output. The outage
     is reported in one line (tasks/outages.py) and the observer logs its one-line error; the printout goes to a DEBUG
-    logger. Prefect 3.8's module layout: another one leaves the printout as it is."""
+    logger. Prefect 3.8's module layout: another one leaves the printout as it is. Only where Prefect is loaded (the
+    flow's commands): a registry command would import it (1.2 s) for nothing."""
     import logging
+    import sys
 
+    if "prefect" not in sys.modules:
+        return
     try:
         from prefect._internal import _observation_delivery as delivery
     except ImportError:
