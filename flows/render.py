@@ -54,7 +54,7 @@ def summary_rows(summary: dict, dirs, seconds: float) -> list[Row]:
         (HEADING, f"adapterflow: {summary['name']} done in {seconds:.0f} s"),
         ("data validation  ", f"passed ({validation['checks']} checks; rows: {rows})"),
         ("data md5 (DVC)   ", summary["data_md5"]),
-        ("init             ", f"{init['method']} in {init['seconds']:.2f} s (cache {init['cache']})" + _race_note(init)),
+        ("init             ", init_text(init) + _race_note(init)),
         *_init_report_rows(init),
         ("training         ", f"{train['steps']} steps in {train['seconds']:.0f} s on {train['device']}" + _launch_note(train)),
         *([("bnb cpu path     ", summary["bnb_cpu_path"])] if summary.get("bnb_cpu_path") else []),
@@ -184,7 +184,7 @@ def stage_outcome(name: str, result) -> str:
     if name == "track":
         return f"MLflow run {result.run_id}"
     if name == "initialize":
-        return f"{result.method} in {result.seconds:.2f} s (cache {result.cache})"
+        return init_text(result.to_dict())
     if name == "train":
         return f"{result.steps} steps on {result.device}, loss {result.train_loss:.4f}, {result.samples_per_second:.1f} samples/s"
     if name == "merge":
@@ -256,10 +256,16 @@ def _init_report_rows(init: dict) -> list[Row]:
     return rows
 
 
+def init_text(init: dict) -> str:
+    """The init's seconds; a race's are its contenders' inits and rounds, not the winner's init alone."""
+    if init.get("race_contenders") is None:
+        return f"{init['method']} in {init['seconds']:.2f} s (cache {init['cache']})"
+    return (f"{init['method']} at lr {init['learning_rate']:g} won a race of {init['race_contenders']} contenders in "
+            f"{init['seconds']:.1f} s ({init['race_extra_steps']} extra steps)")
+
+
 def _race_note(init: dict) -> str:
-    if init.get("learning_rate") is None:
-        return ""
-    return f"; won the init race at lr {init['learning_rate']:g}, table: {init['race_path']}"
+    return "" if init.get("race_path") is None else f"; table: {init['race_path']}"
 
 
 def _script(name: str) -> str:

@@ -25,6 +25,8 @@ class InitOutcome:
     plot_path: str | None = None
     learning_rate: float | None = None  # a race's winner's learning rate, used for the real run
     race_path: str | None = None  # a race's table (markdown)
+    race_contenders: int | None = None
+    race_extra_steps: int | None = None  # what the losers trained, beyond the winner's run
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,7 +137,7 @@ def _race_winner(config, base_ref, run_dir: Path, cache_root: Path | None, train
     report_path.write_text(json.dumps(report, indent=2))
     _, race_path = write_race_table(table, run_dir)
     return InitOutcome(winner.init_dir, str(report_path), winner.method, seconds, outcome.checks, outcome.cache,
-                       outcome.plot_path, winner.learning_rate, str(race_path))
+                       outcome.plot_path, winner.learning_rate, str(race_path), len(table["contenders"]), table["extra_steps"])
 
 
 def cache_key_parts(config, base_ref, train_md5: str | None = None) -> dict:

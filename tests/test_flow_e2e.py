@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,9 @@ def test_auto_race_trains_its_winner_at_the_winning_learning_rate(prefect_server
     assert "init race  round 1 (step 1): 4 of 4 contenders still in" in out
     assert "warning: adapter.init auto: its budget gives each of the 3 losing contenders about 1 step(s)" in out
     assert "init race (cut only on a validation-loss gap beyond its noise):" in out
+    # The init's seconds are the race's, said as such: not the winner's init alone.
+    raced = r"(lora|pissa) at lr [\d.e-]+ won a race of 4 contenders in [\d.]+ s \(\d extra steps\)"
+    assert re.search(r"initialize done in [\d.]+ s: " + raced, out) and re.search(r"\ninit +" + raced + "; table: ", out)
     client, _ = _client(state)
     version = client.get_model_version_by_alias(MODEL_NAME, "staging")
     run = client.get_run(version.run_id)
