@@ -114,8 +114,23 @@ def thin_race_warning(plan: RacePlan, config) -> str | None:
     needed = math.ceil(STEPS_TO_DECIDE * (plan.contenders - 1) / init.budget)
     return (f"adapter.init {init.method}: its budget gives each of the {plan.contenders - 1} losing contenders about {per_loser} "
             f"step(s); contenders rarely separate beyond the noise in under {STEPS_TO_DECIDE}, so expect a tie, which trains "
-            f"the simplest candidate at train.learning_rate. For a race that can decide, raise train.max_steps to {needed} or "
-            "race fewer candidates / lr_multipliers; or set train.learning_rate and an init method yourself.")
+            f"the simplest candidate at train.learning_rate. For a race that can decide, raise train.max_steps to {needed}"
+            f"{_smaller_grid_hint(plan, init)}; or set train.learning_rate and an init method yourself.")
+
+
+def _smaller_grid_hint(plan: RacePlan, init) -> str:
+    """The largest grid these extra steps can decide (more learning rates first: the LR decided every bench race),
+    taken from the user's own lists: the first candidates, the multipliers nearest 1."""
+    affordable = 1 + plan.extra_steps // STEPS_TO_DECIDE
+    shapes = [(c * m, m, c) for c in range(1, len(init.candidates) + 1) for m in range(1, len(init.lr_multipliers) + 1)
+              if c * m <= affordable]
+    size, lrs, candidates = max(shapes)
+    if size < 2:
+        return ""
+    methods = [c.method for c in init.candidates[:candidates]]
+    multipliers = sorted(sorted(init.lr_multipliers, key=lambda m: (abs(math.log(m)), m))[:lrs])
+    return (f", or race at most {affordable} contenders at {plan.max_steps} steps, e.g. candidates [{', '.join(methods)}] × "
+            f"lr_multipliers [{', '.join(f'{m:g}' for m in multipliers)}]")
 
 
 def next_round_steps(plan: RacePlan, previous: int, alive: int, extra_spent: int, trained: int) -> int:

@@ -287,6 +287,15 @@ def test_a_race_too_short_to_decide_is_a_warning_and_a_long_one_is_not(tiny_bert
     check_init_plan(short)
     warning = capsys.readouterr().err
     assert "each of the 5 losing contenders about 1 step(s)" in warning and "raise train.max_steps to 450" in warning
+    assert "race at most" not in warning  # 6 extra steps cannot decide between two
+    default_grid = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": {"method": "auto"}, "train.max_steps": 600}))
+    check_init_plan(default_grid)
+    warning = capsys.readouterr().err
+    # 60 extra steps decide among 1 + 60 // 9 = 7: the largest grid of the user's lists, more learning rates first.
+    assert "or race at most 7 contenders at 600 steps, e.g. candidates [lora, pissa] × lr_multipliers [0.5, 1, 2]" in warning
+    suggested = {"method": "auto", "candidates": ["lora", "pissa"], "lr_multipliers": [0.5, 1, 2]}
+    check_init_plan(RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": suggested, "train.max_steps": 600})))
+    assert capsys.readouterr().err == ""  # the hint's grid is one the budget decides
     enough = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": init, "train.max_steps": 450}))
     check_init_plan(enough)
     assert capsys.readouterr().err == ""
