@@ -3,8 +3,8 @@
 Every contender trains on the run's own schedule (the config's max_steps, warmup and decay), paused at the end of each
 round with a checkpoint; the round's survivors resume from theirs. The winner's last race checkpoint (adapter,
 optimizer, scheduler, RNG and data position) goes into its init folder and the train stage continues it to max_steps:
-its race steps are the first steps of the real run, bit for bit, and only the other contenders' steps are extra, at
-most `budget` × max_steps (≤ 10%).
+its race steps are the first steps of the real run, bit for bit, and only the other contenders' steps are extra: what
+the race needs to decide (STEPS_TO_DECIDE per loser), at most `budget` × max_steps (≤ 10%).
 
 After each round every contender is scored on the validation split, example by example, and compared with the leader
 in two ways:
@@ -19,8 +19,8 @@ in two ways:
   small gap that holds can still be a head start rather than a slower rate: PiSSA leads LoRA at the same LR early on
   both benches, by 17-29% of the leader's progress, and LoRA was ahead by step 330; an arm at half the LR lags by
   about half.
-Otherwise it is tied and kept. Rounds double in length while the budget holds, so the tied ones get more steps to
-separate. When the budget ends with several still tied, the simplest method wins (registry family order, lora first,
+Otherwise it is tied and kept. Rounds double in length while the budget holds; a contender cut early leaves its steps
+to the tied ones. When the budget ends with several still tied, the simplest method wins (registry family order, lora first,
 then the candidates' order) at the learning rate nearest the user's.
 """
 
@@ -80,10 +80,16 @@ class Contender:
 
 
 def plan_race(contenders: int, max_steps: int, budget: float) -> RacePlan | None:
-    """None when the extra steps cannot give every contender but one a single step."""
-    extra = math.floor(budget * max_steps)
-    if extra < contenders - 1:
+    """None when the extra steps cannot give every contender but one a single step.
+
+    The losers get what the race needs to decide, STEPS_TO_DECIDE each, and never more than `budget` × max_steps: on
+    long runs a share of max_steps is far more than that, and more steps did not settle ties (at equal LR the early
+    leader is a head start; on the 330-step demo bench the extra rounds turned one tie into the worse pick).
+    """
+    allowed = math.floor(budget * max_steps)
+    if allowed < contenders - 1:
         return None
+    extra = min(allowed, STEPS_TO_DECIDE * (contenders - 1))
     first = max(1, extra // (FIRST_ROUND_SHARE * (contenders - 1)))
     return RacePlan(contenders, max_steps, extra, min(first, max_steps))
 

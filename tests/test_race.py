@@ -125,6 +125,13 @@ def test_a_clearly_better_contender_wins_even_against_simpler_ones(monkeypatch):
     assert contenders[0].why.startswith("round 1 (step ") and "worse than pissa@0.01 by Δ 0.5000 > 2σ" in contenders[0].why
 
 
+def test_the_losers_get_what_the_race_needs_and_no_more_than_the_budget():
+    assert plan_race(4, 971, 0.1).extra_steps == 27  # 9 each for 3 losers, not 97: on a long run a tenth is far more
+    assert plan_race(4, 200, 0.1).extra_steps == 20  # the budget caps it
+    assert plan_race(20, 3000, 0.1).extra_steps == 171
+    assert plan_race(4, 971, 0.1).first_round == 3  # rounds of 3 and 6 steps: both rounds the paired cut needs, by step 9
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_the_losers_never_spend_more_than_the_budget(monkeypatch, seed):
     rng = random.Random(seed)
