@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import statistics
 import sys
@@ -94,10 +93,12 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def race_max_steps(total: int, budget: float) -> int:
-    """The largest max_steps whose worst-case race (max_steps + floor(budget × max_steps)) fits in `total`."""
+def race_max_steps(total: int, budget: float, contenders: int) -> int:
+    """The largest max_steps whose worst-case race (max_steps + the plan's extra steps) fits in `total`."""
+    from adapterflow.tasks.race import plan_race
+
     steps = total
-    while steps + math.floor(budget * steps) > total:
+    while (plan := plan_race(contenders, steps, budget)) and steps + plan.extra_steps > total:
         steps -= 1
     return steps
 
@@ -111,7 +112,7 @@ def run_config(base, method: str, lr: float, seed: int, args):
     if method == RACE:
         candidates = [cheap_init(m) for m in args.methods if m != RACE]
         raw["adapter"]["init"] = {"method": RACE, "candidates": candidates, "lr_multipliers": args.multipliers, "budget": args.budget}
-        steps = race_max_steps(args.steps, args.budget)
+        steps = race_max_steps(args.steps, args.budget, len(candidates) * len(args.multipliers))
     else:
         raw["adapter"]["init"] = cheap_init(method)
     raw["train"].update(
