@@ -79,6 +79,11 @@ class Contender:
         return f"{self.method}@{self.learning_rate:g}"
 
 
+def steps_to_decide(contenders: int) -> int:
+    """The extra steps a race of this many contenders needs: STEPS_TO_DECIDE for each one that loses."""
+    return STEPS_TO_DECIDE * (contenders - 1)
+
+
 def plan_race(contenders: int, max_steps: int, budget: float) -> RacePlan | None:
     """None when the extra steps cannot give every contender but one a single step.
 
@@ -89,7 +94,7 @@ def plan_race(contenders: int, max_steps: int, budget: float) -> RacePlan | None
     allowed = math.floor(budget * max_steps)
     if allowed < contenders - 1:
         return None
-    extra = min(allowed, STEPS_TO_DECIDE * (contenders - 1))
+    extra = min(allowed, steps_to_decide(contenders))
     first = max(1, extra // (FIRST_ROUND_SHARE * (contenders - 1)))
     return RacePlan(contenders, max_steps, extra, min(first, max_steps))
 
@@ -117,7 +122,7 @@ def thin_race_warning(plan: RacePlan, config) -> str | None:
     if per_loser >= STEPS_TO_DECIDE:
         return None
     init = config.adapter.init
-    needed = math.ceil(STEPS_TO_DECIDE * (plan.contenders - 1) / init.budget)
+    needed = math.ceil(steps_to_decide(plan.contenders) / init.budget)
     return (f"adapter.init {init.method}: its budget gives each of the {plan.contenders - 1} losing contenders about {per_loser} "
             f"step(s); contenders rarely separate beyond the noise in under {STEPS_TO_DECIDE}, so expect a tie, which trains "
             f"the simplest candidate at train.learning_rate. For a race that can decide, raise train.max_steps to {needed}"
