@@ -43,6 +43,13 @@ STEPS_TO_DECIDE = 9
 # rate: early on progress grows with the LR, so an arm at half the leader's LR lags by about half of it. On both
 # convergence tasks the LR arms lagged by 52-88% and same-LR inits by 17-29%, an order gone by step 330.
 RATE_SHARE = 0.4
+# Early on a larger LR progresses faster, but over many passes over the same rows it may overfit more, which no early
+# step shows: on the demo the 2e-3 arms trailed 4e-3 at step 9 both on a 2-epoch and on a 6-epoch run, and 4e-3 ended
+# better at 2 epochs (eval loss 0.305 vs 0.354) and worse at 6 (test loss 0.414 vs 0.372); on the docstrings task at
+# 2.5 epochs it ended better too. The optimal LR shrinks as the training horizon grows (Bjorck et al., "Scaling Optimal
+# LR Across Token Horizons", arXiv:2409.19913). So beyond this many epochs an arm at a lower LR than the leader's is
+# never cut for trailing: the race can lower the LR there, not raise it.
+TRUSTED_EPOCHS = 3.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ class Contender:
     init: object  # the candidate's init config
     simplicity: tuple  # lower is simpler: (family, not the default method, place among the candidates)
     steps: int = 0
+    run_epochs: float = 0.0  # passes over the train split that the whole run (max_steps) makes
     init_seconds: float = 0.0
     init_dir: str = ""
     result: str = "tied"  # "winner" | "cut" | "tied" (still in when the budget ended)
@@ -164,9 +172,11 @@ def _standard_error(values) -> float:
 
 
 def judge(scores: dict[str, Score], sigmas: float, before: dict[str, Score] | None = None,
-          first: dict[str, Score] | None = None) -> dict[str, tuple[bool, str]]:
+          first: dict[str, Score] | None = None, learning_rates: dict[str, float] | None = None,
+          epochs: float = 0.0) -> dict[str, tuple[bool, str]]:
     """label -> (cut, why): cut when obviously worse than the leader now, or consistently worse (paired) in this round
-    and in `before`, the previous round's scores, by a gap that is a real share of the leader's progress since `first`."""
+    and in `before`, the previous round's scores, by a gap that is a real share of the leader's progress since `first`.
+    On a run of more than TRUSTED_EPOCHS `epochs`, a contender at a lower learning rate than the leader's is kept."""
     leader = min(scores, key=lambda label: scores[label].loss)
     if not math.isfinite(scores[leader].loss):
         raise TrainingError("every contender of the init race diverged (non-finite loss). Lower train.learning_rate "
@@ -177,6 +187,8 @@ def judge(scores: dict[str, Score], sigmas: float, before: dict[str, Score] | No
             verdicts[label] = (False, "leads")
         elif not math.isfinite(own.loss):
             verdicts[label] = (True, "diverged (non-finite loss)")
+        elif epochs > TRUSTED_EPOCHS and learning_rates and learning_rates[label] < learning_rates[leader]:
+            verdicts[label] = (False, _late_verdict(label, leader, scores, learning_rates, epochs))
         else:
             verdicts[label] = _verdict(label, leader, scores, before or {}, sigmas, _progress(leader, scores, first or {}))
     return verdicts
@@ -202,6 +214,13 @@ def _verdict(label: str, leader: str, scores: dict[str, Score], before: dict[str
         return False, (f"behind {leader} by {held}, but {gap / progress:.0%} of the leader's progress ({progress:.4f}), under "
                        f"{RATE_SHARE:.0%}: a head start, not a slower rate; kept")
     return True, f"consistently worse than {leader}: {held}; {gap / progress:.0%} of the leader's progress"
+
+
+def _late_verdict(label: str, leader: str, scores: dict[str, Score], learning_rates: dict[str, float], epochs: float) -> str:
+    delta = scores[label].loss - scores[leader].loss
+    return (f"behind {leader} by Δ {delta:.4f}, but at a lower LR ({learning_rates[label]:g} < {learning_rates[leader]:g}) on a "
+            f"run of {epochs:.1f} epochs, over {TRUSTED_EPOCHS:g}: a larger LR's early lead does not show whether it overfits "
+            f"later; kept")
 
 
 def _progress(leader: str, scores: dict[str, Score], first: dict[str, Score]) -> float:
@@ -274,7 +293,8 @@ def _run_rounds(config, base_ref, contenders: list[Contender], plan: RacePlan, r
         target = alive[0].steps + steps
         scores = {c.label: _advance(config, base_ref, c, target, race_dir) for c in alive}
         first = first or scores
-        verdicts = judge(scores, config.adapter.init.sigmas, before, first)
+        rates, epochs = {c.label: c.learning_rate for c in alive}, max(c.run_epochs for c in alive)
+        verdicts = judge(scores, config.adapter.init.sigmas, before, first, rates, epochs)
         before = scores
         for contender in alive:
             own, (cut, why) = scores[contender.label], verdicts[contender.label]
@@ -332,7 +352,19 @@ def _advance(config, base_ref, contender: Contender, target: int, race_dir: Path
     arm = _arm_config(config, contender)
     trainer = train_more(arm, base_ref, Path(contender.init_dir), arm_dir, target, arm_dir / JOURNAL_FILE)
     contender.steps = target
-    return score(None if trainer is None else validation_losses(trainer, arm, base_ref))
+    if trainer is None:
+        return score(None)
+    contender.run_epochs = run_epochs(trainer)
+    return score(validation_losses(trainer, arm, base_ref))
+
+
+def run_epochs(trainer) -> float:
+    """Passes over the (encoded, maybe packed) train split in the trainer's max_steps at its global batch."""
+    args = trainer.args
+    if args.max_steps <= 0:  # train.epochs set instead of max_steps
+        return float(args.num_train_epochs)
+    rows = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return rows / max(1, len(trainer.train_dataset))
 
 
 def validation_losses(trainer, config, base_ref):
@@ -393,7 +425,8 @@ def race_table(contenders: list[Contender], plan: RacePlan, sigmas: float) -> di
              "steps": c.steps, "result": c.result, "why": c.why, "rounds": c.rounds} for c in contenders]
     return {
         "max_steps": plan.max_steps, "extra_budget": plan.extra_steps, "extra_steps": extra, "total_steps": plan.max_steps + extra,
-        "sigmas": sigmas, "winner": winner.label, "winner_race_steps": winner.steps, "contenders": rows,
+        "sigmas": sigmas, "run_epochs": round(max(c.run_epochs for c in contenders), 2), "winner": winner.label,
+        "winner_race_steps": winner.steps, "contenders": rows,
     }
 
 
@@ -411,7 +444,7 @@ def race_markdown(table: dict) -> str:
         f"(at most {table['extra_budget']}) = {table['total_steps']} optimizer steps; cut when worse than the leader by "
         f"more than {table['sigmas']:g}σ of the two losses' noise, or by more than {table['sigmas']:g}σ of the paired "
         f"(example-by-example) gap's noise in two rounds running with a gap that holds. {table['winner']} continues from its race step "
-        f"{table['winner_race_steps']}.",
+        f"{table['winner_race_steps']}.{_horizon_text(table.get('run_epochs', 0.0))}",
         "",
         "| contender | init s | steps | eval loss ± σ by round (step) | result | why |",
         "|---|---|---|---|---|---|",
@@ -422,6 +455,13 @@ def race_markdown(table: dict) -> str:
         contender = f"{row['method']} @ lr {row['learning_rate']:g}"
         lines.append(f"| {contender} | {row['init_seconds']:.2f} | {row['steps']} | {losses} | {row['result']} | {row['why']} |")
     return "\n".join(lines) + "\n"
+
+
+def _horizon_text(epochs: float) -> str:
+    if epochs <= TRUSTED_EPOCHS:
+        return ""
+    return (f" The run makes {epochs:.1f} passes over the train split, more than {TRUSTED_EPOCHS:g}: contenders at a lower LR "
+            f"than the leader's were kept (a larger LR's early lead does not show whether it overfits later).")
 
 
 def _last_loss(row: dict) -> float:

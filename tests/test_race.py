@@ -29,15 +29,16 @@ def _field(*specs) -> list[Contender]:
     return [_contender(method, m, (*families[method], places[method])) for method, m in specs]
 
 
-def _race_with(monkeypatch, contenders, plan, losses_at):
-    """The race's rounds with training replaced by `losses_at(contender, step) -> per-example losses`."""
-    monkeypatch.setattr(race, "_advance", lambda config, ref, c, target, race_dir: _trained(c, target, losses_at))
+def _race_with(monkeypatch, contenders, plan, losses_at, epochs: float = 1.0):
+    """The race's rounds with training replaced by `losses_at(contender, step) -> per-example losses`, on a run of
+    `epochs` passes over the train split."""
+    monkeypatch.setattr(race, "_advance", lambda config, ref, c, target, race_dir: _trained(c, target, losses_at, epochs))
     config = SimpleNamespace(adapter=SimpleNamespace(init=SimpleNamespace(sigmas=2.0)))
     return race._run_rounds(config, None, contenders, plan, Path("unused"))
 
 
-def _trained(contender: Contender, target: int, losses_at) -> Score:
-    contender.steps = target
+def _trained(contender: Contender, target: int, losses_at, epochs: float = 1.0) -> Score:
+    contender.steps, contender.run_epochs = target, epochs
     return score(losses_at(contender, target))
 
 
@@ -125,6 +126,37 @@ def test_a_clearly_better_contender_wins_even_against_simpler_ones(monkeypatch):
     assert contenders[0].why.startswith("round 1 (step ") and "worse than pissa@0.01 by Δ 0.5000 > 2σ" in contenders[0].why
 
 
+def test_on_a_run_of_many_epochs_a_lower_lr_is_never_cut_for_trailing_a_larger_one():
+    rates = {"lora@2e-3": 2e-3, "lora@4e-3": 4e-3, "lora@8e-3": 8e-3}
+    scores = {"lora@2e-3": score(SPREAD + 1.0), "lora@4e-3": score(SPREAD), "lora@8e-3": score(SPREAD + 1.0)}
+    short = judge(scores, 2.0, learning_rates=rates, epochs=2.0)
+    assert short["lora@2e-3"][0] is True and short["lora@8e-3"][0] is True  # up to 3 epochs the early lead is trusted
+    long = judge(scores, 2.0, learning_rates=rates, epochs=6.0)
+    assert long["lora@2e-3"] == (False, "behind lora@4e-3 by Δ 1.0000, but at a lower LR (0.002 < 0.004) on a run of 6.0 "
+                                        "epochs, over 3: a larger LR's early lead does not show whether it overfits later; kept")
+    assert long["lora@8e-3"][0] is True  # a larger LR that trails is cut however long the run
+    diverged = judge({**scores, "lora@2e-3": score(torch.tensor([math.inf]))}, 2.0, learning_rates=rates, epochs=6.0)
+    assert diverged["lora@2e-3"] == (True, "diverged (non-finite loss)")
+
+
+@pytest.mark.parametrize("epochs, winner", [(2.0, "lora@0.02"), (6.0, "lora@0.01")])
+def test_the_race_raises_the_lr_on_a_short_run_and_leaves_it_on_a_long_one(monkeypatch, epochs, winner):
+    contenders = _field(("lora", 1.0), ("lora", 2.0))
+    faster = contenders[1]
+    plan = plan_race(len(contenders), 300, 0.1)
+    losses = lambda c, step: SPREAD - (0.02 if c is faster else 0.01) * step  # noqa: E731 - the larger LR falls faster
+    assert _race_with(monkeypatch, contenders, plan, losses, epochs).label == winner
+    assert race.race_table(contenders, plan, 2.0)["run_epochs"] == epochs
+    assert ("passes over the train split" in race.race_markdown(race.race_table(contenders, plan, 2.0))) is (epochs > 3)
+
+
+def test_a_runs_epochs_count_its_global_batches_over_the_encoded_train_split():
+    args = SimpleNamespace(max_steps=1000, per_device_train_batch_size=8, gradient_accumulation_steps=2, world_size=1)
+    assert race.run_epochs(SimpleNamespace(args=args, train_dataset=range(2696))) == pytest.approx(16000 / 2696)
+    by_epochs = SimpleNamespace(args=SimpleNamespace(max_steps=-1, num_train_epochs=4.0), train_dataset=range(10))
+    assert race.run_epochs(by_epochs) == 4.0
+
+
 def test_the_losers_get_what_the_race_needs_and_no_more_than_the_budget():
     assert plan_race(4, 971, 0.1).extra_steps == 27  # 9 each for 3 losers, not 97: on a long run a tenth is far more
     assert plan_race(4, 200, 0.1).extra_steps == 20  # the budget caps it
@@ -192,6 +224,7 @@ def test_an_absurd_learning_rate_is_cut_and_the_winners_race_run_is_continued_no
     assert all("worse than" in row["why"] or "diverged" in row["why"] for row in absurd)
     assert (outcome.method, outcome.learning_rate) == ("pissa", 0.01)  # tied with milora: the earlier candidate
     assert table["total_steps"] == 40 + table["extra_steps"] <= 1.1 * 40
+    assert table["run_epochs"] == round(40 * config.train.batch_size / 48, 2)  # 48 train rows
 
     train = config.model_copy(update={"train": config.train.model_copy(update={"learning_rate": outcome.learning_rate})})
     raced = train_adapter(train, ref, Path(outcome.init_dir), tmp_path / "run")
