@@ -114,11 +114,11 @@ def check_init_plan(config) -> None:
     if configured_initializer(config).is_race:
         import sys
 
-        from adapterflow.tasks.race import race_plan, thin_race_warning
+        from adapterflow.tasks.race import many_epochs_warning, race_plan, thin_race_warning
 
-        warning = thin_race_warning(race_plan(config), config)
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr)
+        for warning in (thin_race_warning(race_plan(config), config), many_epochs_warning(config)):
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
 
 
 def _race_winner(config, base_ref, run_dir: Path, cache_root: Path | None, train_md5: str | None) -> InitOutcome:

@@ -19,7 +19,9 @@ in two ways:
   small gap that holds can still be a head start rather than a slower rate: PiSSA leads LoRA at the same LR early on
   both benches, by 17-29% of the leader's progress, and LoRA was ahead by step 330; an arm at half the LR lags by
   about half.
-Otherwise it is tied and kept. Rounds double in length while the budget holds; a contender cut early leaves its steps
+Otherwise it is tied and kept, and so is any contender at a lower LR than the leader's on a run of more than
+TRUSTED_EPOCHS passes over the train split (an early lead cannot show a larger LR overfitting later). Rounds double
+in length while the budget holds; a contender cut early leaves its steps
 to the tied ones. When the budget ends with several still tied, the simplest method wins (registry family order, lora first,
 then the candidates' order) at the learning rate nearest the user's.
 """
@@ -135,6 +137,28 @@ def thin_race_warning(plan: RacePlan, config) -> str | None:
             f"step(s); contenders rarely separate beyond the noise in under {STEPS_TO_DECIDE}, so expect a tie, which trains "
             f"the simplest candidate at train.learning_rate. For a race that can decide, raise train.max_steps to {needed}"
             f"{_smaller_grid_hint(plan, init)}; or set train.learning_rate and an init method yourself.")
+
+
+def many_epochs_warning(config) -> str | None:
+    """Past TRUSTED_EPOCHS the race keeps every arm at a lower LR than the leader's, so multipliers above 1 win only when
+    every arm at or below the user's LR is out (diverged): say so before the run pays for them. Counted in raw train
+    rows; packing makes the real count higher, and the race itself counts the encoded rows."""
+    from adapterflow.tasks.data_io import read_split
+    from adapterflow.tasks.init_adapter import total_steps
+
+    init, train = config.adapter.init, config.train
+    raised = [m for m in init.lr_multipliers if m > 1]
+    if not raised or all(m > 1 for m in init.lr_multipliers):
+        return None
+    rows = len(read_split(config.data.train, "data.train"))
+    epochs = total_steps(config) * train.batch_size * train.grad_accumulation / max(1, rows)
+    if epochs <= TRUSTED_EPOCHS:
+        return None
+    return (f"adapter.init {init.method}: this run makes about {epochs:.1f} passes over the {rows} train rows, more than "
+            f"{TRUSTED_EPOCHS:g}; on such runs the race keeps arms at a lower LR than the leader's (a larger LR's early lead "
+            f"cannot show whether it overfits later), so lr_multipliers above 1 ({', '.join(f'{m:g}' for m in raised)}) win only "
+            f"if every arm at or below train.learning_rate diverges. Drop them to spend the race's steps on the rest, or "
+            f"train larger learning rates to the end with `adapterflow sweep CONFIG --grid train.learning_rate=...`.")
 
 
 def _smaller_grid_hint(plan: RacePlan, init) -> str:

@@ -335,10 +335,27 @@ def test_a_race_too_short_to_decide_is_a_warning_and_a_long_one_is_not(tiny_bert
     assert "or race at most 7 contenders at 600 steps, e.g. candidates [lora, pissa] × lr_multipliers [0.5, 1, 2]" in warning
     suggested = {"method": "auto", "candidates": ["lora", "pissa"], "lr_multipliers": [0.5, 1, 2]}
     check_init_plan(RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": suggested, "train.max_steps": 600})))
-    assert capsys.readouterr().err == ""  # the hint's grid is one the budget decides
+    assert "losing contenders" not in capsys.readouterr().err  # the hint's grid is one the budget decides
     enough = RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": init, "train.max_steps": 450}))
     check_init_plan(enough)
-    assert capsys.readouterr().err == ""
+    assert "losing contenders" not in capsys.readouterr().err
+
+
+def test_larger_lr_arms_on_a_run_of_many_epochs_are_a_warning_that_names_them(tiny_bert, cls_data, capsys):
+    from adapterflow.tasks.init_adapter import check_init_plan
+
+    def warned(max_steps: int, multipliers: list[float], batch_size: int) -> str:
+        init = {"method": "auto", "candidates": ["lora", "pissa"], "lr_multipliers": multipliers}
+        check_init_plan(RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": init, "train.max_steps": max_steps,
+                                                                                 "train.batch_size": batch_size})))
+        return capsys.readouterr().err
+
+    many = warned(120, [0.5, 1.0, 2.0, 4.0], 4)  # 120 × 4 / 48 rows = 10 passes
+    assert "this run makes about 10.0 passes over the 48 train rows, more than 3" in many
+    assert "lr_multipliers above 1 (2, 4) win only if every arm at or below train.learning_rate diverges" in many
+    assert "adapterflow sweep" in many
+    assert "passes over" not in warned(120, [0.25, 0.5, 1.0], 4)  # nothing above 1 to waste
+    assert "passes over" not in warned(60, [0.5, 1.0, 2.0], 2)  # 2.5 passes: the early lead is trusted
 
 
 @pytest.mark.parametrize("init, expected", [
