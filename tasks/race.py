@@ -21,9 +21,9 @@ in two ways:
   about half.
 Otherwise it is tied and kept, and so is any contender at a lower LR than the leader's on a run of more than
 TRUSTED_EPOCHS passes over the train split (an early lead cannot show a larger LR overfitting later). Rounds double
-in length while the budget holds; a contender cut early leaves its steps
-to the tied ones. When the budget ends with several still tied, the simplest method wins (registry family order, lora first,
-then the candidates' order) at the learning rate nearest the user's.
+in length while the budget holds; a contender cut early leaves its steps to the tied ones. When the budget ends with
+several still tied, the simplest method wins (registry family order, lora first, then the candidates' order) at the
+learning rate nearest the user's.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ RATE_SHARE = 0.4
 # grows (Bjorck et al., "Scaling Optimal LR Across Token Horizons", arXiv:2409.19913). So beyond this many epochs an
 # arm at a lower LR than the leader's is never cut for trailing: the race can lower the LR there, not raise it.
 TRUSTED_EPOCHS = 3.0
+UNSEEN_OVERFITTING = "a larger LR's early lead does not show whether it overfits later"
 
 
 @dataclass(frozen=True)
@@ -143,22 +144,30 @@ def many_epochs_warning(config) -> str | None:
     """Past TRUSTED_EPOCHS the race keeps every arm at a lower LR than the leader's, so multipliers above 1 win only when
     every arm at or below the user's LR is out (diverged): say so before the run pays for them. Counted in raw train
     rows; packing makes the real count higher, and the race itself counts the encoded rows."""
-    from adapterflow.tasks.data_io import read_split
-    from adapterflow.tasks.init_adapter import total_steps
-
-    init, train = config.adapter.init, config.train
+    init = config.adapter.init
     raised = [m for m in init.lr_multipliers if m > 1]
     if not raised or all(m > 1 for m in init.lr_multipliers):
         return None
-    rows = len(read_split(config.data.train, "data.train"))
-    epochs = total_steps(config) * train.batch_size * train.grad_accumulation / max(1, rows)
+    epochs, passes = _planned_passes(config)
     if epochs <= TRUSTED_EPOCHS:
         return None
-    return (f"adapter.init {init.method}: this run makes about {epochs:.1f} passes over the {rows} train rows, more than "
-            f"{TRUSTED_EPOCHS:g}; on such runs the race keeps arms at a lower LR than the leader's (a larger LR's early lead "
-            f"cannot show whether it overfits later), so lr_multipliers above 1 ({', '.join(f'{m:g}' for m in raised)}) win only "
-            f"if every arm at or below train.learning_rate diverges. Drop them to spend the race's steps on the rest, or "
-            f"train larger learning rates to the end with `adapterflow sweep CONFIG --grid train.learning_rate=...`.")
+    return (f"adapter.init {init.method}: this run makes {passes}, more than {TRUSTED_EPOCHS:g}; on such runs the race keeps "
+            f"arms at a lower LR than the leader's ({UNSEEN_OVERFITTING}), so lr_multipliers above 1 "
+            f"({', '.join(f'{m:g}' for m in raised)}) win only if every arm at or below train.learning_rate diverges. Drop them "
+            f"to spend the race's steps on the rest, or train larger learning rates to the end with `adapterflow sweep CONFIG "
+            f"--grid train.learning_rate=...`.")
+
+
+def _planned_passes(config) -> tuple[float, str]:
+    """The run's passes over the train split, and how to say them; the split is read only when max_steps sets the length."""
+    from adapterflow.tasks.data_io import read_split
+
+    train = config.train
+    if not train.max_steps:
+        return train.epochs, f"{train.epochs:g} passes over the train split"
+    rows = len(read_split(config.data.train, "data.train"))
+    epochs = train.max_steps * train.batch_size * train.grad_accumulation / max(1, rows)
+    return epochs, f"about {epochs:.1f} passes over the {rows} train rows"
 
 
 def _smaller_grid_hint(plan: RacePlan, init) -> str:
@@ -243,8 +252,7 @@ def _verdict(label: str, leader: str, scores: dict[str, Score], before: dict[str
 def _late_verdict(label: str, leader: str, scores: dict[str, Score], learning_rates: dict[str, float], epochs: float) -> str:
     delta = scores[label].loss - scores[leader].loss
     return (f"behind {leader} by Δ {delta:.4f}, but at a lower LR ({learning_rates[label]:g} < {learning_rates[leader]:g}) on a "
-            f"run of {epochs:.1f} epochs, over {TRUSTED_EPOCHS:g}: a larger LR's early lead does not show whether it overfits "
-            f"later; kept")
+            f"run of {epochs:.1f} epochs, over {TRUSTED_EPOCHS:g}: {UNSEEN_OVERFITTING}; kept")
 
 
 def _progress(leader: str, scores: dict[str, Score], first: dict[str, Score]) -> float:
@@ -485,7 +493,7 @@ def _horizon_text(epochs: float) -> str:
     if epochs <= TRUSTED_EPOCHS:
         return ""
     return (f" The run makes {epochs:.1f} passes over the train split, more than {TRUSTED_EPOCHS:g}: contenders at a lower LR "
-            f"than the leader's were kept (a larger LR's early lead does not show whether it overfits later).")
+            f"than the leader's were kept ({UNSEEN_OVERFITTING}).")
 
 
 def _last_loss(row: dict) -> float:

@@ -355,6 +355,10 @@ def test_larger_lr_arms_on_a_run_of_many_epochs_are_a_warning_that_names_them(ti
     assert "lr_multipliers above 1 (2, 4) win only if every arm at or below train.learning_rate diverges" in many
     assert "adapterflow sweep" in many
     assert "passes over" not in warned(120, [0.25, 0.5, 1.0], 4)  # nothing above 1 to waste
+    init = {"method": "auto", "candidates": ["lora", "pissa"], "lr_multipliers": [1.0, 2.0]}
+    check_init_plan(RunConfig.model_validate(cls_config(tiny_bert, cls_data, **{"adapter.init": init, "train.max_steps": None,
+                                                                             "train.epochs": 12})))
+    assert "this run makes 12 passes over the train split, more than 3" in capsys.readouterr().err
     assert "passes over" not in warned(60, [0.5, 1.0, 2.0], 2)  # 2.5 passes: the early lead is trusted
 
 
