@@ -21,6 +21,7 @@ from pathlib import Path
 from adapterflow import errors
 from adapterflow.errors import TrainingError
 from adapterflow.redact import redact_text
+from adapterflow.tasks.resume import complete_checkpoints
 
 JOB_FILE, RESULT_FILE, ERROR_FILE = "train_job.json", "train_result.json", "train_error.json"
 LOG_FILE, PID_FILE = "train_process.log", "train.pid"
@@ -201,8 +202,7 @@ def _failure(code: int, run_dir: Path) -> Exception:
 
 def _rerun_note(run_dir: Path) -> str:
     """What a rerun of the same config does: resume only where a complete checkpoint exists to resume from."""
-    # trainer_state.json is the Trainer's last write of a checkpoint (what tasks/resume.py resumes from).
-    if any((checkpoint / "trainer_state.json").is_file() for checkpoint in (run_dir / "checkpoints").glob("checkpoint-*")):
+    if complete_checkpoints(run_dir / "checkpoints"):
         return "A rerun of the same config resumes from the last checkpoint."
     return "No checkpoint was saved, so a rerun of the same config starts training over."
 

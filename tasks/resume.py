@@ -77,11 +77,26 @@ def _same_key(run_dir: Path, key: dict) -> bool:
 
 
 def _last_complete_checkpoint(folder: Path) -> str | None:
-    # trainer_state.json is the Trainer's last write of a checkpoint: without it the save was cut short.
-    complete = [c for c in folder.glob("checkpoint-*") if (c / "trainer_state.json").exists()]
+    complete = complete_checkpoints(folder)
     if not complete:
         return None
     return str(max(complete, key=lambda c: int(c.name.split("-")[-1])))
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints whose save finished.
+
+    trainer_state.json is the Trainer's last write of a checkpoint. A kill during that write leaves it
+    empty or cut off, and resuming from it fails, so the file must hold a whole JSON object.
+    """
+    return [c for c in folder.glob("checkpoint-*") if _holds_json_object(c / "trainer_state.json")]
+
+
+def _holds_json_object(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def mark_finished(run_dir: Path, result: dict) -> None:

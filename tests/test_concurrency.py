@@ -76,7 +76,9 @@ def _together(*commands: tuple[str, ...], home: Path) -> list[subprocess.Complet
 
 
 def _complete_checkpoints(run_dir: Path) -> list[Path]:
-    return [p.parent for p in run_dir.glob("checkpoints/checkpoint-*/trainer_state.json")]
+    from adapterflow.tasks.resume import complete_checkpoints
+
+    return complete_checkpoints(run_dir / "checkpoints")
 
 
 def _run_dir_of(client, version) -> Path:

@@ -21,13 +21,17 @@ SECRET_URI = f"http://alice:{SENTINEL}@127.0.0.1:5999"
 
 
 def _first_complete_checkpoint(home: Path):
-    return next(iter(home.glob("runs/*/checkpoints/checkpoint-*/trainer_state.json")), None)
+    from adapterflow.tasks.resume import complete_checkpoints
+
+    return next((c for folder in home.glob("runs/*/checkpoints") for c in complete_checkpoints(folder)), None)
 
 
 @pytest.mark.e2e
 def test_killed_training_registers_nothing_and_the_rerun_resumes_from_the_last_checkpoint(prefect_server, tmp_path, tiny_bert, cls_data):
     from mlflow.tracking import MlflowClient
     from prefect.settings import PREFECT_API_URL
+
+    from adapterflow.tasks.resume import complete_checkpoints
 
     home = tmp_path / "state"
     overrides = {"train.launch": ACCELERATE, "train.max_steps": 200, "train.checkpoint_every": 10, "train.threads": 1}
@@ -37,7 +41,7 @@ def test_killed_training_registers_nothing_and_the_rerun_resumes_from_the_last_c
     flow = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         checkpoint = wait_for(lambda: _first_complete_checkpoint(home), 240, "the first checkpoint", interval=0.05)
-        killed_run = checkpoint.parents[2]
+        killed_run = checkpoint.parents[1]
         training_group = int((killed_run / "train.pid").read_text())
         os.killpg(training_group, signal.SIGKILL)
         out, err = flow.communicate(timeout=120)
@@ -54,7 +58,7 @@ def test_killed_training_registers_nothing_and_the_rerun_resumes_from_the_last_c
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     resumed_step = int(rerun.stdout.split("resumed from checkpoint-")[1].split()[0])
-    complete = [int(p.parent.name.removeprefix("checkpoint-")) for p in killed_run.glob("checkpoints/checkpoint-*/trainer_state.json")]
+    complete = [int(c.name.removeprefix("checkpoint-")) for c in complete_checkpoints(killed_run / "checkpoints")]
     assert resumed_step == max(complete) and "training         200 steps" in rerun.stdout  # the newest complete one
     version = client.get_model_version_by_alias("tiny-cls-adapter", "staging")
     logged_steps = [m.step for m in client.get_metric_history(version.run_id, "train/loss")]
@@ -175,6 +179,21 @@ def test_a_crash_before_any_checkpoint_says_a_rerun_starts_over_and_masks_creden
     assert "the training process exited with code 1" in message and "API request to http://alice:***@127.0.0.1:5999" in message
     assert SENTINEL not in message
     assert "resumes" not in message and "a rerun of the same config starts training over" in message
+
+
+@pytest.mark.parametrize("state", ["", '{"global_step": 4, "log_hist'], ids=["empty", "cut-off"])
+def test_a_kill_while_the_checkpoint_is_written_leaves_nothing_to_resume(tmp_path, state):
+    """The flaky CI failure: a kill right after trainer_state.json was opened left it empty, and the rerun resumed
+    from it and crashed on the JSON."""
+    from adapterflow.tasks import launch
+    from adapterflow.tasks.resume import complete_checkpoints
+
+    run_dir = _crashed_run(tmp_path, "step 4\n", checkpoint=True)
+    (run_dir / "checkpoints" / "checkpoint-4").mkdir()
+    (run_dir / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text(state)
+    assert [c.name for c in complete_checkpoints(run_dir / "checkpoints")] == ["checkpoint-2"]
+    (run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text(state)
+    assert "a rerun of the same config starts training over" in str(launch._failure(-signal.SIGKILL, run_dir))
 
 
 def test_a_crash_after_a_checkpoint_says_the_rerun_resumes(tmp_path):
