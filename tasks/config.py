@@ -705,6 +705,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except (ValueError, TypeError, OverflowError, RecursionError) as err:  # e.g. a date 2024-13-45, an !!int "x"
         detail = _clip(str(err).splitlines()[0] if str(err) else type(err).__name__)
         raise ConfigError(f"{path}: a value cannot be read as YAML: {detail}. Quote it to keep it as text, or fix it.") from None
+    except AttributeError:  # PyYAML's own crash on a value that does not fit its explicit tag, e.g. `!!timestamp x`
+        raise ConfigError(f"{path}: a value tagged explicitly (e.g. !!timestamp) cannot be read as that type. "
+                          "Remove the tag, or write a value of that type.") from None
     finally:
         loader.dispose()
     if raw is None:
