@@ -705,7 +705,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except (ValueError, TypeError, OverflowError, RecursionError) as err:  # e.g. a date 2024-13-45, an !!int "x"
         detail = _clip(str(err).splitlines()[0] if str(err) else type(err).__name__)
         raise ConfigError(f"{path}: a value cannot be read as YAML: {detail}. Quote it to keep it as text, or fix it.") from None
-    except AttributeError:  # PyYAML's own crash on a value that does not fit its explicit tag, e.g. `!!timestamp x`
+    except (AttributeError, KeyError):  # PyYAML's own crash on a value that does not fit its explicit tag: `!!timestamp x`, `!!bool x`
         raise ConfigError(f"{path}: a value tagged explicitly (e.g. !!timestamp) cannot be read as that type. "
                           "Remove the tag, or write a value of that type.") from None
     finally:

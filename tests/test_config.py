@@ -464,14 +464,15 @@ def test_oversized_config_is_refused_without_reading_it_all(tmp_path, capsys):
     ("name: x\nwhen: 2024-13-45\n", "a value cannot be read as YAML: month must be in 1..12"),
     ("name: x\nr: !!int abc\n", "a value cannot be read as YAML: invalid literal for int()"),
     ("name: !!timestamp x\n", "a value tagged explicitly (e.g. !!timestamp) cannot be read as that type"),  # found by the fuzzer
+    ("name: !!bool x\n", "a value tagged explicitly (e.g. !!timestamp) cannot be read as that type"),
     ("name: x\nr: " + "9" * 5000 + "\n", "a value cannot be read as YAML: Exceeds the limit (4300 digits)"),
     ("name: x\nr: !!python/object:os.system x\n", "could not determine a constructor"),
     ("name: x\nr: \x07\n", "invalid YAML at line 2: control characters are not allowed"),
     ("name: a\n---\nname: b\n", "invalid YAML at line 2, column 1: but found another document"),
     ("name: x\n\x1b[2Jy: 1\n", "invalid YAML"),
     ("".join(f"k{i}: {i}\n" for i in range(20_000)), "more than 10,000 values by line 5000"),
-], ids=["empty", "a-list", "bad-date", "bad-int-tag", "bad-timestamp-tag", "huge-int", "python-tag", "control-character", "two-documents",
-        "terminal-escape", "too-many-values"])
+], ids=["empty", "a-list", "bad-date", "bad-int-tag", "bad-timestamp-tag", "bad-bool-tag", "huge-int", "python-tag",
+        "control-character", "two-documents", "terminal-escape", "too-many-values"])
 def test_yaml_that_cannot_be_a_config(tmp_path, capsys, text, expected):
     assert expected in _check(tmp_path, capsys, text)
 
