@@ -116,11 +116,20 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not all(part.strip() for part in keys):
         raise ConfigError(f"--set {text!r}: write key.path=value, e.g. --set train.learning_rate=1e-3 or --set adapter.init.method=eva.")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError as err:
-        problem = str(err).splitlines()[0]
-        raise ConfigError(f"--set {key}: the value {value!r} is not valid YAML ({problem}). Quote it to keep it as text.") from None
+        parsed = parse_yaml_value(value) if value.strip() else ""
+    except ValueError as err:
+        raise ConfigError(f"--set {key}: the value {value!r} is not valid YAML ({err}). Quote it to keep it as text.") from None
     return [part.strip() for part in keys], parsed
+
+
+def parse_yaml_value(text: str) -> Any:
+    """yaml.safe_load of a value typed on the command line; a ValueError with a one-line reason when it cannot be read."""
+    try:
+        return yaml.safe_load(text)
+    except (AttributeError, KeyError):  # PyYAML's own crash on a value that does not fit its explicit tag (`!!bool x`)
+        raise ValueError("the value does not fit its explicit tag") from None
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as err:  # `!!int x`, a date 2024-13-45
+        raise ValueError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
 
 
 def _set(raw: dict[str, Any], keys: list[str], value: Any, base: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from adapterflow.errors import ConfigError
+from adapterflow.tasks.config_sources import parse_yaml_value
 
 MAX_GRID_TRIALS = 256  # a grid past this is almost always a typo in a list; --trials samples it instead
 
@@ -102,10 +103,10 @@ def _split_key(text: str, option: str, example: str) -> tuple[str, str]:
 def _parse_axis(text: str) -> Axis:
     key, listed = _split_key(text, "--grid", "v1,v2 (e.g. --grid adapter.r=8,16)")
     try:
-        values = yaml.safe_load(f"[{listed}]")  # a YAML flow list: 1e-4 is a number, eva a string, "a,b" one string
-    except yaml.YAMLError as err:
-        raise ConfigError(f"sweep: --grid {key}: {listed!r} is not a comma list of YAML values "
-                          f"({str(err).splitlines()[0]}). Quote a value that holds a comma.") from None
+        values = parse_yaml_value(f"[{listed}]")  # a YAML flow list: 1e-4 is a number, eva a string, "a,b" one string
+    except ValueError as err:
+        raise ConfigError(f"sweep: --grid {key}: {listed!r} is not a comma list of YAML values ({err}). "
+                          "Quote a value that holds a comma.") from None
     if len(values) != len(set(map(repr, values))):
         raise ConfigError(f"sweep: --grid {key} lists a value twice ({listed}); list each value once.")
     return Axis(key, tuple(values))

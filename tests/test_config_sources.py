@@ -96,6 +96,8 @@ def test_overrides_are_read_as_yaml_typed_by_the_schema_and_hashed(tmp_path, tin
     ("train.learning_rat=1e-3", "train.learning_rat: unknown key"),
     ("train.max_steps.x=3", "train.max_steps is a value"),
     ("train.learning_rate=[1", "is not valid YAML"),
+    ("name=!!timestamp x", "is not valid YAML .the value does not fit its explicit tag"),  # PyYAML's AttributeError
+    ("name=!!bool x", "is not valid YAML .the value does not fit its explicit tag"),  # and its KeyError
     ("train.learning_rate=fast", "train.learning_rate"),
 ])
 def test_a_bad_override_is_one_clear_error(tmp_path, tiny_bert, cls_data, override, problem):

@@ -36,6 +36,7 @@ def test_trial_overrides_are_read_by_the_schema_like_set(tmp_path, tiny_bert, cl
     ([], [], None, "nothing to vary"),
     (["train.learning_rate"], [], None, "write --grid key.path=v1,v2"),
     (["adapter.r=8,8"], [], None, "lists a value twice"),
+    (["adapter.r=!!bool x,1"], [], None, "not a comma list of YAML values .the value does not fit its explicit tag"),
     (["adapter.r=8,16", "adapter.r=4"], [], None, "more than once"),
     ([], ["train.learning_rate=1e-5:1e-3:log"], None, "needs --trials N"),
     ([], ["train.learning_rate=1e-3:1e-5"], 4, "needs low < high"),
